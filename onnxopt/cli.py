@@ -1,0 +1,251 @@
+"""The ``onnxopt`` command line (click). Imports stay light: torch loads only inside the passes that need it.
+
+Exit codes: 0 done, 1 a budget was missed (the report says which), 2 bad input or usage (a message, never a
+traceback), 3 an internal error (a bug: please report it; ``ONNXOPT_DEBUG=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from onnxopt import __version__
+from onnxopt.errors import BadInputError, OnnxoptError
+
+EXIT_OK, EXIT_BUDGET_MISSED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``NAME:D0,D1,...`` -> {NAME: (D0, D1, ...)}."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, sep, dims = item.rpartition(":")
+        if not sep or not name:
+            raise BadInputError(f"--input-shape '{item}' must look like NAME:D0,D1,... (e.g. input:1,3,224,224)")
+        try:
+            values = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            raise BadInputError(f"--input-shape '{item}': dims must be integers") from None
+        if not values or any(v <= 0 for v in values):
+            raise BadInputError(f"--input-shape '{item}': dims must be positive integers")
+        shapes[name] = values
+    return shapes
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise BadInputError(f"{option} '{text}' must be a comma-separated list of integers") from None
+    if not values or any(v <= 0 for v in values):
+        raise BadInputError(f"{option} '{text}' must list positive integers")
+    return values
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="onnxopt")
+def cli() -> None:
+    """Make a trained ONNX network small and fast after training."""
+
+
+# --------------------------------------------------------------------------------------------------------- optimize
+@cli.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the optimized model.")
+@click.option("--example", is_flag=True, help="Use the small example model (and its data) that ships with onnxopt.")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe file (YAML or TOML) naming passes and parameters.")
+@click.option("-p", "--pass", "passes", multiple=True, metavar="NAME[:K=V,...]",
+              help="A pass to run (repeatable, in order); replaces the recipe's passes.")
+@click.option("--calib", help="Calibration data: .npz, folder of .npy, folder of images, or random[:N].")
+@click.option("--eval", "eval_", help="Evaluation data (labels as 'y' in .npz or folder-per-class images).")
+@click.option("--preprocess", type=click.Path(dir_okay=False), help="Image preprocessing spec (YAML/JSON).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
+              help="Fix a dynamic input's shape (repeatable).")
+@click.option("--budget", "budgets", multiple=True, metavar="NAME=VALUE",
+              help="A budget to meet, e.g. accuracy_drop=0.01, latency_ratio=0.9 (repeatable). Missed: exit 1.")
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="Report JSON path (Markdown and PNG are written beside it). Default: OUTPUT.report.json.")
+@click.option("--seed", type=int, default=None, help="Seed for everything random (default 0).")
+@click.option("--threads", type=int, default=None, help="ORT intra-op threads for measurements (default: ORT's).")
+@click.option("--provider", default="cpu", show_default=True, help="ORT execution provider: cpu, cuda, tensorrt.")
+@click.option("--no-latency", is_flag=True, help="Skip latency measurement after each pass.")
+@click.option("--max-eval-samples", type=int, default=2000, show_default=True,
+              help="Evaluation samples used for fidelity and accuracy.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (for CI logs).")
+def optimize(model: str | None, output: str | None, example: bool, recipe: str | None, passes: tuple[str, ...],
+             calib: str | None, eval_: str | None, preprocess: str | None, input_shapes: tuple[str, ...],
+             budgets: tuple[str, ...], report: str | None, seed: int | None, threads: int | None, provider: str,
+             no_latency: bool, max_eval_samples: int, quiet: bool) -> None:
+    """Run a recipe over MODEL, validate after every pass, write OUTPUT and a report."""
+    from onnxopt.api import optimize as run_optimize
+    from onnxopt.pipeline.recipe import Recipe
+
+    if example:
+        from onnxopt import examples
+
+        if model:
+            raise BadInputError("give either MODEL or --example, not both")
+        model = str(examples.default_model_path())
+        calib = calib or str(examples.default_calib_path())
+        eval_ = eval_ or str(examples.default_eval_path())
+    if not model:
+        raise click.UsageError("missing MODEL (or --example)")
+    if not output:
+        raise click.UsageError("missing -o/--output")
+    plan: Any = recipe
+    if passes:
+        cli_recipe = Recipe.from_cli(passes)
+        if recipe:
+            file_recipe = Recipe.from_file(recipe)
+            cli_recipe.seed, cli_recipe.input_shapes, cli_recipe.budgets = (
+                file_recipe.seed, file_recipe.input_shapes, file_recipe.budgets)
+        plan = cli_recipe
+    result = run_optimize(
+        model, plan, calib, eval_, input_shapes=parse_input_shapes(input_shapes), budgets=list(budgets),
+        seed=seed, output=output, report=report, preprocess=preprocess, threads=threads, provider=provider,
+        measure_latency=not no_latency, max_eval_samples=max_eval_samples, quiet=quiet,
+    )
+    _print_summary(result.report.to_dict(), result.output_path, result.report_paths)
+    if not result.passed:
+        raise SystemExit(EXIT_BUDGET_MISSED)
+
+
+def _print_summary(report: dict[str, Any], output: Path | None, report_paths: Sequence[Path]) -> None:
+    steps = report["steps"]
+    first, last = steps[0]["metrics"], steps[-1]["metrics"]
+    parts = [f"size {first['size_bytes'] / 1e6:.3f} -> {last['size_bytes'] / 1e6:.3f} MB"]
+    if first.get("latency") and last.get("latency"):
+        speedup = first["latency"]["median_ms"] / last["latency"]["median_ms"]
+        parts.append(f"latency {first['latency']['median_ms']:.3f} -> {last['latency']['median_ms']:.3f} ms "
+                     f"({speedup:.2f}x)")
+    if last.get("accuracy") is not None and first.get("accuracy") is not None:
+        parts.append(f"accuracy {first['accuracy']:.2%} -> {last['accuracy']:.2%}")
+    fidelity = steps[-1].get("fidelity_vs_original") or {}
+    if fidelity.get("max_rel_error") is not None:
+        parts.append(f"max rel err vs input {_fmt(fidelity['max_rel_error'])}")
+    click.echo("; ".join(parts))
+    for verdict in report["budgets"]:
+        sign = "<=" if verdict["direction"] == "max" else ">="
+        measured = "n/a" if verdict["measured"] is None else f"{verdict['measured']:.4g}"
+        click.echo(f"budget {verdict['name']}: {measured} {sign} {verdict['limit']:g} "
+                   f"{'met' if verdict['passed'] else 'MISSED'}{' (' + verdict['note'] + ')' if verdict['note'] else ''}")
+    if output:
+        click.echo(f"wrote {output}")
+    for path in report_paths:
+        click.echo(f"wrote {path}")
+
+
+def _fmt(value: Any) -> str:
+    return value if isinstance(value, str) else f"{value:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------------------ bench
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--batch", "batch_sizes", default="1", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--threads", default="1", show_default=True, help="Intra-op thread counts, comma-separated.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model and setting.")
+@click.option("--repeats", type=int, default=50, show_default=True, help="Timed runs per model and setting.")
+@click.option("--provider", default="cpu", show_default=True, help="ORT execution provider: cpu, cuda, tensorrt.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
+              help="Shape for inputs with dynamic dims other than the batch (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the JSON to this file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def bench(models: tuple[str, ...], batch_sizes: str, threads: str, warmup: int, repeats: int, provider: str,
+          input_shapes: tuple[str, ...], seed: int, as_json: bool, output: str | None, quiet: bool) -> None:
+    """Measure ONNX Runtime latency of MODELS, interleaved round-robin so their ratios come from one run."""
+    from onnxopt.bench import BenchConfig, benchmark
+    from onnxopt.modelio import atomic_write_text, load_model
+
+    if warmup < 0 or repeats < 1:
+        raise BadInputError("--warmup must be >= 0 and --repeats >= 1")
+    loaded = [load_model(path) for path in models]
+    config = BenchConfig(batch_sizes=_int_list(batch_sizes, "--batch"), threads=_int_list(threads, "--threads"),
+                         warmup=warmup, repeats=repeats, provider=provider,
+                         input_shapes=parse_input_shapes(input_shapes), seed=seed)
+    labels = _unique_labels(models)
+    result = benchmark(loaded, config, labels=labels, progress=not quiet)
+    text = json.dumps(result.to_dict(), indent=2)
+    if output:
+        atomic_write_text(output, text + "\n")
+    click.echo(text if as_json else result.format_table())
+
+
+def _unique_labels(paths: Sequence[str]) -> list[str]:
+    names = [Path(p).name for p in paths]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------------------- inspect
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
+              help="Shapes for dynamic inputs (for MAC counting).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(model: str, input_shapes: tuple[str, ...], as_json: bool) -> None:
+    """Ops, parameters, MACs, shapes, and what the passes would do to MODEL (which is not changed)."""
+    from onnxopt.inspect_model import format_inspection, inspect_model
+    from onnxopt.modelio import load_model
+
+    info = inspect_model(load_model(model), parse_input_shapes(input_shapes))
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+
+
+# ----------------------------------------------------------------------------------------------------------- passes
+@cli.command("passes")
+def list_passes() -> None:
+    """List the passes a recipe can name, with their parameters and defaults."""
+    import dataclasses
+
+    from onnxopt.pipeline import registry
+
+    for name in registry.available():
+        cls = registry.get(name)
+        click.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+        for field in dataclasses.fields(cls):
+            if field.init:
+                default = field.default if field.default is not dataclasses.MISSING else "(required)"
+                click.echo(f"    {field.name} = {default!r}")
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the CLI and turn every error into a message and an exit code."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="onnxopt", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted; no output was written", err=True)
+        return EXIT_BAD_INPUT
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_BAD_INPUT
+    except OnnxoptError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; no output was written", err=True)
+        return EXIT_BAD_INPUT
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except MemoryError:
+        click.echo("error: out of memory", err=True)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - a bug: say so in one line instead of a traceback
+        if os.environ.get("ONNXOPT_DEBUG"):
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (set ONNXOPT_DEBUG=1 for the traceback; "
+                   "please report it)", err=True)
+        return EXIT_INTERNAL
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Loading and saving models with clear errors and atomic writes.
+
+The in-memory representation of the pipeline is ``onnx_ir.Model``; ``onnx.ModelProto`` is produced on demand for
+tools that need it (onnx.checker, onnxsim, ORT's quantizer). Models above the 2 GB protobuf limit are kept with
+external data and handed to ONNX Runtime by path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt.errors import BadInputError
+
+# Domains that ONNX Runtime's CPU build implements; a node in any other domain cannot be run or validated.
+KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "ai.onnx.training"})
+PROTOBUF_LIMIT = 2**31 - 1
+# Above this many bytes of tensor data a model is written with external data.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+ModelLike = "str | os.PathLike[str] | onnx.ModelProto | ir.Model"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input that the user must feed (initializers listed as inputs excluded)."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: np.dtype
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) and d > 0 for d in self.shape)
+
+    def describe(self) -> str:
+        dims = ",".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}[{dims}]:{self.dtype}"
+
+
+def load_model(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
+    """Load an ONNX file (with its external data) or raise :class:`BadInputError` naming the file and the cause."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"model file '{path}' does not exist")
+    if path.is_dir():
+        raise BadInputError(f"model path '{path}' is a folder, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise BadInputError(f"model file '{path}' is empty")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, but also RuntimeWarning-like errors
+        raise BadInputError(f"'{path}' is not an ONNX model (protobuf parse failed: {_short(exc)})") from None
+    if proto.ir_version == 0 or not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise BadInputError(f"'{path}' is not an ONNX model (no graph or IR version found; truncated or another format)")
+    _check_external_data_present(proto, path)
+    try:
+        model = ir.load(path)
+    except Exception as exc:
+        raise BadInputError(f"cannot read ONNX model '{path}': {_short(exc)}") from None
+    if check:
+        check_model(model, source=str(path))
+    return model
+
+
+def as_ir_model(model: "str | os.PathLike[str] | onnx.ModelProto | ir.Model") -> ir.Model:
+    """Accept a path, a ModelProto or an ir.Model (the latter is returned as is)."""
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    return load_model(model)
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize to a ModelProto (external tensors stay external where they were)."""
+    return ir.serde.serialize_model(model)
+
+
+def check_model(model: ir.Model, *, source: str = "model") -> None:
+    """Structural checks a foreign export must pass before any pass touches it."""
+    function_domains = {function.domain for function in model.functions.values()}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in KNOWN_DOMAINS and node.domain not in function_domains:
+            raise BadInputError(
+                f"{source}: node '{node.name or node.op_type}' uses op '{node.op_type}' of unknown domain "
+                f"'{node.domain}'; ONNX Runtime cannot run it, so onnxopt cannot validate any change to it"
+            )
+    if tensor_bytes(model) >= PROTOBUF_LIMIT:
+        return  # the checker needs a serializable proto; ORT load validates the large model instead
+    try:
+        onnx.checker.check_model(to_proto(model), full_check=False)
+    except Exception as exc:
+        raise BadInputError(f"{source} fails the ONNX checker: {_short(exc)}") from None
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The graph inputs that need data, in graph order."""
+    initializers = set(model.graph.initializers)
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in initializers:
+            continue
+        dims: list[int | str | None] = []
+        for dim in value.shape or []:
+            if isinstance(dim, int):
+                dims.append(dim)
+            else:
+                dims.append(dim.value if isinstance(dim, ir.SymbolicDim) else None)
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        specs.append(InputSpec(value.name or "", tuple(dims), np.dtype(dtype)))
+    return specs
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes of initializer data (external data included), for the 2 GB protobuf limit."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_model(model: ir.Model, path: str | os.PathLike[str]) -> Path:
+    """Write ``model`` atomically: nothing appears at ``path`` unless the whole write succeeds.
+
+    Large models get their tensors in ``<name>.data`` beside the model, moved into place before the model file.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise BadInputError(f"output folder '{folder}' does not exist")
+    _probe_writable(folder)
+    external = tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    try:
+        tmp_model = tmpdir / path.name
+        data_name = f"{path.name}.data"
+        if external:
+            ir.save(model, tmp_model, external_data=data_name)
+        else:
+            _save_in_memory(model, tmp_model)
+        if external:
+            os.replace(tmpdir / data_name, folder / data_name)
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def _save_in_memory(model: ir.Model, target: Path) -> None:
+    # Tensors that live in external files must be loaded so the saved model is self-contained.
+    proto = to_proto(model)
+    onnx.external_data_helper.load_external_data_for_model(proto, str(_base_dir(model)))
+    target.write_bytes(proto.SerializeToString(deterministic=True))
+
+
+def _base_dir(model: ir.Model) -> Path:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            return Path(tensor.base_dir)
+    return Path(".")
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a text file atomically (reports, recipes)."""
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise BadInputError(f"output folder '{folder}' does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise BadInputError(f"cannot write into '{folder}': {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def check_output_path(output: str | os.PathLike[str], *inputs: str | os.PathLike[str]) -> Path:
+    """Refuse an output that would overwrite an input, or that cannot be written."""
+    out = Path(output)
+    for source in inputs:
+        if Path(source).exists() and out.exists() and os.path.samefile(out, source):
+            raise BadInputError(f"output path '{out}' is the input model; choose another path (inputs are never modified)")
+        if Path(os.path.abspath(out)) == Path(os.path.abspath(source)):
+            raise BadInputError(f"output path '{out}' is the input model; choose another path (inputs are never modified)")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise BadInputError(f"output folder '{folder}' does not exist")
+    if out.is_dir():
+        raise BadInputError(f"output path '{out}' is a folder; give a file name ending in .onnx")
+    _probe_writable(folder)
+    return out
+
+
+def _probe_writable(folder: Path) -> None:
+    """Create and remove a file: permission bits alone do not tell (root, read-only mounts, /proc)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".onnxopt-probe-", dir=folder)
+    except OSError as exc:
+        raise BadInputError(f"output folder '{folder}' is not writable ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def serialized_size(model: ir.Model) -> int:
+    """Size in bytes of the model as it would be written to disk."""
+    if tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        return tensor_bytes(model) + len(to_proto(model).SerializeToString())
+    proto = to_proto(model)
+    onnx.external_data_helper.load_external_data_for_model(proto, str(_base_dir(model)))
+    return proto.ByteSize()
+
+
+def _check_external_data_present(proto: onnx.ModelProto, path: Path) -> None:
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = path.parent / info.get("location", "")
+        if not location.is_file():
+            raise BadInputError(
+                f"model '{path}' stores tensor '{tensor.name}' in external file '{info.get('location')}', "
+                f"which is missing (expected at '{location}')"
+            )
+        needed = int(info.get("offset", 0)) + int(info.get("length", 0) or 0)
+        if needed > location.stat().st_size:
+            raise BadInputError(
+                f"external data file '{location}' is truncated: tensor '{tensor.name}' needs {needed} bytes, "
+                f"the file has {location.stat().st_size}"
+            )
+
+
+@contextlib.contextmanager
+def model_file(model: ir.Model) -> Iterator[Path]:
+    """A temporary on-disk copy for tools that need a path (ORT with external data, onnxsim on large models)."""
+    with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
+        target = Path(tmp) / "model.onnx"
+        if tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+            ir.save(model, target, external_data="model.onnx.data")
+        else:
+            _save_in_memory(model, target)
+        yield target
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,270 @@
+"""The pass manager: runs a recipe, validates the model after every pass, measures it, judges the budgets.
+
+It is an onnx-ir pass itself (``PipelineManager(...)(model)`` works like any ``PassManager``); what it adds is what
+a product needs between passes: the ONNX checker, an ONNX Runtime load, a numerical comparison against the pass's
+input and against the original model on evaluation data, and metrics for the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from onnxopt import __version__
+from onnxopt.budgets import Budget, BudgetVerdict, judge
+from onnxopt.calib_data.base import DataSource
+from onnxopt.errors import BadInputError, OnnxoptError, PassFailedError
+from onnxopt.modelio import PROTOBUF_LIMIT, input_specs, tensor_bytes, to_proto
+from onnxopt.pipeline.base import OnnxoptPass
+from onnxopt.pipeline.context import PassContext
+from onnxopt.pipeline.evaluation import ModelOutputs, collect_outputs
+from onnxopt.report.schema import Latency, RunReport, StepMetrics, StepRecord
+
+
+@dataclass
+class ManagerOptions:
+    measure_latency: bool = True
+    latency_batch_size: int = 1
+    latency_warmup: int = 3
+    latency_repeats: int = 20
+    #: Evaluation samples used for fidelity and accuracy (None: all of them).
+    max_eval_samples: int | None = 2000
+    eval_batch_size: int = 16
+    #: An ``exact`` pass may not move outputs more than this (max |diff| / max |ref|).
+    exact_rtol: float = 1e-3
+
+
+@dataclass
+class PipelineResult:
+    model: ir.Model
+    report: RunReport
+
+
+@dataclass
+class _Snapshot:
+    metrics: StepMetrics
+    outputs: ModelOutputs
+
+
+class PipelineManager(ir.passes.PassBase):
+    """Run ``passes`` in order; after each one validate and measure; stop with a clear error on the first failure."""
+
+    def __init__(self, passes: Sequence[OnnxoptPass], context: PassContext | None = None,
+                 options: ManagerOptions | None = None, budgets: Sequence[Budget] = (),
+                 recipe_info: dict[str, Any] | None = None):
+        super().__init__()
+        self.passes = list(passes)
+        self.context = context or PassContext()
+        self.options = options or ManagerOptions()
+        self.budgets = list(budgets)
+        self.recipe_info = recipe_info or {"source": "python", "passes": [
+            {"pass": p.name, "params": p.params()} for p in self.passes]}
+        self.report: RunReport | None = None
+
+    @property
+    def in_place(self) -> bool:
+        return True
+
+    @property
+    def changes_input(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = self.run(model)
+        return ir.passes.PassResult(result.model, modified=len(self.passes) > 0)
+
+    def run(self, model: ir.Model, *, input_info: dict[str, Any] | None = None) -> PipelineResult:
+        from onnxopt.hostinfo import host_info
+
+        context = self.context
+        if context.original is None:
+            context.original = model.clone()
+        data = self._evaluation_data(model)
+        report = RunReport(
+            input=input_info or {},
+            host=host_info().to_dict(),
+            settings={
+                "seed": context.seed,
+                "threads": context.threads,
+                "provider": context.provider,
+                "input_shapes": {k: list(v) for k, v in context.input_shapes.items()},
+                "latency_batch_size": self.options.latency_batch_size,
+                "max_eval_samples": self.options.max_eval_samples,
+            },
+            recipe=self.recipe_info,
+            data={"eval": _describe(data), "calib": _describe(context.calib) if context.calib else None},
+            onnxopt_version=__version__,
+        )
+        self.report = report
+        start = time.perf_counter()
+        original = self._snapshot(model, data, "the input model")
+        report.steps.append(StepRecord("input", {}, "ok", time.perf_counter() - start, original.metrics,
+                                       notes=self._input_notes(data)))
+        previous = original
+        for pass_ in context.progress(self.passes, desc="passes", total=len(self.passes)):
+            pass_.bind(context)
+            pass_.notes, pass_.details = [], {}
+            start = time.perf_counter()
+            try:
+                model = pass_(model).model
+            except OnnxoptError as exc:
+                if isinstance(exc, (PassFailedError, BadInputError)):
+                    raise
+                raise PassFailedError(pass_.name, str(exc)) from exc
+            except ir.passes.PassError as exc:
+                raise PassFailedError(pass_.name, _cause(exc)) from exc
+            except Exception as exc:  # a bug or an unsupported graph: say which pass, never a bare traceback
+                raise PassFailedError(pass_.name, f"{type(exc).__name__}: {exc}") from exc
+            self._validate_structure(pass_, model)
+            current = self._snapshot(model, data, f"the model after pass '{pass_.name}'", pass_.name)
+            vs_previous = previous.outputs.compare(current.outputs)
+            vs_original = original.outputs.compare(current.outputs)
+            if vs_previous.max_abs_error != vs_previous.max_abs_error or vs_previous.max_abs_error == float("inf"):
+                raise PassFailedError(pass_.name, f"output '{vs_previous.worst_output}' has NaN/Inf after this pass")
+            if pass_.exact and vs_previous.max_rel_error > self.options.exact_rtol:
+                raise PassFailedError(
+                    pass_.name,
+                    f"changed output '{vs_previous.worst_output}' by a relative error of {vs_previous.max_rel_error:.3g} "
+                    f"(allowed {self.options.exact_rtol:g} for a pass that must keep outputs)",
+                )
+            report.steps.append(StepRecord(
+                pass_.name, pass_.params(), "ok", time.perf_counter() - start, current.metrics,
+                fidelity_vs_previous=vs_previous.to_dict(), fidelity_vs_original=vs_original.to_dict(),
+                notes=list(pass_.notes), details=dict(pass_.details),
+            ))
+            previous = current
+        verdicts = [self._judge(b, original, previous) for b in self.budgets]
+        report.budgets = [v.to_dict() for v in verdicts]
+        missed = [v for v in verdicts if not v.passed]
+        report.verdict = {
+            "passed": not missed,
+            "summary": ("all budgets met" if verdicts else "no budgets given") if not missed
+            else "missed: " + "; ".join(v.describe() for v in missed),
+        }
+        return PipelineResult(model, report)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _evaluation_data(self, model: ir.Model) -> DataSource:
+        from onnxopt.calib_data import open_data
+
+        context = self.context
+        if context.eval is not None:
+            return context.eval
+        if context.calib is not None:
+            return context.calib
+        return open_data("random:8", seed=context.seed, input_shapes=context.input_shapes)
+
+    def _input_notes(self, data: DataSource) -> list[str]:
+        if data.synthetic:
+            return ["no evaluation data given: fidelity is measured on random inputs (structural check only; "
+                    "accuracy cannot be measured)"]
+        return []
+
+    def _shape_hints(self, model: ir.Model) -> dict[str, tuple[int, ...]]:
+        return dict(self.context.input_shapes)
+
+    def _snapshot(self, model: ir.Model, data: DataSource, what: str, pass_name: str | None = None) -> _Snapshot:
+        options = self.options
+        try:
+            outputs = collect_outputs(model, data, batch_size=options.eval_batch_size,
+                                      max_samples=options.max_eval_samples, threads=self.context.threads,
+                                      provider=self.context.provider, what=what)
+        except BadInputError as exc:
+            if pass_name is None:
+                raise
+            raise PassFailedError(pass_name, str(exc)) from None
+        metrics = self._metrics(model, outputs, data)
+        return _Snapshot(metrics, outputs)
+
+    def _metrics(self, model: ir.Model, outputs: ModelOutputs, data: DataSource) -> StepMetrics:
+        from onnxopt.stats import model_stats
+
+        shapes = self._shape_hints(model)
+        if not shapes:
+            try:
+                shapes = data.sample_shapes(input_specs(model))
+            except Exception:  # noqa: BLE001 - shapes are only hints for MAC counting
+                shapes = {}
+        stats = model_stats(model, input_shapes=shapes)
+        metrics = StepMetrics(
+            size_bytes=stats.size_bytes, params=stats.params, macs=stats.macs, num_nodes=stats.num_nodes,
+            macs_by_op=dict(stats.macs_by_op), op_counts=dict(stats.op_counts), accuracy=outputs.accuracy,
+        )
+        if self.options.measure_latency:
+            from onnxopt.bench import measure_latency
+
+            try:
+                result = measure_latency(
+                    model, batch_size=self.options.latency_batch_size, threads=self.context.threads,
+                    provider=self.context.provider, input_shapes=shapes,
+                    warmup=self.options.latency_warmup, repeats=self.options.latency_repeats,
+                )
+                metrics.latency = Latency(result.median_ms, result.p90_ms, result.batch_size, result.threads,
+                                          result.provider)
+            except BadInputError as exc:
+                metrics.latency_note = f"latency not measured: {exc}"
+        else:
+            metrics.latency_note = "latency measurement disabled"
+        return metrics
+
+    def _validate_structure(self, pass_: OnnxoptPass, model: ir.Model) -> None:
+        if tensor_bytes(model) >= PROTOBUF_LIMIT:
+            return  # the checker needs a serializable proto; ORT load (next) validates large models
+        try:
+            proto = to_proto(model)
+            onnx.checker.check_model(proto, full_check=False)
+        except Exception as exc:
+            raise PassFailedError(pass_.name, f"the model it produced fails the ONNX checker: {_cause(exc)}") from None
+
+    def _judge(self, budget: Budget, original: _Snapshot, final: _Snapshot) -> BudgetVerdict:
+        first, last = original.metrics, final.metrics
+        name = budget.name
+        if name == "accuracy_drop":
+            if first.accuracy is not None and last.accuracy is not None:
+                return judge(budget, first.accuracy - last.accuracy)
+            agreement = original.outputs.compare(final.outputs).top1_agreement
+            if agreement is None:
+                return judge(budget, None, "needs labelled evaluation data or a score-vector output")
+            return judge(budget, 1.0 - agreement, "no labels: measured as top-1 disagreement with the original")
+        if name == "latency_ratio":
+            if first.latency is None or last.latency is None:
+                return judge(budget, None, first.latency_note or last.latency_note)
+            return judge(budget, last.latency.median_ms / first.latency.median_ms)
+        if name == "size_ratio":
+            return judge(budget, last.size_bytes / max(first.size_bytes, 1))
+        if name == "size_mb":
+            return judge(budget, last.size_bytes / 1e6)
+        if name == "macs_ratio":
+            return judge(budget, last.macs / first.macs if first.macs else None, "" if first.macs else "no MACs counted")
+        if name == "params_ratio":
+            return judge(budget, last.params / first.params if first.params else None)
+        fidelity = original.outputs.compare(final.outputs)
+        if name == "min_sqnr_db":
+            return judge(budget, fidelity.sqnr_db)
+        if name == "min_top1_agreement":
+            return judge(budget, fidelity.top1_agreement, "" if fidelity.top1_agreement is not None
+                         else "the output is not a score vector")
+        raise BadInputError(f"unknown budget '{name}'")
+
+
+def _describe(data: DataSource | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    return {"description": data.description, "samples": data.num_samples(), "labelled": data.has_labels(),
+            "synthetic": data.synthetic}
+
+
+def _cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return text[0][:500] if text else type(exc).__name__
+
+
+__all__ = ["ManagerOptions", "PipelineManager", "PipelineResult"]

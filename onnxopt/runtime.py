@@ -1,0 +1,101 @@
+"""ONNX Runtime sessions built from in-memory models, with errors that say what went wrong."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxopt.errors import BadInputError
+from onnxopt.modelio import EXTERNAL_DATA_THRESHOLD, model_file, tensor_bytes, to_proto
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def resolve_provider(name: str) -> str:
+    """Map 'cpu'/'cuda'/'tensorrt' (or a full provider name) to an installed ORT provider, or explain."""
+    provider = PROVIDER_ALIASES.get(name.lower(), name)
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise BadInputError(
+            f"execution provider '{name}' is not available in this onnxruntime build (available: {', '.join(available)})"
+        )
+    return provider
+
+
+def session_options(threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = _LEVELS[optimization]
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
+def make_session(
+    model: ir.Model | onnx.ModelProto | str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    provider: str = "cpu",
+    optimization: str = "all",
+    what: str = "model",
+) -> ort.InferenceSession:
+    """Create an ORT session; failures become :class:`BadInputError` naming ``what``."""
+    providers = [resolve_provider(provider)]
+    if providers[0] != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+    options = session_options(threads, optimization)
+    try:
+        if isinstance(model, (str, os.PathLike)):
+            return ort.InferenceSession(str(model), options, providers=providers)
+        if isinstance(model, onnx.ModelProto):
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        if tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD or _has_external(model):
+            with model_file(model) as path:
+                return ort.InferenceSession(str(path), options, providers=providers)
+        return ort.InferenceSession(to_proto(model).SerializeToString(), options, providers=providers)
+    except BadInputError:
+        raise
+    except Exception as exc:
+        raise BadInputError(f"ONNX Runtime cannot load {what}: {_first_line(exc)}") from None
+
+
+def run_batches(session: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[list[np.ndarray]]:
+    """Run each feed dict; yields the list of outputs in graph order."""
+    names = [o.name for o in session.get_outputs()]
+    for feed in batches:
+        yield session.run(names, feed)
+
+
+def _has_external(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:400]
+    return type(exc).__name__
+
+
+__all__ = ["make_session", "resolve_provider", "run_batches", "session_options", "Path"]

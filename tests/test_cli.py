@@ -1,0 +1,237 @@
+"""The command line: exit codes, messages, outputs, and bad input that must never touch the input or leave files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxopt.cli import main
+from onnxopt.modelio import file_sha256
+from tiny_models import conv_classifier, labelled_npz, save
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def model_path(tmp_path: Path) -> Path:
+    return save(conv_classifier(), tmp_path / "tiny.onnx")
+
+
+@pytest.fixture()
+def data_path(tmp_path: Path) -> Path:
+    return labelled_npz(tmp_path / "data.npz", conv_classifier())
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(capsys, args, message: str, *inputs: Path, absent: Path | None = None) -> str:
+    sums = {p: file_sha256(p) for p in inputs}
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2, (out, err)
+    assert message in err, err
+    assert "Traceback" not in err + out
+    for path, digest in sums.items():
+        assert file_sha256(path) == digest, f"{path} was modified"
+    if absent is not None:
+        assert not absent.exists()
+        assert not list(absent.parent.glob(f".{absent.name}*")), "temporary files left behind"
+    return err
+
+
+def test_optimize_ok(capsys, model_path: Path, data_path: Path, tmp_path: Path):
+    out = tmp_path / "o.onnx"
+    code, stdout, err = run_cli(capsys, "optimize", model_path, "-o", out, "--calib", data_path, "--eval", data_path,
+                                "--budget", "accuracy_drop=0.01", "--report", tmp_path / "rep.json", "-q")
+    assert code == 0, err
+    assert "budget accuracy_drop: 0 <= 0.01 met" in stdout
+    report = json.loads((tmp_path / "rep.json").read_text())
+    assert report["verdict"]["passed"] is True
+    assert (tmp_path / "rep.md").exists() and (tmp_path / "rep.png").exists()
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
+def test_missed_budget_exits_1_and_says_which(capsys, model_path: Path, data_path: Path, tmp_path: Path):
+    code, stdout, _ = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "o.onnx", "--eval", data_path,
+                              "--budget", "size_ratio=0.01", "--no-latency", "-q")
+    assert code == 1
+    assert "budget size_ratio" in stdout and "MISSED" in stdout
+    report = json.loads((tmp_path / "o.onnx.report.json").read_text())
+    assert report["verdict"]["passed"] is False and "size_ratio" in report["verdict"]["summary"]
+
+
+def test_pass_flags_on_the_command_line(capsys, model_path: Path, tmp_path: Path):
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "o.onnx", "--pass",
+                           "normalize:min_opset=15,simplify=false", "--no-latency", "-q")
+    assert code == 0, err
+    assert onnx.load(str(tmp_path / "o.onnx")).opset_import[0].version == 15
+
+
+def test_not_onnx(capsys, tmp_path: Path):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("this is not a model\n" * 20)
+    assert_refused(capsys, ["optimize", bad, "-o", tmp_path / "o.onnx"], "is not an ONNX model", bad,
+                   absent=tmp_path / "o.onnx")
+
+
+def test_truncated(capsys, model_path: Path, tmp_path: Path):
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(model_path.read_bytes()[: model_path.stat().st_size // 2])
+    assert_refused(capsys, ["optimize", cut, "-o", tmp_path / "o.onnx"], "cut.onnx", cut, absent=tmp_path / "o.onnx")
+
+
+def test_missing_model_file(capsys, tmp_path: Path):
+    assert_refused(capsys, ["optimize", tmp_path / "nope.onnx", "-o", tmp_path / "o.onnx"], "does not exist")
+
+
+def test_missing_external_data(capsys, tmp_path: Path):
+    model = conv_classifier(channels=64)
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
+              size_threshold=64)
+    (tmp_path / "ext.data").unlink()
+    assert_refused(capsys, ["optimize", path, "-o", tmp_path / "o.onnx"], "external file 'ext.data', which is missing",
+                   path, absent=tmp_path / "o.onnx")
+
+
+def test_external_data_model_roundtrip(capsys, tmp_path: Path, data_path: Path):
+    path = tmp_path / "ext.onnx"
+    onnx.save(conv_classifier(), str(path), save_as_external_data=True, location="ext.data", size_threshold=64)
+    code, _, err = run_cli(capsys, "optimize", path, "-o", tmp_path / "o.onnx", "--eval", data_path, "--no-latency",
+                           "-q")
+    assert code == 0, err
+    onnx.checker.check_model(str(tmp_path / "o.onnx"))
+
+
+def test_unknown_op_domain(capsys, tmp_path: Path):
+    model = conv_classifier(with_bn=False)
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type, relu.domain = "FancyRelu", "com.example"
+    model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    path = save(model, tmp_path / "custom.onnx")
+    assert_refused(capsys, ["optimize", path, "-o", tmp_path / "o.onnx"], "unknown domain 'com.example'", path,
+                   absent=tmp_path / "o.onnx")
+
+
+def test_unknown_pass_and_parameter(capsys, model_path: Path, tmp_path: Path):
+    assert_refused(capsys, ["optimize", model_path, "-o", tmp_path / "o.onnx", "--pass", "sharpen"],
+                   "unknown pass 'sharpen'", model_path, absent=tmp_path / "o.onnx")
+    assert_refused(capsys, ["optimize", model_path, "-o", tmp_path / "o.onnx", "--pass", "normalize:speed=11"],
+                   "has no parameter 'speed'", model_path, absent=tmp_path / "o.onnx")
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("shape", "input 'input'"),
+    ("dtype", "input 'input'"),
+    ("nan", "NaN"),
+    ("inf", "Inf"),
+])
+def test_bad_calibration_data(capsys, model_path: Path, tmp_path: Path, kind: str, message: str):
+    x = np.random.default_rng(0).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    if kind == "shape":
+        x = x[:, :, :4, :]
+    elif kind == "dtype":
+        x = (x * 100).astype("U8")
+    elif kind == "nan":
+        x[2, 0, 0, 0] = np.nan
+    elif kind == "inf":
+        x[1, 0, 0, 0] = np.inf
+    data = tmp_path / f"{kind}.npz"
+    np.savez(data, input=x)
+    assert_refused(capsys, ["optimize", model_path, "-o", tmp_path / "o.onnx", "--calib", data], message, model_path,
+                   data, absent=tmp_path / "o.onnx")
+
+
+def test_empty_data_folder(capsys, model_path: Path, tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    assert_refused(capsys, ["optimize", model_path, "-o", tmp_path / "o.onnx", "--calib", tmp_path / "empty"],
+                   "empty", model_path, absent=tmp_path / "o.onnx")
+
+
+def test_output_equals_input(capsys, model_path: Path):
+    assert_refused(capsys, ["optimize", model_path, "-o", model_path], "is the input model", model_path)
+
+
+def test_unwritable_output_folder(capsys, model_path: Path, tmp_path: Path):
+    if os.geteuid() == 0:
+        target = Path("/proc/onnxopt-test/o.onnx")  # not writable even for root
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        target = locked / "o.onnx"
+    err = assert_refused(capsys, ["optimize", model_path, "-o", target], "output folder", model_path)
+    assert str(target.parent) in err
+
+
+def test_bad_budget_and_shape_syntax(capsys, model_path: Path, tmp_path: Path):
+    assert_refused(capsys, ["optimize", model_path, "-o", tmp_path / "o.onnx", "--budget", "speed=2"],
+                   "unknown budget 'speed'", model_path)
+    assert_refused(capsys, ["optimize", model_path, "-o", tmp_path / "o.onnx", "--input-shape", "input=1,3"],
+                   "must look like NAME:D0,D1", model_path)
+
+
+def test_usage_errors_exit_2(capsys, model_path: Path):
+    code, _, err = run_cli(capsys, "optimize", model_path)
+    assert code == 2 and "--output" in err
+
+
+def test_bench_json_two_models(capsys, model_path: Path, tmp_path: Path):
+    other = save(conv_classifier(channels=16, seed=3), tmp_path / "wide.onnx")
+    code, out, err = run_cli(capsys, "bench", model_path, other, "--batch", "1,2", "--threads", "1", "--repeats", "3",
+                             "--warmup", "1", "--json", "-q")
+    assert code == 0, err
+    data = json.loads(out)
+    labels = {r["label"] for r in data["results"]}
+    assert labels == {"tiny.onnx", "wide.onnx"}
+    assert {r["batch_size"] for r in data["results"]} == {1, 2}
+    assert "flags" in data["host"]
+
+
+def test_bench_table(capsys, model_path: Path):
+    code, out, err = run_cli(capsys, "bench", model_path, "--repeats", "2", "--warmup", "0", "-q")
+    assert code == 0, err
+    assert "tiny.onnx" in out and "median" in out.lower()
+
+
+def test_inspect(capsys, tmp_path: Path):
+    path = save(conv_classifier(opset=11), tmp_path / "old.onnx")
+    code, out, err = run_cli(capsys, "inspect", path)
+    assert code == 0, err
+    assert "fold 1 BatchNormalization" in out and "raise opset 11 -> 13" in out
+    code, out, _ = run_cli(capsys, "inspect", path, "--json")
+    info = json.loads(out)
+    assert info["op_counts"]["Conv"] == 1 and info["params"] > 0
+
+
+def test_passes_listing(capsys):
+    code, out, _ = run_cli(capsys, "passes")
+    assert code == 0 and "normalize" in out and "min_opset" in out
+
+
+def test_cli_does_not_import_torch():
+    code = ("import sys, onnxopt.cli, onnxopt.bench, onnxopt.api, onnxopt.passes; "
+            "from onnxopt.cli import main; main(['--help']); "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "optimize" in result.stdout
+
+
+def test_console_script_entry_point_exit_code(tmp_path: Path):
+    bad = tmp_path / "x.onnx"
+    bad.write_bytes(b"\x00\x01garbage")
+    result = subprocess.run([sys.executable, "-m", "onnxopt", "inspect", str(bad)], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "Traceback" not in result.stderr
