@@ -8,14 +8,12 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxopt.modelio import input_specs
+from onnxopt.passes.normalize import NormalizePass
+from onnxopt.passes.opset import default_opset
 
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                            "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "QGemm"})
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
-
-
-def default_opset(model: ir.Model) -> int:
-    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
 
 
 def inspect_model(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
@@ -36,8 +34,10 @@ def inspect_model(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | No
         plan.append(f"normalize: remove {len(listed)} initializers listed as graph inputs (old exporter style)")
     if weight_constants:
         plan.append(f"normalize: lift {len(weight_constants)} Constant-node weights to initializers")
-    if default_opset(model) < 13:
-        plan.append(f"normalize: raise opset {default_opset(model)} -> 13 (per-channel QDQ needs 13)")
+    opset = default_opset(model) or 0
+    if opset < NormalizePass.min_opset:
+        plan.append(f"normalize: raise opset {opset} -> {NormalizePass.min_opset} "
+                    "(per-channel QDQ needs 13)")
     if foldable_bn:
         plan.append(f"normalize: fold {len(foldable_bn)} BatchNormalization into the preceding Conv")
     dynamic = [s.describe() for s in specs if not s.is_static]

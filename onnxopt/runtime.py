@@ -12,7 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt.errors import BadInputError
-from onnxopt.modelio import EXTERNAL_DATA_THRESHOLD, model_file, tensor_bytes, to_proto
+from onnxopt.modelio import EXTERNAL_DATA_THRESHOLD, has_external_tensors, model_file, tensor_bytes, to_proto
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -69,7 +69,7 @@ def make_session(
             return ort.InferenceSession(str(model), options, providers=providers)
         if isinstance(model, onnx.ModelProto):
             return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-        if tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD or _has_external(model):
+        if tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD or has_external_tensors(model):
             with model_file(model) as path:
                 return ort.InferenceSession(str(path), options, providers=providers)
         return ort.InferenceSession(to_proto(model).SerializeToString(), options, providers=providers)
@@ -84,10 +84,6 @@ def run_batches(session: ort.InferenceSession, batches: Iterable[dict[str, np.nd
     names = [o.name for o in session.get_outputs()]
     for feed in batches:
         yield session.run(names, feed)
-
-
-def _has_external(model: ir.Model) -> bool:
-    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
 def _first_line(exc: BaseException) -> str:

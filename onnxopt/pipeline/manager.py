@@ -12,14 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import onnx
 import onnx_ir as ir
 
 from onnxopt import __version__
 from onnxopt.budgets import Budget, BudgetVerdict, judge
 from onnxopt.calib_data.base import DataSource
 from onnxopt.errors import BadInputError, OnnxoptError, PassFailedError
-from onnxopt.modelio import PROTOBUF_LIMIT, input_specs, tensor_bytes, to_proto
+from onnxopt.modelio import input_specs, run_checker
 from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.context import PassContext
 from onnxopt.pipeline.evaluation import ModelOutputs, collect_outputs
@@ -214,11 +213,8 @@ class PipelineManager(ir.passes.PassBase):
         return metrics
 
     def _validate_structure(self, pass_: OnnxoptPass, model: ir.Model) -> None:
-        if tensor_bytes(model) >= PROTOBUF_LIMIT:
-            return  # the checker needs a serializable proto; ORT load (next) validates large models
         try:
-            proto = to_proto(model)
-            onnx.checker.check_model(proto, full_check=False)
+            run_checker(model)
         except Exception as exc:
             raise PassFailedError(pass_.name, f"the model it produced fails the ONNX checker: {_cause(exc)}") from None
 

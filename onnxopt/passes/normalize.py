@@ -1,0 +1,334 @@
+"""The ``normalize`` pass: turn any framework's export into one clean, modern form before optimizing it.
+
+Exports differ in ways that trip up later passes: Caffe2-era models list weights as graph inputs and use opset 9;
+PaddlePaddle stores every weight in a Constant node and writes ``-1`` input sizes; torch keeps BatchNormalization
+after every Conv when exported for training; many exporters leave nodes unnamed. This pass removes those differences
+without changing what the model computes (it is ``exact``):
+
+1. initializers listed as graph inputs stop being inputs;
+2. Constant nodes become initializers (so weights look like weights);
+3. the default-domain opset is raised to ``min_opset``;
+4. unnamed nodes get deterministic names;
+5. dynamic input dims are fixed from the user's shapes or the calibration data;
+6. onnxsim folds constants and removes redundant ops (its own check must pass, else the model is kept as it was);
+7. inference BatchNormalization is folded into the preceding Conv / ConvTranspose / Gemm;
+8. unused nodes and initializers are dropped, nodes sorted, shapes inferred.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_passes
+
+from onnxopt.modelio import PROTOBUF_LIMIT, input_specs, model_file, tensor_bytes, to_proto
+from onnxopt.passes import bn_fold, opset, shapes
+from onnxopt.pipeline.base import OnnxoptPass
+from onnxopt.pipeline.registry import register
+
+# onnxsim optimizers that would undo what this pass promises: we fold BatchNorm ourselves (keeping weight names and
+# counting folds), and merging identical initializers or fusing Q/K/V projections would make distinct layers share or
+# lose their weights, which pruning and the torch bridge key by initializer name.
+_SKIPPED_ONNXSIM_OPTIMIZERS = ("fuse_bn_into_conv", "eliminate_duplicate_initializer", "fuse_qkv")
+# Floating-point input types onnxsim's random check can feed safely (integer inputs are often indices).
+_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
+
+
+@register
+@dataclass
+class NormalizePass(OnnxoptPass):
+    """Bring a foreign export into the canonical form every other pass expects (outputs unchanged).
+
+    Parameters:
+        min_opset: raise the default-domain opset to at least this (0 keeps the model's opset).
+        lift_constants: turn Constant nodes into initializers.
+        fold_batchnorm: fold inference BatchNormalization into the preceding Conv/ConvTranspose/Gemm.
+        simplify: run onnxsim (constant folding, redundant-op elimination).
+        fix_shapes: fix dynamic input dims from ``context.input_shapes`` or, failing that, the calibration data.
+        name_nodes: give unnamed nodes deterministic names.
+    """
+
+    name: ClassVar[str] = "normalize"
+    exact: ClassVar[bool] = True
+
+    min_opset: int = 13
+    lift_constants: bool = True
+    fold_batchnorm: bool = True
+    simplify: bool = True
+    fix_shapes: bool = True
+    name_nodes: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        newest = onnx.defs.onnx_opset_version()
+        if not 0 <= self.min_opset <= newest:
+            raise ValueError(f"min_opset must be between 0 (keep) and {newest}, got {self.min_opset}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed = False
+        changed |= self._remove_initializer_inputs(model)
+        if self.lift_constants:
+            changed |= self._lift_constants(model)
+        changed |= self._raise_opset(model)
+        if self.name_nodes:
+            changed |= self._name_nodes(model)
+        if self.fix_shapes:
+            changed |= self._fix_shapes(model)
+        if self.simplify:
+            changed |= self._simplify(model)
+        if self.fold_batchnorm:
+            changed |= self._fold_batchnorms(model)
+        changed |= self._clean_up(model)
+        self.details["nodes"] = _count_nodes(model)
+        return ir.passes.PassResult(model, modified=changed)
+
+    # -- 1. initializers as inputs ---------------------------------------------------------------------------------
+
+    def _remove_initializer_inputs(self, model: ir.Model) -> bool:
+        count = sum(1 for value in model.graph.inputs if value.is_initializer())
+        self.details["initializer_inputs_removed"] = count
+        if not count:
+            return False
+        ir_passes.RemoveInitializersFromInputsPass()(model)
+        # IR versions before 4 require every initializer to be a graph input.
+        model.ir_version = max(model.ir_version, 4)
+        self.note(f"removed {count} initializers from the graph inputs (they are weights, not inputs)")
+        return True
+
+    # -- 2. Constant nodes -> initializers ---------------------------------------------------------------------------
+
+    def _lift_constants(self, model: ir.Model, *, after: str = "") -> bool:
+        before = _count_constants(model)
+        if before:
+            # Every size is lifted, scalars included: one uniform representation of constant data is simpler for
+            # later passes than a size cut-off, and ONNX Runtime and onnxsim treat both forms alike.
+            ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        lifted = before - _count_constants(model)
+        self.details["constants_lifted"] = self.details.get("constants_lifted", 0) + lifted
+        if lifted:
+            self.note(f"lifted {lifted} Constant nodes to initializers{after}")
+        return lifted > 0
+
+    # -- 3. opset ------------------------------------------------------------------------------------------------------
+
+    def _raise_opset(self, model: ir.Model) -> bool:
+        current = opset.default_opset(model)
+        self.details["opset_before"] = current
+        changed = False
+        if self.min_opset and current is not None and current < self.min_opset:
+            scalers = opset.replace_image_scalers(model)
+            if scalers:
+                self.note(f"rewrote {scalers} ImageScaler (removed from ONNX after opset 9) as Mul + Add")
+            _adopt(model, opset.raise_opset(model, self.min_opset, self.name))
+            self.note(f"raised opset {current} -> {self.min_opset}")
+            changed = True
+            if self.lift_constants:
+                self._lift_constants(model, after=" (created by the opset conversion)")
+        needed = opset.minimum_ir_version(model)
+        if model.ir_version < needed:
+            self.note(f"raised IR version {model.ir_version} -> {needed} to match the opset")
+            model.ir_version = needed
+            changed = True
+        self.details["opset_after"] = opset.default_opset(model)
+        return changed
+
+    # -- 4. names ------------------------------------------------------------------------------------------------------
+
+    def _name_nodes(self, model: ir.Model, *, quiet: bool = False) -> bool:
+        unnamed = sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if not node.name)
+        if not unnamed:
+            return False
+        ir_passes.NameFixPass(_OpTypeNames())(model)
+        if not quiet:
+            self.details["nodes_named"] = unnamed
+            self.note(f"named {unnamed} unnamed nodes after their op type")
+        return True
+
+    # -- 5. shapes -----------------------------------------------------------------------------------------------------
+
+    def _fix_shapes(self, model: ir.Model) -> bool:
+        negatives = shapes.normalize_negative_dims(model)
+        if negatives:
+            self.note(f"replaced {negatives} negative sizes (-1) of graph inputs/outputs with symbolic dims")
+        if self.context.input_shapes:
+            fixed = shapes.fix_input_shapes(model, self.context.input_shapes, keep_batch=False, source="given")
+            origin = "as given"
+        elif self.context.calib is not None:
+            specs = [spec for spec in input_specs(model) if not spec.is_static]
+            if not specs:
+                return negatives > 0
+            sample = self.context.calib.sample_shapes(input_specs(model))
+            wanted = {spec.name: sample[spec.name] for spec in specs if spec.name in sample}
+            fixed = shapes.fix_input_shapes(model, wanted, keep_batch=True, source="data")
+            origin = "from the calibration data, batch dim kept dynamic"
+        else:
+            return negatives > 0
+        for name, dims in fixed.items():
+            self.note(f"fixed input {name} to {shapes.format_dims(dims)} ({origin})")
+        if fixed:
+            shapes.clear_intermediate_shapes(model)
+            self.details["fixed_inputs"] = {name: list(dims) for name, dims in fixed.items()}
+        return bool(fixed) or negatives > 0
+
+    # -- 6. onnxsim ----------------------------------------------------------------------------------------------------
+
+    def _simplify(self, model: ir.Model) -> bool:
+        self.details["simplified"] = False
+        if tensor_bytes(model) >= PROTOBUF_LIMIT:
+            self.note("skipped onnxsim: the model's weights exceed protobuf's 2 GB limit")
+            return False
+        try:
+            import onnxsim
+        except ImportError:
+            self.note("skipped onnxsim: it is not installed")
+            return False
+        test_shapes = _test_input_shapes(model)
+        kwargs: dict[str, Any] = {
+            "check_n": 1 if test_shapes is not None else 0,
+            "skipped_optimizers": list(_SKIPPED_ONNXSIM_OPTIMIZERS),
+            "test_input_shapes": test_shapes or None,
+            # Newer onnxsim releases: no proofs or extra analyses, just the simplification.
+            "certify": False,
+            "check_hazards": False,
+            "check_gradients": False,
+        }
+        accepted = inspect.signature(onnxsim.simplify).parameters
+        kwargs = {key: value for key, value in kwargs.items() if key in accepted}
+        before = _count_nodes(model)
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                if _has_external_tensors(model):
+                    source: str | onnx.ModelProto = os.fspath(stack.enter_context(model_file(model)))
+                else:
+                    source = to_proto(model)
+                simplified, ok = onnxsim.simplify(source, **kwargs)
+        except Exception as exc:  # onnxsim raises anything from ValueError to C++ runtime errors
+            self.note(f"onnxsim failed ({_first_line(exc)}); kept the model unsimplified")
+            return False
+        if not ok:
+            self.note("onnxsim's check of its result failed; kept the model unsimplified")
+            return False
+        _adopt(model, ir.serde.deserialize_model(simplified))
+        shapes.normalize_negative_dims(model)  # onnxsim writes -1 for dims it could not name
+        after = _count_nodes(model)
+        self.details.update(simplified=True, nodes_before_simplify=before, nodes_after_simplify=after)
+        checked = "" if kwargs.get("check_n") else " (onnxsim's numeric check skipped: some input dims are dynamic)"
+        if after != before:
+            self.note(f"simplified with onnxsim: {before} -> {after} nodes{checked}")
+        else:
+            self.note(f"onnxsim found nothing to remove ({after} nodes){checked}")
+        # onnxsim rewrites the graph; report a change only when the node count moved (a re-run is then a no-op).
+        return after != before
+
+    # -- 7. BatchNormalization -----------------------------------------------------------------------------------------
+
+    def _fold_batchnorms(self, model: ir.Model) -> bool:
+        result = bn_fold.fold_batchnorms(model.graph)
+        self.details["folded_batchnorms"] = result.total
+        if result.total:
+            self.details["folded_batchnorms_by_op"] = dict(result.folded)
+            into = ", ".join(f"{op} ({n})" for op, n in sorted(result.folded.items()))
+            if len(result.folded) == 1:
+                into = next(iter(result.folded))
+            self.note(f"folded {result.total} BatchNormalization into {into}")
+        if result.renamed_shared_weights:
+            self.note(
+                f"{result.renamed_shared_weights} folded weights were shared with other nodes and got their own "
+                "initializer (suffix _bn_folded)"
+            )
+        if result.skipped:
+            left = sum(result.skipped.values())
+            why = "; ".join(f"{reason}: {n}" for reason, n in sorted(result.skipped.items()))
+            self.note(f"left {left} BatchNormalization as they are ({why})")
+        return result.total > 0
+
+    # -- 8. clean-up ---------------------------------------------------------------------------------------------------
+
+    def _clean_up(self, model: ir.Model) -> bool:
+        before = _count_nodes(model) + len(model.graph.initializers)
+        ir_passes.RemoveUnusedNodesPass()(model)
+        removed = before - _count_nodes(model) - len(model.graph.initializers)
+        self.details["removed_unused"] = removed
+        if removed:
+            self.note(f"removed {removed} unused nodes and initializers")
+        ir_passes.TopologicalSortPass()(model)
+        if self.name_nodes:
+            self._name_nodes(model, quiet=True)  # onnxsim or the opset converter may have added unnamed nodes
+        # Shape inference serializes the model without its large weights, so it stays cheap; a failure leaves the
+        # model as it was (shapes are an aid, not a requirement).
+        with _silenced("onnx_ir.passes.common.shape_inference"):
+            ir_passes.ShapeInferencePass()(model)
+        return removed > 0
+
+
+class _OpTypeNames(ir_passes.naming.SimpleNameGenerator):
+    """Unnamed nodes are called after their op type (``Conv``, ``Conv_1``, ...): readable in reports, deterministic."""
+
+    def generate_node_name(self, node: ir.Node) -> str:
+        return node.name or node.op_type
+
+
+def _adopt(model: ir.Model, new: ir.Model) -> None:
+    """Move ``new``'s graph into ``model`` (the pass works in place); metadata of ``model`` is kept."""
+    model.graph = new.graph
+    model.ir_version = new.ir_version
+    model.functions.clear()
+    model.functions.update(new.functions)
+
+
+def _test_input_shapes(model: ir.Model) -> dict[str, list[int]] | None:
+    """Shapes for onnxsim's random check (dynamic batch -> 1), or None when it cannot generate suitable data."""
+    result: dict[str, list[int]] = {}
+    for value in shapes.data_inputs(model):
+        dims = shapes.input_dims(value)
+        if dims is None or value.dtype not in _FLOAT_TYPES:
+            return None
+        sizes = [1 if index == 0 and not isinstance(d, int) else d for index, d in enumerate(dims)]
+        if not all(isinstance(d, int) and d > 0 for d in sizes):
+            return None
+        result[value.name or ""] = sizes  # type: ignore[misc]
+    return result
+
+
+@contextlib.contextmanager
+def _silenced(logger_name: str) -> Iterator[None]:
+    """Mute a library logger that reports a failure we tolerate (with a traceback) as a warning."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _count_nodes(model: ir.Model) -> int:
+    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def _count_constants(model: ir.Model) -> int:
+    return sum(
+        1
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if node.op_type == "Constant" and node.domain in opset.DEFAULT_DOMAINS
+    )
+
+
+def _has_external_tensors(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

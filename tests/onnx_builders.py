@@ -1,0 +1,178 @@
+"""Building small ONNX models with onnx.helper, and comparing two models' outputs on ONNX Runtime.
+
+Shared by test files: ``GraphBuilder`` for hand-made graphs (any opset, unnamed nodes, weights as Constant nodes or
+as graph inputs, the shapes of old exports), and ``compare_models`` / ``random_feeds`` for numeric checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+ModelLike = "onnx.ModelProto | ir.Model | str | Path"
+
+
+class GraphBuilder:
+    """Append nodes one by one; values are referred to by name.
+
+    ``named=False`` leaves nodes without names (as several exporters do); ``weights_as="constant"`` stores weights in
+    Constant nodes (PaddlePaddle style); ``weights_as="input"`` also lists initializers as graph inputs (Caffe2 style,
+    IR version 3).
+    """
+
+    def __init__(
+        self,
+        name: str = "graph",
+        *,
+        opset: int = 13,
+        seed: int = 0,
+        named: bool = True,
+        weights_as: str = "initializer",
+    ):
+        if weights_as not in ("initializer", "constant", "input"):
+            raise ValueError(weights_as)
+        self.name = name
+        self.opset = opset
+        self.named = named
+        self.weights_as = weights_as
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._counter = 0
+
+    def fresh(self, prefix: str = "t") -> str:
+        self._counter += 1
+        return f"{prefix}{self._counter}"
+
+    def input(self, name: str, shape: Sequence[int | str | None], dtype: Any = np.float32) -> str:
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        self.inputs.append(helper.make_tensor_value_info(name, elem, list(shape)))
+        return name
+
+    def output(self, name: str, shape: Sequence[int | str | None] | None = None, dtype: Any = np.float32) -> str:
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        self.outputs.append(helper.make_tensor_value_info(name, elem, None if shape is None else list(shape)))
+        return name
+
+    def weight(self, name: str, value: np.ndarray | Sequence[int], scale: float = 0.2) -> str:
+        """A constant tensor: ``value`` itself, or random normal data of shape ``value`` times ``scale``."""
+        if isinstance(value, np.ndarray):
+            array = value
+        else:
+            array = (self.rng.standard_normal(tuple(value)) * scale).astype(np.float32)
+        if self.weights_as == "constant":
+            self.nodes.append(
+                helper.make_node(
+                    "Constant", [], [name], name=f"{name}_const" if self.named else "",
+                    value=numpy_helper.from_array(array, name),
+                )
+            )
+        else:
+            self.initializers.append(numpy_helper.from_array(array, name))
+            if self.weights_as == "input":
+                elem = helper.np_dtype_to_tensor_dtype(array.dtype)
+                self.inputs.append(helper.make_tensor_value_info(name, elem, list(array.shape)))
+        return name
+
+    def positive(self, name: str, shape: Sequence[int], low: float = 0.5, high: float = 2.0) -> str:
+        return self.weight(name, self.rng.uniform(low, high, tuple(shape)).astype(np.float32))
+
+    def node(self, op: str, inputs: Sequence[str], outputs: int | Sequence[str] = 1, **attrs: Any) -> Any:
+        """Add a node; returns its output name (or the list of names when it has several)."""
+        names = [self.fresh(op.lower()) for _ in range(outputs)] if isinstance(outputs, int) else list(outputs)
+        self.nodes.append(helper.make_node(op, list(inputs), names, name=self.fresh(op) if self.named else "", **attrs))
+        return names[0] if len(names) == 1 else names
+
+    def conv(self, x: str, cin: int, cout: int, kernel: int = 3, *, bias: bool = True, groups: int = 1, **attrs):
+        w = self.weight(self.fresh("conv_w"), (cout, cin // groups, kernel, kernel))
+        inputs = [x, w] + ([self.weight(self.fresh("conv_b"), (cout,))] if bias else [])
+        return self.node("Conv", inputs, kernel_shape=[kernel, kernel], pads=[kernel // 2] * 4, group=groups, **attrs)
+
+    def batchnorm(self, x: str, channels: int, **attrs: Any) -> str:
+        params = [
+            self.positive(self.fresh("bn_gamma"), (channels,)),
+            self.weight(self.fresh("bn_beta"), (channels,)),
+            self.weight(self.fresh("bn_mean"), (channels,)),
+            self.positive(self.fresh("bn_var"), (channels,)),
+        ]
+        return self.node("BatchNormalization", [x, *params], epsilon=1e-3, **attrs)
+
+    def build(self, *, ir_version: int | None = None) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="tests")
+        if ir_version is None:
+            ir_version = 3 if self.weights_as == "input" else helper.find_min_ir_version_for(model.opset_import)
+        model.ir_version = max(ir_version, 3)
+        return model
+
+    def save(self, path: str | Path, **kwargs: Any) -> Path:
+        path = Path(path)
+        onnx.save(self.build(**kwargs), str(path))
+        return path
+
+
+def as_proto(model: ModelLike) -> onnx.ModelProto:  # type: ignore[valid-type]
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, ir.Model):
+        return ir.serde.serialize_model(model)
+    return onnx.load(str(model))
+
+
+def session(model: ModelLike) -> ort.InferenceSession:  # type: ignore[valid-type]
+    """An ORT session with graph optimizations off, so that the model itself is what gets compared."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 2
+    options.log_severity_level = 3
+    return ort.InferenceSession(as_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def random_feeds(
+    model: ModelLike,  # type: ignore[valid-type]
+    *,
+    batch: int = 2,
+    seed: int = 0,
+    dims: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input: dynamic leading dims get ``batch``; other dynamic dims need ``dims``."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for meta in session(model).get_inputs():
+        if dims and meta.name in dims:
+            shape = list(dims[meta.name])
+        else:
+            shape = [d if isinstance(d, int) and d > 0 else batch for d in meta.shape]
+        dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}[meta.type]
+        feeds[meta.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def run(model: ModelLike, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:  # type: ignore[valid-type]
+    return session(model).run(None, dict(feeds))
+
+
+def relative_error(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> float:
+    """Largest absolute difference over each output's largest magnitude (worst output)."""
+    assert len(expected) == len(actual), "output counts differ"
+    worst = 0.0
+    for a, b in zip(expected, actual):
+        assert a.shape == b.shape, f"output shapes differ: {a.shape} vs {b.shape}"
+        scale = float(np.abs(a).max()) if a.size else 0.0
+        diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
+        worst = max(worst, diff / max(scale, 1e-12))
+    return worst
+
+
+def compare_models(reference: ModelLike, candidate: ModelLike, feeds: Mapping[str, np.ndarray]) -> float:  # type: ignore[valid-type]
+    """Relative error of ``candidate``'s outputs against ``reference``'s on the same inputs."""
+    return relative_error(run(reference, feeds), run(candidate, feeds))
