@@ -1,0 +1,277 @@
+"""The example zoo: small torch classifiers in the style of common vision networks.
+
+Every net takes ``[N, 3, 32, 32]`` float images (normalized, the same convention as ``onnxopt/examples/digits_*.npz``)
+and returns ``[N, 10]`` logits. They are small enough to train on a laptop CPU in a minute or two, yet have the
+structures onnxopt's passes work on: Conv -> BatchNorm pairs, depthwise convolutions, ReLU6, residual adds, channel
+split/concat/shuffle, MaxPool and a fully connected head.
+
+Only :class:`MobileNetV2Digits` is trained and shipped today (``examples/build_default_model.py``); the others are the
+zoo that later examples will train the same way.
+
+This module imports torch; nothing under ``onnxopt/`` imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+NUM_CLASSES = 10
+IN_CHANNELS = 3
+IMAGE_SIZE = 32
+
+
+def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1,
+            act: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
+    """Conv without bias + BatchNorm (+ activation): the shape most model-zoo exports have, and what BN folding eats."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if act is not None:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------------------------------- MobileNetV2
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expansion (skipped when expand == 1), 3x3 depthwise, linear 1x1 projection, and a
+    residual add when stride and channel count allow it."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        self.use_residual = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(conv_bn(cin, hidden, 1, act=nn.ReLU6))
+        layers += [
+            conv_bn(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6),
+            conv_bn(hidden, cout, 1, act=None),
+        ]
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return x + out if self.use_residual else out
+
+
+#: (expansion, output channels, repeats, first stride) per stage, MobileNetV2's table scaled down for 32x32 inputs.
+MOBILENETV2_STAGES: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),   # 32x32
+    (6, 24, 2, 2),   # 16x16
+    (6, 32, 3, 2),   # 8x8
+    (6, 64, 2, 2),   # 4x4
+    (6, 96, 1, 1),   # 4x4
+)
+
+
+class MobileNetV2Digits(nn.Module):
+    """MobileNetV2-style net for 32x32 inputs: stride-1 stem, 9 inverted residual blocks (5 with residual adds),
+    1x1 head conv, global average pool, Linear. About 0.2 M parameters and 12 M MACs per 32x32 image."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = IN_CHANNELS, stem: int = 16,
+                 stages: Sequence[tuple[int, int, int, int]] = MOBILENETV2_STAGES, head: int = 256,
+                 dropout: float = 0.1):
+        super().__init__()
+        layers: list[nn.Module] = [conv_bn(in_channels, stem, 3, 1, act=nn.ReLU6)]
+        cin = stem
+        for expand, cout, repeats, stride in stages:
+            for i in range(repeats):
+                layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                cin = cout
+        layers.append(conv_bn(cin, head, 1, act=nn.ReLU6))
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(head, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.classifier(self.dropout(x))
+
+
+# --------------------------------------------------------------------------------------------------------- ResNet
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs) with a 1x1 conv + BN shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = conv_bn(cin, cout, 3, stride)
+        self.conv2 = conv_bn(cout, cout, 3, 1, act=None)
+        self.shortcut = conv_bn(cin, cout, 1, stride, act=None) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class ResNetDigits(nn.Module):
+    """CIFAR-style ResNet (16/32/64 channels, two basic blocks per stage by default) with a stride-2 stem."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = IN_CHANNELS,
+                 widths: Sequence[int] = (16, 32, 64), blocks: Sequence[int] = (2, 2, 2)):
+        super().__init__()
+        self.stem = conv_bn(in_channels, widths[0], 3, 2)
+        layers: list[nn.Module] = []
+        cin = widths[0]
+        for stage, (width, count) in enumerate(zip(widths, blocks)):
+            for i in range(count):
+                layers.append(BasicBlock(cin, width, 2 if stage > 0 and i == 0 else 1))
+                cin = width
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# --------------------------------------------------------------------------------------------------- ShuffleNetV2
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Interleave channel groups (Reshape -> Transpose -> Reshape in ONNX)."""
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2 unit: split channels in half (stride 1) or run two branches (stride 2), concat, shuffle."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        branch = cout // 2
+        right_in = cin // 2 if stride == 1 else cin
+        self.right = nn.Sequential(
+            conv_bn(right_in, branch, 1),
+            conv_bn(branch, branch, 3, stride, groups=branch, act=None),
+            conv_bn(branch, branch, 1),
+        )
+        self.left = (
+            nn.Sequential(conv_bn(cin, cin, 3, stride, groups=cin, act=None), conv_bn(cin, branch, 1))
+            if stride == 2
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.left is None:
+            left, right = x.chunk(2, dim=1)
+        else:
+            left, right = self.left(x), x
+        return channel_shuffle(torch.cat([left, self.right(right)], dim=1), 2)
+
+
+class ShuffleNetV2Digits(nn.Module):
+    """ShuffleNetV2-style net: conv stem + MaxPool-free 32x32 start, three stages of shuffle units, 1x1 head."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = IN_CHANNELS,
+                 widths: Sequence[int] = (48, 96, 192), repeats: Sequence[int] = (2, 3, 2), head: int = 256):
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(in_channels, 24, 3, 1), nn.MaxPool2d(3, 2, 1))  # 16x16
+        units: list[nn.Module] = []
+        cin = 24
+        for width, count in zip(widths, repeats):
+            for i in range(count):
+                units.append(ShuffleUnit(cin, width, 2 if i == 0 else 1))
+                cin = width
+        self.stages = nn.Sequential(*units)
+        self.head = conv_bn(cin, head, 1)
+        self.fc = nn.Linear(head, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.stages(self.stem(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+# ------------------------------------------------------------------------------------------------------------ VGG
+
+
+class VGGDigits(nn.Module):
+    """Tiny VGG: stages of 3x3 conv + BN + ReLU followed by 2x2 MaxPool, then Flatten and a two-layer MLP head
+    (the one net here whose parameters sit mostly in fully connected layers)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = IN_CHANNELS,
+                 stages: Sequence[Sequence[int]] = ((16,), (32, 32), (64, 64)), hidden: int = 128,
+                 dropout: float = 0.2):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for stage in stages:
+            for width in stage:
+                layers.append(conv_bn(cin, width, 3))
+                cin = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        side = IMAGE_SIZE // 2 ** len(stages)
+        self.classifier = nn.Sequential(
+            nn.Flatten(1),
+            nn.Linear(cin * side * side, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+# ------------------------------------------------------------------------------------------------------- registry
+
+#: name -> constructor; every constructor takes (num_classes, in_channels) keywords and builds a 32x32 classifier.
+NETS: dict[str, Callable[..., nn.Module]] = {
+    "mobilenetv2": MobileNetV2Digits,
+    "resnet": ResNetDigits,
+    "shufflenetv2": ShuffleNetV2Digits,
+    "vgg": VGGDigits,
+}
+
+
+def build(name: str, *, seed: int = 0, num_classes: int = NUM_CLASSES, in_channels: int = IN_CHANNELS) -> nn.Module:
+    """A freshly initialized net ``name``; the seed makes its initial weights reproducible."""
+    if name not in NETS:
+        raise KeyError(f"unknown net '{name}' (known: {', '.join(NETS)})")
+    torch.manual_seed(seed)
+    return NETS[name](num_classes=num_classes, in_channels=in_channels)
+
+
+def count_params(net: nn.Module) -> int:
+    """Trainable parameters (BatchNorm running statistics are buffers and not counted)."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def count_macs(net: nn.Module, in_channels: int = IN_CHANNELS, size: int = IMAGE_SIZE) -> int:
+    """Multiply-accumulates of Conv2d and Linear layers for one ``size`` x ``size`` image (BN, pooling, adds and
+    activations are not counted, as is usual)."""
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        total += output.numel() // output.shape[0] * (module.in_channels // module.groups) * kernel
+
+    def linear_hook(module: nn.Linear, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        total += module.in_features * module.out_features
+
+    handles = []
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, in_channels, size, size))
+    finally:
+        for handle in handles:
+            handle.remove()
+        net.train(was_training)
+    return total
