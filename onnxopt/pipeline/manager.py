@@ -105,6 +105,8 @@ class PipelineManager(ir.passes.PassBase):
         original = self._snapshot(model, data, "the input model")
         report.steps.append(StepRecord("input", {}, "ok", time.perf_counter() - start, original.metrics,
                                        notes=self._input_notes(data)))
+        # Counted after the first full pass over the data: streamed sources know their size only then.
+        report.data = {"eval": _describe(data), "calib": _describe(context.calib) if context.calib else None}
         previous = original
         for pass_ in context.progress(self.passes, desc="passes", total=len(self.passes)):
             pass_.bind(context)

@@ -1,0 +1,152 @@
+"""Arrays with a leading sample axis: in memory, in a ``.npz`` archive, or in one ``.npy`` file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxopt.calib_data.npzio import NpzArchive
+from onnxopt.calib_data.stream import Chunk, ChunkedSource
+from onnxopt.calib_data.validate import LABEL_KEY, add_batch_axis, bind_inputs, check_shape, to_numpy
+from onnxopt.errors import DataError
+from onnxopt.modelio import InputSpec
+
+
+class ArraySource(ChunkedSource):
+    """Samples from arrays held in memory.
+
+    ``arrays`` is one array (for a single-input model), a sequence of arrays in graph input order, or a dict keyed by
+    input name whose ``y`` entry (when no input is named ``y``) holds integer labels; ``labels`` gives them
+    explicitly. Arrays carry a leading sample axis; an array one rank short of the model input is one sample.
+    """
+
+    def __init__(self, arrays: Any, labels: Any = None, *, where: str = "in-memory arrays"):
+        self.where = where
+        if isinstance(arrays, Mapping):
+            self._arrays: dict[str, np.ndarray] | list[np.ndarray] = {k: to_numpy(v) for k, v in arrays.items()}
+        elif isinstance(arrays, (list, tuple)):
+            self._arrays = [to_numpy(a) for a in arrays]
+        else:
+            self._arrays = [to_numpy(arrays)]
+        self._labels = None if labels is None else to_numpy(labels)
+        if not self._input_arrays():
+            raise DataError(f"{where} holds no input arrays")
+
+    # Subclasses backed by files override these two.
+    def _load(self) -> tuple[dict[str, np.ndarray] | list[np.ndarray], np.ndarray | None]:
+        return self._arrays, self._labels
+
+    def _input_arrays(self) -> list[np.ndarray]:
+        arrays, _ = self._load()
+        if isinstance(arrays, dict):
+            return [a for k, a in arrays.items() if k != LABEL_KEY]
+        return list(arrays)
+
+    def has_labels(self) -> bool:
+        arrays, labels = self._load()
+        return labels is not None or (isinstance(arrays, dict) and LABEL_KEY in arrays)
+
+    def _estimate_samples(self) -> int | None:
+        _, labels = self._load()
+        if labels is not None and labels.ndim == 1:
+            return int(labels.shape[0])
+        arrays = self._input_arrays()
+        counts = {int(a.shape[0]) if a.ndim else 1 for a in arrays}
+        return counts.pop() if len(counts) == 1 else None
+
+    def _chunks(self, specs: Sequence[InputSpec], chunk_size: int) -> Iterator[Chunk]:
+        arrays, labels = self._load()
+        return self._slices(arrays, labels, specs, chunk_size)
+
+    def _slices(self, arrays: Mapping[str, Any] | Sequence[Any], labels: Any, specs: Sequence[InputSpec],
+                chunk_size: int) -> Iterator[Chunk]:
+        """Bind names and add the batch axis on the whole arrays (views), then cut them into chunks."""
+        named, labels = bind_inputs(arrays, specs, self.where, labels)
+        by_name = {spec.name: spec for spec in specs}
+        batched = {name: add_batch_axis(to_numpy(value), by_name[name]) for name, value in named.items()}
+        for name, array in batched.items():  # check the whole array, so messages show its real shape
+            check_shape(name, array.shape, by_name[name], self.where, self.shape_hint)
+        if any(a.ndim == 0 for a in batched.values()):
+            yield Chunk(batched, labels)  # a scalar where the model wants more: the shape check explains
+            return
+        counts = {name: int(a.shape[0]) if a.ndim else 1 for name, a in batched.items()}
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"'{n}' has {c}" for n, c in counts.items())
+            raise DataError(f"{self.where}: inputs hold different numbers of samples ({listed})")
+        total = next(iter(counts.values()))
+        if labels is not None:
+            labels = to_numpy(labels)
+            if labels.ndim == 1 and labels.shape[0] != total:
+                raise DataError(f"{self.where}: {labels.shape[0]} labels for {total} samples; give one label per "
+                                f"sample")
+        for start in range(0, total, chunk_size):
+            stop = min(start + chunk_size, total)
+            chunk_labels = None if labels is None else (labels[start:stop] if labels.ndim == 1 else labels)
+            yield Chunk({n: a[start:stop] for n, a in batched.items()}, chunk_labels)
+
+
+class NpzSource(ArraySource):
+    """A ``.npz`` file: arrays keyed by input name, or one array for a single-input model; optional labels ``y``.
+
+    Members written by ``np.savez`` are memory-mapped, so only the samples of the current batch are read; members of
+    ``np.savez_compressed`` files are read whole, one array at a time. When the model has an input named ``y``,
+    the ``y`` array feeds it and there are no labels (``has_labels()`` cannot know the model and says True).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.where = f"npz '{self.path}'"
+        if not self.path.is_file():
+            raise DataError(f"data file '{self.path}' does not exist")
+        self._archive = NpzArchive(self.path)
+        keys = self._archive.keys()
+        self._input_keys = [k for k in keys if k != LABEL_KEY]
+        if not self._input_keys:
+            raise DataError(f"{self.where} holds no input arrays" + (" (only labels 'y')" if keys else ""))
+        self._labels_cache: np.ndarray | None = None
+
+    def _load(self) -> tuple[dict[str, np.ndarray] | list[np.ndarray], np.ndarray | None]:
+        arrays = {k: self._archive.array(k) for k in self._input_keys}
+        labels = None
+        if LABEL_KEY in self._archive:
+            if self._labels_cache is None:
+                self._labels_cache = np.asarray(self._archive.array(LABEL_KEY))
+            labels = self._labels_cache
+        if len(arrays) == 1:
+            return list(arrays.values()), labels  # one array feeds a single-input model whatever its name
+        return arrays, labels
+
+    def _chunks(self, specs: Sequence[InputSpec], chunk_size: int) -> Iterator[Chunk]:
+        arrays, labels = self._load()
+        if labels is not None and any(spec.name == LABEL_KEY for spec in specs):
+            arrays = {**(arrays if isinstance(arrays, dict) else dict(zip(self._input_keys, arrays))),
+                      LABEL_KEY: labels}  # the model has an input named 'y': it is data, not labels
+            labels = None
+        if isinstance(arrays, list) and len(specs) > 1:
+            arrays = dict(zip(self._input_keys, arrays))  # let the name check list both sides
+        return self._slices(arrays, labels, specs, chunk_size)
+
+    def has_labels(self) -> bool:
+        return LABEL_KEY in self._archive
+
+
+class NpyFileSource(ArraySource):
+    """One ``.npy`` file: the samples of a single-input model, memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.where = f"npy '{self.path}'"
+        if not self.path.is_file():
+            raise DataError(f"data file '{self.path}' does not exist")
+        try:
+            array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"'{self.path}' is not a readable .npy file ({exc})") from None
+        self._arrays, self._labels = [array], None
+
+
+__all__ = ["ArraySource", "NpyFileSource", "NpzSource"]
