@@ -1,0 +1,99 @@
+"""Running statistics of one tensor over calibration batches, in memory bounded by the bin count."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from onnxopt.errors import DataError
+from onnxopt.passes.quantize.histogram import GridHistogram
+
+
+class TensorStats:
+    """Exact count/min/max/sum/sum of squares/zeros plus two histograms: of ``|x|`` and of ``x`` (signed).
+
+    Exact zeros (ReLU outputs, padding) are counted apart: every grid represents 0 exactly, so the range searches
+    must not let them pose as rounding error.
+
+    Nothing of the samples is kept beyond these; ``histograms=False`` keeps only the scalars (enough for minmax).
+    """
+
+    def __init__(self, bins: int = 2048, histograms: bool = True, name: str = "tensor"):
+        self.name = name
+        self.count = 0
+        self.zeros = 0
+        self.min = math.inf
+        self.max = -math.inf
+        self.sum = 0.0
+        self.sumsq = 0.0
+        self.abs_hist = GridHistogram(bins, nonnegative=True) if histograms else None
+        self.signed_hist = GridHistogram(bins, nonnegative=False) if histograms else None
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold one batch in. Raises DataError naming the tensor on NaN/Inf or a non-numeric array."""
+        data = np.asarray(array)
+        if data.dtype.kind not in "biuf":
+            raise DataError(f"tensor '{self.name}' has dtype {data.dtype}; calibration needs numbers")
+        if data.size == 0:
+            return
+        values = data.astype(np.float64, copy=False).reshape(-1)
+        lo, hi = float(values.min()), float(values.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            bad = int(np.count_nonzero(~np.isfinite(values)))
+            raise DataError(
+                f"tensor '{self.name}' has {bad} NaN/Inf value(s) in a batch of shape {tuple(data.shape)}"
+            )
+        self.count += values.size
+        self.zeros += int(np.count_nonzero(values == 0.0))
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        self.sum += float(values.sum())
+        self.sumsq += float(np.dot(values, values))
+        if self.signed_hist is not None and self.abs_hist is not None:
+            self.signed_hist.update(values, lo, hi)
+            self.abs_hist.update(np.abs(values), None, max(-lo, hi))
+
+    def merge(self, other: TensorStats) -> None:
+        """Add another tensor's statistics (e.g. collected by another worker); exact."""
+        if other.count == 0:
+            return
+        self.count += other.count
+        self.zeros += other.zeros
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.sum += other.sum
+        self.sumsq += other.sumsq
+        if self.abs_hist is not None and self.signed_hist is not None:
+            if other.abs_hist is None or other.signed_hist is None:
+                raise DataError(f"tensor '{self.name}': cannot merge statistics collected without histograms")
+            self.abs_hist.merge(other.abs_hist)
+            self.signed_hist.merge(other.signed_hist)
+
+    @property
+    def has_histograms(self) -> bool:
+        return self.abs_hist is not None
+
+    @property
+    def max_abs(self) -> float:
+        return max(-self.min, self.max) if self.count else 0.0
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else 0.0
+
+    @property
+    def mean_square(self) -> float:
+        """E[x^2], the signal power an SQNR is relative to."""
+        return self.sumsq / self.count if self.count else 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.mean_square - self.mean**2, 0.0))
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held for this tensor (the histograms; the scalars are negligible)."""
+        if self.abs_hist is None or self.signed_hist is None:
+            return 0
+        return self.abs_hist.nbytes + self.signed_hist.nbytes
