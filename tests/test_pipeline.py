@@ -115,7 +115,8 @@ def test_python_list_recipe_and_in_memory_models(data_path: Path):
     steps = result.report.to_dict()["steps"]
     assert [s["name"] for s in steps] == ["input", "normalize", "test_scale"]
     assert steps[2]["notes"] == ["scaled fc.weight by 2.0"]
-    assert steps[2]["fidelity_vs_previous"]["max_rel_error"] == pytest.approx(1.0, rel=1e-3)
+    assert 0.5 < steps[2]["fidelity_vs_previous"]["max_rel_error"] < 2.0  # logits ~doubled (plus bias)
+    assert steps[1]["fidelity_vs_previous"]["max_rel_error"] < 1e-5
     assert isinstance(result.model, onnx.ModelProto)
 
 
