@@ -6,9 +6,10 @@ Run from the repository root (needs torch, scikit-learn, onnx, onnxruntime; abou
 
 It writes, under ``onnxopt/examples/``:
 
-- ``digits_cnn.onnx``: a MobileNetV2-style classifier (``examples/nets.py``) trained on scikit-learn's digits, exported
-  with opset 13, input ``input`` ``[batch, 3, 32, 32]`` float32, output ``logits`` ``[batch, 10]``. The exporter keeps
-  every BatchNormalization node (in inference form) so that onnxopt's normalizer has folding to do.
+- ``digits_cnn.onnx``: a MobileNetV2-style classifier (``onnxopt/zoo/nets.py``) trained on scikit-learn's digits,
+  exported with opset 13, input ``input`` ``[batch, 3, 32, 32]`` float32, output ``logits`` ``[batch, 10]``. The
+  exporter (``onnxopt.zoo.nets.export_onnx``) keeps every BatchNormalization node (in inference form) so that
+  onnxopt's normalizer has folding to do.
 - ``digits_calib.npz`` / ``digits_eval.npz``: 300 / 400 held-out images (``input`` float32 ``[N, 3, 32, 32]``,
   ``y`` int64 ``[N]``), disjoint from each other and from the training images.
 - ``digits_cnn.json``: how it was made and how well it does (accuracy under torch and ONNX Runtime, which must agree),
@@ -154,7 +155,7 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-# ------------------------------------------------------------------------------------------------- train / export
+# ------------------------------------------------------------------------------------------------ train / evaluate
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -225,48 +226,6 @@ def onnx_logits(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     return session.run(["logits"], {"input": x})[0]
 
 
-def export_onnx(net: Any) -> bytes:
-    """Export an eval-mode graph with opset 13 and a dynamic batch dim, keeping the BatchNormalization nodes.
-
-    Checked with torch 2.13: only the defaults (``TrainingMode.EVAL`` with constant folding) fuse every Conv -> BN
-    pair; ``training=PRESERVE`` or ``do_constant_folding=False`` alone keeps all BatchNormalization nodes. Both are
-    set: PRESERVE exports the module's own (eval) mode, so BN has its single inference output and Dropout becomes
-    Identity, and without folding the graph is what the exporter saw (Clip bounds stay Constant nodes).
-    """
-    import warnings
-
-    import onnx
-    import torch
-
-    example = torch.zeros(1, CHANNELS, IMAGE_SIZE, IMAGE_SIZE)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            net.eval(),
-            (example,),
-            buffer,
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            training=torch.onnx.TrainingMode.PRESERVE,
-            do_constant_folding=False,
-        )
-    data = buffer.getvalue()
-    model = onnx.load_from_string(data)
-    onnx.checker.check_model(model, full_check=True)
-    batchnorms = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
-    expected = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
-    if len(batchnorms) != expected or any(len(n.output) != 1 for n in batchnorms):
-        raise RuntimeError(f"export kept {len(batchnorms)} inference-mode BatchNormalization nodes, "
-                           f"expected {expected}")
-    if any(n.op_type == "Dropout" for n in model.graph.node):
-        raise RuntimeError("export contains Dropout: the graph is not in eval mode")
-    return data
-
-
 # ------------------------------------------------------------------------------------------------------------ main
 
 
@@ -277,8 +236,9 @@ def build(out_dir: Path = OUT_DIR, *, seed: int = SEED, epochs: int = EPOCHS, th
     import sklearn
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import nets
+    if str(REPO) not in sys.path:  # run as a script, the package comes from this checkout
+        sys.path.insert(0, str(REPO))
+    from onnxopt.zoo import nets
 
     started = time.perf_counter()
     seed_everything(seed, threads)
@@ -295,7 +255,7 @@ def build(out_dir: Path = OUT_DIR, *, seed: int = SEED, epochs: int = EPOCHS, th
     train(net, x_train, y_train, seed=seed, epochs=epochs, fill=fill)
 
     ref_logits = torch_logits(net, x_eval)
-    model_bytes = export_onnx(net)
+    model_bytes = nets.export_onnx(net, opset=OPSET, example_shape=(1, CHANNELS, IMAGE_SIZE, IMAGE_SIZE))
     ort_logits = onnx_logits(model_bytes, x_eval)
     torch_accuracy = float(np.mean(ref_logits.argmax(1) == y_eval))
     ort_accuracy = float(np.mean(ort_logits.argmax(1) == y_eval))
@@ -316,7 +276,7 @@ def build(out_dir: Path = OUT_DIR, *, seed: int = SEED, epochs: int = EPOCHS, th
     batchnorms = sum(n.op_type == "BatchNormalization" for n in onnx.load_from_string(model_bytes).graph.node)
     info: dict[str, Any] = {
         "model": MODEL_NAME,
-        "net": "MobileNetV2Digits (examples/nets.py)",
+        "net": "MobileNetV2Digits (onnxopt/zoo/nets.py)",
         "params": params,
         "macs_per_image": macs,
         "batchnorm_nodes": batchnorms,

@@ -193,7 +193,7 @@ class BenchReport:
                  f" (intra-op; inter-op 1, sequential), optimization '{config.optimization}', warmup {config.warmup},"
                  f" repeats {config.repeats}" + (f", min time {config.min_time_s:g} s" if config.min_time_s else "")
                  + ", models interleaved round-robin", ""]
-        header = ["model", "batch", "threads", "median ms", "p90 ms", "samples/s", f"speed-up vs {reference}"]
+        header = ["model", "batch", "threads", "median ms", "p90 ms", "samples/s", "speed-up"]
         rows = []
         for item in self.results:
             speedup = self.speedup_vs_first(item)
@@ -201,6 +201,8 @@ class BenchReport:
                          f"{item.p90_ms:.3f}", f"{item.throughput:,.1f}",
                          "n/a" if speedup is None else f"{speedup:.2f}x"])
         lines += _table(header, rows) if rows else ["(nothing measured)"]
+        if rows:
+            lines.append(f"speed-up: median latency of {reference} / that of the row, same batch and threads")
         if self.stats:
             lines.append("")
             static_rows = []
@@ -296,7 +298,7 @@ def benchmark(
     # Rows grouped by setting, models in the order given.
     for batch in config.batch_sizes:
         for threads in config.threads:
-            report.results += [results[(batch, threads, label)] for label in names if (batch, threads, label) in results]
+            report.results += [results[key] for key in ((batch, threads, label) for label in names) if key in results]
     report.skipped = [Skipped(label, batch, reason) for (label, batch), reason in skipped.items()]
     return report
 

@@ -120,7 +120,11 @@ def _print_summary(report: dict[str, Any], output: Path | None, report_paths: Se
     steps = report["steps"]
     first, last = steps[0]["metrics"], steps[-1]["metrics"]
     parts = [f"size {first['size_bytes'] / 1e6:.3f} -> {last['size_bytes'] / 1e6:.3f} MB"]
-    if first.get("latency") and last.get("latency"):
+    comparison = report.get("latency_comparison") or {}
+    if "speedup" in comparison:
+        parts.append(f"latency {comparison['input_median_ms']:.3f} -> {comparison['output_median_ms']:.3f} ms "
+                     f"({comparison['speedup']:.2f}x, round-robin)")
+    elif first.get("latency") and last.get("latency"):
         speedup = first["latency"]["median_ms"] / last["latency"]["median_ms"]
         parts.append(f"latency {first['latency']['median_ms']:.3f} -> {last['latency']['median_ms']:.3f} ms "
                      f"({speedup:.2f}x)")

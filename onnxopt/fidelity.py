@@ -69,7 +69,7 @@ class FidelityAccumulator:
         first_ref, first_out = np.asarray(reference[0]), np.asarray(candidate[0])
         self._samples += int(first_ref.shape[0]) if first_ref.ndim else 1
         if is_score_vector(first_ref):
-            self._agree += int(np.sum(first_ref.argmax(-1) == first_out.argmax(-1)))
+            self._agree += int(np.sum(top1(first_ref) == top1(first_out)))
             self._scored += int(first_ref.shape[0])
 
     def result(self) -> Fidelity:
@@ -95,14 +95,18 @@ class AccuracyAccumulator:
     total: int = 0
 
     def update(self, scores: np.ndarray, labels: np.ndarray) -> None:
-        scores = np.asarray(scores)
-        predicted = scores.reshape(scores.shape[0], -1).argmax(-1)
-        self.correct += int(np.sum(predicted == np.asarray(labels).reshape(-1)))
+        self.correct += int(np.sum(top1(scores) == np.asarray(labels).reshape(-1)))
         self.total += int(len(labels))
 
     @property
     def value(self) -> float | None:
         return self.correct / self.total if self.total else None
+
+
+def top1(scores: np.ndarray) -> np.ndarray:
+    """Arg-max class per sample of [N, C] or [N, C, 1, 1] scores."""
+    scores = np.asarray(scores)
+    return scores.reshape(scores.shape[0], -1).argmax(-1)
 
 
 def is_score_vector(array: np.ndarray) -> bool:

@@ -94,7 +94,8 @@ class HostInfo:
             flags = "unknown"
         else:
             flags = ", ".join(name for name, value in self.flags.items() if value) or "none of " + "/".join(self.flags)
-        usable = f" ({self.usable_cores} usable)" if self.usable_cores and self.usable_cores != self.logical_cores else ""
+        limited = self.usable_cores and self.usable_cores != self.logical_cores
+        usable = f" ({self.usable_cores} usable)" if limited else ""
         return (f"{self.cpu_model} [{self.machine}], {self.logical_cores} logical cores{usable}; CPU flags: {flags}; "
                 f"onnxruntime {self.onnxruntime_version}")
 

@@ -15,7 +15,7 @@ TESTS_DIR = Path(__file__).parent
 if str(TESTS_DIR) not in sys.path:  # helper modules (onnx_builders, torch_nets) are imported by name
     sys.path.insert(0, str(TESTS_DIR))
 
-from onnx_builders import GraphBuilder  # noqa: E402
+from onnx_builders import GraphBuilder, conv_classifier, labelled_npz, save  # noqa: E402
 
 PADDLE_CLS_MODEL = "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 #: The Paddle classifier's input as RapidOCR feeds it.
@@ -55,17 +55,22 @@ def torch_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (opset 17) has LayerNormalization, MatMul and Softmax.
     """
     pytest.importorskip("torch")
-    import warnings
-
     import torch_nets
 
     folder = tmp_path_factory.mktemp("torch_models")
-    models = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-        for name in torch_nets.NETS:
-            models[name] = torch_nets.export(name, folder / f"{name}.onnx")
-    return models
+    return {name: torch_nets.export(name, folder / f"{name}.onnx") for name in torch_nets.NETS}
+
+
+@pytest.fixture()
+def model_path(tmp_path: Path) -> Path:
+    """The :func:`onnx_builders.conv_classifier` model (input 'input' [N,3,8,8], 4 classes) saved as tiny.onnx."""
+    return save(conv_classifier(), tmp_path / "tiny.onnx")
+
+
+@pytest.fixture()
+def data_path(tmp_path: Path) -> Path:
+    """32 random inputs for :func:`model_path`'s model, labelled with its own predictions ('input', 'y')."""
+    return labelled_npz(tmp_path / "data.npz", conv_classifier())
 
 
 @pytest.fixture

@@ -203,7 +203,7 @@ def test_json_round_trip_and_table(tmp_path):
     assert set(data["host"]["flags"]) and data["host"]["onnxruntime_version"]
     assert data["skipped"] == []
     table = report.format_table()
-    for text in ("conv.onnx", "fc.onnx", "median ms", "p90 ms", "samples/s", "speed-up vs conv.onnx", "MACs/sample",
+    for text in ("conv.onnx", "fc.onnx", "median ms", "p90 ms", "samples/s", "median latency of conv.onnx", "MACs/sample",
                  "CPU flags", "threads default"):
         assert text in table
 

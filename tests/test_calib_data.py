@@ -441,9 +441,9 @@ def test_a_sample_without_batch_axis_gets_one():
 
 
 def test_batches_run_through_onnxruntime(tmp_path: Path):
-    import tiny_models
+    from onnx_builders import conv_classifier, save
 
-    path = tiny_models.save(tiny_models.conv_classifier(batch="N"), tmp_path / "model.onnx")
+    path = save(conv_classifier(batch="N"), tmp_path / "model.onnx")
     np.savez(tmp_path / "data.npz", input=samples(5).astype(np.float64), y=np.arange(5) % 4)
     specs = input_specs(load_model(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

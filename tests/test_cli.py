@@ -14,19 +14,9 @@ import pytest
 
 from onnxopt.cli import main
 from onnxopt.modelio import file_sha256
-from tiny_models import conv_classifier, labelled_npz, save
+from onnx_builders import conv_classifier, save
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture()
-def model_path(tmp_path: Path) -> Path:
-    return save(conv_classifier(), tmp_path / "tiny.onnx")
-
-
-@pytest.fixture()
-def data_path(tmp_path: Path) -> Path:
-    return labelled_npz(tmp_path / "data.npz", conv_classifier())
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:

@@ -17,7 +17,7 @@ from onnxopt.modelio import file_sha256
 from onnxopt.pipeline import ManagerOptions, OnnxoptPass, PassContext, PipelineManager, Recipe, register
 from onnxopt.pipeline.recipe import parse_pass_flag
 from onnxopt.passes import NormalizePass
-from tiny_models import conv_classifier, labelled_npz, save
+from onnx_builders import conv_classifier
 
 
 @register
@@ -68,16 +68,6 @@ class CrashPass(OnnxoptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         raise ZeroDivisionError("boom")
-
-
-@pytest.fixture()
-def model_path(tmp_path: Path) -> Path:
-    return save(conv_classifier(), tmp_path / "tiny.onnx")
-
-
-@pytest.fixture()
-def data_path(tmp_path: Path) -> Path:
-    return labelled_npz(tmp_path / "data.npz", conv_classifier())
 
 
 def test_optimize_default_recipe_writes_valid_model_and_reports(model_path: Path, data_path: Path, tmp_path: Path):

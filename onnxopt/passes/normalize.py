@@ -204,6 +204,7 @@ class NormalizePass(OnnxoptPass):
         accepted = inspect.signature(onnxsim.simplify).parameters
         kwargs = {key: value for key, value in kwargs.items() if key in accepted}
         before = _count_nodes(model)
+        bytes_before = tensor_bytes(model)
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
@@ -222,6 +223,13 @@ class NormalizePass(OnnxoptPass):
         shapes.normalize_negative_dims(model)  # onnxsim writes -1 for dims it could not name
         after = _count_nodes(model)
         self.details.update(simplified=True, nodes_before_simplify=before, nodes_after_simplify=after)
+        grown = tensor_bytes(model) - bytes_before
+        if grown > max(bytes_before, 1_000_000):
+            # Weights computed at run time (ConstantOfShape, Tile, ...) become stored initializers: later passes need
+            # them as weights, but the file grows. Say so rather than surprise the user.
+            self.note(f"constant folding stored {grown / 1e6:.1f} MB of weights that the input computed at run time "
+                      f"(weights {bytes_before / 1e6:.2f} -> {tensor_bytes(model) / 1e6:.1f} MB); the file grows "
+                      "accordingly (use simplify=false to keep it small)")
         checked = "" if kwargs.get("check_n") else " (onnxsim's numeric check skipped: some input dims are dynamic)"
         if after != before:
             self.note(f"simplified with onnxsim: {before} -> {after} nodes{checked}")

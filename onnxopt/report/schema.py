@@ -70,6 +70,8 @@ class RunReport:
     budgets: list[dict[str, Any]] = field(default_factory=list)
     verdict: dict[str, Any] = field(default_factory=lambda: {"passed": True, "summary": ""})
     output: dict[str, Any] | None = None
+    #: Input vs final model timed round-robin in one run (the latency budget's figure); None when not measured.
+    latency_comparison: dict[str, Any] | None = None
     onnxopt_version: str = ""
 
     @property

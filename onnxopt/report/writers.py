@@ -71,7 +71,17 @@ def render_markdown(report: RunReport, plot_name: str | None = None) -> str:
             _num(metrics.get("accuracy"), "{:.2%}"),
             f"{step['wall_s']:.2f} s",
         ]) + " |")
-    lines += ["", "Fidelity columns compare each step with the input model on the evaluation data.", ""]
+    lines += ["", "Fidelity columns compare each step with the input model on the evaluation data. Per-step latencies "
+              "are measured one model at a time; the comparison below times input and output round-robin in one run.",
+              ""]
+    comparison = data.get("latency_comparison")
+    if comparison and "speedup" in comparison:
+        lines += [f"**Input vs output, round-robin in one run** (batch {comparison['batch_size']}, "
+                  f"{comparison['runs']} runs each): {comparison['input_median_ms']:.3f} ms -> "
+                  f"{comparison['output_median_ms']:.3f} ms median, **{comparison['speedup']:.2f}x** "
+                  f"(latency ratio {comparison['latency_ratio']:.3f}).", ""]
+    elif comparison:
+        lines += [f"Input vs output latency: {comparison.get('note', 'not measured')}.", ""]
     for step in steps:
         notes = list(step.get("notes") or [])
         if (step.get("metrics") or {}).get("latency_note"):

@@ -6,14 +6,18 @@ structures onnxopt's passes work on: Conv -> BatchNorm pairs, depthwise convolut
 split/concat/shuffle, MaxPool and a fully connected head.
 
 Only :class:`MobileNetV2Digits` is trained and shipped today (``examples/build_default_model.py``); the others are the
-zoo that later examples will train the same way.
+zoo that later examples will train the same way. The benchmarks and tests export them (some scaled down through the
+constructors' keywords) with :func:`export_onnx`.
 
-This module imports torch; nothing under ``onnxopt/`` imports it.
+This module imports torch at top level; nothing else under ``onnxopt/`` imports it (``onnxopt.zoo`` itself does not).
 """
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -275,3 +279,54 @@ def count_macs(net: nn.Module, in_channels: int = IN_CHANNELS, size: int = IMAGE
             handle.remove()
         net.train(was_training)
     return total
+
+
+# --------------------------------------------------------------------------------------------------------- export
+
+
+def export_onnx(net: nn.Module, path: str | Path | None = None, *, opset: int = 13,
+                example_shape: Sequence[int] = (1, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE), input_name: str = "input",
+                output_name: str = "logits") -> bytes:
+    """Export ``net`` in eval mode with the TorchScript exporter, a dynamic batch dim and every BatchNormalization
+    node kept; returns the ONNX bytes (also written to ``path`` when given).
+
+    Checked with torch 2.13: only the defaults (``TrainingMode.EVAL`` with constant folding) fuse every Conv -> BN
+    pair; ``training=PRESERVE`` or ``do_constant_folding=False`` alone keeps all BatchNormalization nodes. Both are
+    set: PRESERVE exports the module's own (eval) mode, so BN has its single inference output and Dropout becomes
+    Identity, and without folding the graph is what the exporter saw (Clip bounds stay Constant nodes). That leaves
+    onnxopt's own BN folding something to do.
+
+    The result must pass the ONNX checker's full check (``onnx.checker.ValidationError`` otherwise); RuntimeError when
+    a BatchNormalization node was lost or a Dropout node remains.
+    """
+    import onnx
+
+    example = torch.zeros(*example_shape)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            net.eval(),
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+        )
+    data = buffer.getvalue()
+    model = onnx.load_from_string(data)
+    onnx.checker.check_model(model, full_check=True)
+    batchnorms = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    expected = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    if len(batchnorms) != expected or any(len(n.output) != 1 for n in batchnorms):
+        raise RuntimeError(f"export kept {len(batchnorms)} inference-mode BatchNormalization nodes, "
+                           f"expected {expected}")
+    if any(n.op_type == "Dropout" for n in model.graph.node):
+        raise RuntimeError("export contains Dropout: the graph is not in eval mode")
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
