@@ -40,8 +40,14 @@ def corpus(workdir: Path) -> list[tuple[str, Path, dict]]:
         import rapidocr_onnxruntime
 
         models = Path(rapidocr_onnxruntime.__file__).parent / "models"
+        import numpy as np
+
+        from onnxopt.datasets import render_textlines
+
+        x, y = render_textlines(400, seed=0)  # real labelled text lines: accuracy before/after, not just fidelity
+        np.savez(workdir / "textlines.npz", x=x, y=y)
         items.append(("paddle/ppocr_cls", models / "ch_ppocr_mobile_v2.0_cls_infer.onnx",
-                      {"input_shapes": {"x": (1, 3, 48, 192)}}))
+                      {"input_shapes": {"x": (1, 3, 48, 192)}, "eval": workdir / "textlines.npz"}))
         items.append(("paddle/ppocrv4_det", models / "ch_PP-OCRv4_det_infer.onnx",
                       {"input_shapes": {"x": (1, 3, 320, 320)}}))
         items.append(("paddle/ppocrv4_rec", models / "ch_PP-OCRv4_rec_infer.onnx",
