@@ -216,8 +216,62 @@ def list_passes() -> None:
         click.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
         for field in dataclasses.fields(cls):
             if field.init:
-                default = field.default if field.default is not dataclasses.MISSING else "(required)"
-                click.echo(f"    {field.name} = {default!r}")
+                if field.default is not dataclasses.MISSING:
+                    shown = repr(field.default)
+                elif field.default_factory is not dataclasses.MISSING:
+                    shown = repr(field.default_factory())
+                else:
+                    shown = "(required)"
+                click.echo(f"    {field.name} = {shown}")
+
+
+# --------------------------------------------------------------------------------------------------------- quantize
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the int8 model.")
+@click.option("--calib", required=True, help="Calibration data: .npz, folder of .npy, folder of images, or random[:N].")
+@click.option("--eval", "eval_", help="Evaluation data (labels as 'y' in .npz or folder-per-class images).")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
+              show_default=True, help="How activation ranges are chosen from the calibration statistics.")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
+@click.option("--format", "format_", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True,
+              help="QuantizeLinear/DequantizeLinear pairs, or QLinear* operators.")
+@click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="7-bit weights; auto: on for x86 CPUs without VNNI (u8s8 saturation).")
+@click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples used at most.")
+@click.option("--preprocess", type=click.Path(dir_okay=False), help="Image preprocessing spec (YAML/JSON).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
+              help="Fix a dynamic input's shape (repeatable).")
+@click.option("--budget", "budgets", multiple=True, metavar="NAME=VALUE",
+              help="A budget to meet, e.g. accuracy_drop=0.01 (repeatable). Missed: exit 1.")
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="Report JSON path (Markdown and PNG are written beside it). Default: OUTPUT.report.json.")
+@click.option("--seed", type=int, default=None, help="Seed for everything random (default 0).")
+@click.option("--threads", type=int, default=None, help="ORT intra-op threads for measurements (default: ORT's).")
+@click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (for CI logs).")
+def quantize(model: str, output: str, calib: str, eval_: str | None, method: str, per_channel: bool, format_: str,
+             reduce_range: str, calib_samples: int, preprocess: str | None, input_shapes: tuple[str, ...],
+             budgets: tuple[str, ...], report: str | None, seed: int | None, threads: int | None, no_latency: bool,
+             quiet: bool) -> None:
+    """Int8 static quantization of MODEL (normalize, then quantize), validated and reported like optimize."""
+    from onnxopt.api import optimize as run_optimize
+    from onnxopt.passes import NormalizePass
+    from onnxopt.passes.quantize.pass_ import QuantizePass
+
+    try:
+        step = QuantizePass(method=method, per_channel=per_channel, format=format_,  # type: ignore[arg-type]
+                            reduce_range=reduce_range, calib_samples=calib_samples)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise BadInputError(f"quantize: {exc}") from None
+    result = run_optimize(
+        model, [NormalizePass(), step], calib, eval_, input_shapes=parse_input_shapes(input_shapes),
+        budgets=list(budgets), seed=seed, output=output, report=report, preprocess=preprocess, threads=threads,
+        measure_latency=not no_latency, quiet=quiet,
+    )
+    _print_summary(result.report.to_dict(), result.output_path, result.report_paths)
+    if not result.passed:
+        raise SystemExit(EXIT_BUDGET_MISSED)
 
 
 # -------------------------------------------------------------------------------------------------------------- main

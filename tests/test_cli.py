@@ -207,6 +207,7 @@ def test_inspect(capsys, tmp_path: Path):
 def test_passes_listing(capsys):
     code, out, _ = run_cli(capsys, "passes")
     assert code == 0 and "normalize" in out and "min_opset" in out
+    assert "(required)" not in out, "list defaults (default_factory too) are shown"
 
 
 def test_cli_does_not_import_torch():

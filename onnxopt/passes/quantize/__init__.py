@@ -1,4 +1,9 @@
-"""Calibration statistics and quantization arithmetic (pure numpy) for the int8 quantization pass."""
+"""Calibration statistics and quantization arithmetic (pure numpy), and the int8 ``quantize`` pass.
+
+``QuantizePass`` loads lazily (it imports ONNX Runtime's quantizer), so the numpy parts stay cheap to import.
+"""
+
+from typing import Any
 
 from onnxopt.passes.quantize.calibrators import DEFAULT_BINS, Calibrator
 from onnxopt.passes.quantize.histogram import GridHistogram
@@ -29,6 +34,7 @@ __all__ = [
     "Calibrator",
     "EntropySearch",
     "GridHistogram",
+    "QuantizePass",
     "QuantParams",
     "TensorRange",
     "TensorStats",
@@ -44,3 +50,11 @@ __all__ = [
     "weight_quant_params",
     "weight_range",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "QuantizePass":
+        from onnxopt.passes.quantize.pass_ import QuantizePass
+
+        return QuantizePass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,93 @@
+"""Activation statistics for static quantization: which tensors need a range, and one streaming pass to gather them.
+
+ONNX Runtime's quantizer needs a clipping range for every float tensor that enters or leaves a node it quantizes.
+We expose those tensors as extra graph outputs, run the model over the calibration data once, and fold every batch
+into our own :class:`Calibrator` (bounded memory, exact histograms) instead of ORT's calibrators, which keep every
+batch's outputs and peak at over a GB on small models (see notes/measured.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import onnx
+
+from onnxopt.calib_data.base import DataSource
+from onnxopt.errors import DataError
+from onnxopt.modelio import InputSpec
+from onnxopt.passes.quantize.calibrators import Calibrator
+from onnxopt.runtime import make_session
+
+_FLOAT = onnx.TensorProto.FLOAT
+#: Batch size for the calibration runs: large enough to amortize ORT's per-call cost, small enough for memory.
+CALIB_BATCH = 32
+
+
+def tensors_to_calibrate(model: onnx.ModelProto, op_types: Iterable[str], exclude: Iterable[str] = ()) -> list[str]:
+    """Float32 activations (not weights) read or written by nodes of ``op_types``, in graph order.
+
+    ``model`` must carry inferred value_info (types of intermediate tensors), as ORT's quantizer requires too.
+    """
+    wanted, skipped = set(op_types), set(exclude)
+    graph = model.graph
+    constants = {init.name for init in graph.initializer}
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.input, *graph.output, *graph.value_info]}
+    names: dict[str, None] = {}
+    for node in graph.node:
+        if node.op_type not in wanted or node.name in skipped:
+            continue
+        for name in [*node.input, *node.output]:
+            if name and name not in constants and types.get(name) == _FLOAT:
+                names[name] = None
+    return list(names)
+
+
+def collect_statistics(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    data: DataSource,
+    specs: Sequence[InputSpec],
+    *,
+    samples: int,
+    histograms: bool,
+    threads: int | None = None,
+    provider: str = "cpu",
+) -> tuple[Calibrator, int]:
+    """Run ``model`` (with ``tensors`` exposed as outputs) over up to ``samples`` samples; the calibrator and count."""
+    augmented = _with_outputs(model, tensors)
+    session = make_session(augmented, threads=threads, provider=provider, optimization="basic",
+                           what="the model prepared for calibration")
+    output_names = [o.name for o in session.get_outputs()]
+    keep = set(tensors)
+    calibrator = Calibrator(histograms=histograms)
+    seen = 0
+    for batch in data.iter_batches(specs, batch_size=CALIB_BATCH):
+        inputs = batch.inputs
+        take = min(batch.size, samples - seen)
+        if take < batch.size:
+            inputs = {name: array[:take] for name, array in inputs.items()}
+        outputs = session.run(output_names, inputs)
+        calibrator.update_many({n: a for n, a in zip(output_names, outputs) if n in keep})
+        # Graph inputs are not outputs of any node: fold them in directly.
+        calibrator.update_many({n: a for n, a in inputs.items() if n in keep and n not in output_names})
+        seen += take
+        if seen >= samples:
+            break
+    if seen == 0:
+        raise DataError(f"the calibration data ({data.description}) yielded no samples")
+    missing = [name for name in tensors if name not in calibrator]
+    if missing:
+        raise DataError(f"calibration saw no values for {len(missing)} tensor(s), e.g. '{missing[0]}'")
+    return calibrator, seen
+
+
+def _with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``tensors`` (graph inputs are fed, not fetched)."""
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    graph = augmented.graph
+    present = {o.name for o in graph.output} | {i.name for i in graph.input}
+    for name in tensors:
+        if name not in present:
+            graph.output.append(onnx.helper.make_tensor_value_info(name, _FLOAT, None))
+    return augmented
