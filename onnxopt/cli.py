@@ -54,6 +54,26 @@ def cli() -> None:
     """Make a trained ONNX network small and fast after training."""
 
 
+def _run_options(command: Any) -> Any:
+    """Options shared by the commands that run a recipe (optimize, quantize)."""
+    options = [
+        click.option("--preprocess", type=click.Path(dir_okay=False), help="Image preprocessing spec (YAML/JSON)."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
+                     help="Fix a dynamic input's shape (repeatable)."),
+        click.option("--budget", "budgets", multiple=True, metavar="NAME=VALUE",
+                     help="A budget to meet, e.g. accuracy_drop=0.01, latency_ratio=0.9 (repeatable). Missed: exit 1."),
+        click.option("--report", type=click.Path(dir_okay=False),
+                     help="Report JSON path (Markdown and PNG are written beside it). Default: OUTPUT.report.json."),
+        click.option("--seed", type=int, default=None, help="Seed for everything random (default 0)."),
+        click.option("--threads", type=int, default=None, help="ORT intra-op threads for measurements (default: ORT's)."),
+        click.option("--no-latency", is_flag=True, help="Skip latency measurement."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bars (for CI logs)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 # --------------------------------------------------------------------------------------------------------- optimize
 @cli.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
@@ -64,20 +84,10 @@ def cli() -> None:
               help="A pass to run (repeatable, in order); replaces the recipe's passes.")
 @click.option("--calib", help="Calibration data: .npz, folder of .npy, folder of images, or random[:N].")
 @click.option("--eval", "eval_", help="Evaluation data (labels as 'y' in .npz or folder-per-class images).")
-@click.option("--preprocess", type=click.Path(dir_okay=False), help="Image preprocessing spec (YAML/JSON).")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
-              help="Fix a dynamic input's shape (repeatable).")
-@click.option("--budget", "budgets", multiple=True, metavar="NAME=VALUE",
-              help="A budget to meet, e.g. accuracy_drop=0.01, latency_ratio=0.9 (repeatable). Missed: exit 1.")
-@click.option("--report", type=click.Path(dir_okay=False),
-              help="Report JSON path (Markdown and PNG are written beside it). Default: OUTPUT.report.json.")
-@click.option("--seed", type=int, default=None, help="Seed for everything random (default 0).")
-@click.option("--threads", type=int, default=None, help="ORT intra-op threads for measurements (default: ORT's).")
+@_run_options
 @click.option("--provider", default="cpu", show_default=True, help="ORT execution provider: cpu, cuda, tensorrt.")
-@click.option("--no-latency", is_flag=True, help="Skip latency measurement after each pass.")
 @click.option("--max-eval-samples", type=int, default=2000, show_default=True,
               help="Evaluation samples used for fidelity and accuracy.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars (for CI logs).")
 def optimize(model: str | None, output: str | None, example: bool, recipe: str | None, passes: tuple[str, ...],
              calib: str | None, eval_: str | None, preprocess: str | None, input_shapes: tuple[str, ...],
              budgets: tuple[str, ...], report: str | None, seed: int | None, threads: int | None, provider: str,
@@ -111,6 +121,11 @@ def optimize(model: str | None, output: str | None, example: bool, recipe: str |
         seed=seed, output=output, report=report, preprocess=preprocess, threads=threads, provider=provider,
         measure_latency=not no_latency, max_eval_samples=max_eval_samples, quiet=quiet,
     )
+    _finish(result)
+
+
+def _finish(result: Any) -> None:
+    """Print the summary; a missed budget exits 1 (the model and the report are written all the same)."""
     _print_summary(result.report.to_dict(), result.output_path, result.report_paths)
     if not result.passed:
         raise SystemExit(EXIT_BUDGET_MISSED)
@@ -239,17 +254,7 @@ def list_passes() -> None:
 @click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="7-bit weights; auto: on for x86 CPUs without VNNI (u8s8 saturation).")
 @click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples used at most.")
-@click.option("--preprocess", type=click.Path(dir_okay=False), help="Image preprocessing spec (YAML/JSON).")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
-              help="Fix a dynamic input's shape (repeatable).")
-@click.option("--budget", "budgets", multiple=True, metavar="NAME=VALUE",
-              help="A budget to meet, e.g. accuracy_drop=0.01 (repeatable). Missed: exit 1.")
-@click.option("--report", type=click.Path(dir_okay=False),
-              help="Report JSON path (Markdown and PNG are written beside it). Default: OUTPUT.report.json.")
-@click.option("--seed", type=int, default=None, help="Seed for everything random (default 0).")
-@click.option("--threads", type=int, default=None, help="ORT intra-op threads for measurements (default: ORT's).")
-@click.option("--no-latency", is_flag=True, help="Skip latency measurement.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars (for CI logs).")
+@_run_options
 def quantize(model: str, output: str, calib: str, eval_: str | None, method: str, per_channel: bool, format_: str,
              reduce_range: str, calib_samples: int, preprocess: str | None, input_shapes: tuple[str, ...],
              budgets: tuple[str, ...], report: str | None, seed: int | None, threads: int | None, no_latency: bool,
@@ -269,9 +274,7 @@ def quantize(model: str, output: str, calib: str, eval_: str | None, method: str
         budgets=list(budgets), seed=seed, output=output, report=report, preprocess=preprocess, threads=threads,
         measure_latency=not no_latency, quiet=quiet,
     )
-    _print_summary(result.report.to_dict(), result.output_path, result.report_paths)
-    if not result.passed:
-        raise SystemExit(EXIT_BUDGET_MISSED)
+    _finish(result)
 
 
 # -------------------------------------------------------------------------------------------------------------- main
