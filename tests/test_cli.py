@@ -219,6 +219,18 @@ def test_cli_does_not_import_torch():
     assert "optimize" in result.stdout
 
 
+def test_optimize_and_quantize_do_not_import_torch(tmp_path: Path):
+    """onnxsim 0.8 imports torch at import time; normalize hides it so the light commands stay light."""
+    code = ("import sys; from onnxopt.cli import main; from onnxopt import examples as e; "
+            f"out = {str(tmp_path)!r}; "
+            "assert main(['optimize', '--example', '-o', out + '/a.onnx', '-q', '--no-latency']) == 0; "
+            "assert main(['quantize', str(e.default_model_path()), '-o', out + '/b.onnx', '--calib', "
+            "str(e.default_calib_path()), '-q', '--no-latency']) == 0; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_console_script_entry_point_exit_code(tmp_path: Path):
     bad = tmp_path / "x.onnx"
     bad.write_bytes(b"\x00\x01garbage")
