@@ -98,7 +98,7 @@ class PipelineManager(ir.passes.PassBase):
                 "max_eval_samples": self.options.max_eval_samples,
             },
             recipe=self.recipe_info,
-            data={"eval": _describe(data), "calib": _describe(context.calib) if context.calib else None},
+            data={},  # filled after the first pass over the data, when streamed sources know their size
             onnxopt_version=__version__,
         )
         self.report = report
@@ -106,7 +106,6 @@ class PipelineManager(ir.passes.PassBase):
         original = self._snapshot(model, data, "the input model")
         report.steps.append(StepRecord("input", {}, "ok", time.perf_counter() - start, original.metrics,
                                        notes=self._input_notes(data)))
-        # Counted after the first full pass over the data: streamed sources know their size only then.
         report.data = {"eval": _describe(data), "calib": _describe(context.calib) if context.calib else None}
         previous = original
         for pass_ in context.progress(self.passes, desc="passes", total=len(self.passes)):
