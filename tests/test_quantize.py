@@ -16,7 +16,7 @@ from onnxopt.cli import main
 from onnxopt.errors import BadInputError, DataError
 from onnxopt.modelio import as_ir_model, load_model, serialized_size, to_proto
 from onnxopt.passes import NormalizePass
-from onnxopt.passes.quantize import QuantizePass
+from onnxopt.passes.quantize import QuantizePass, placement
 from onnxopt.pipeline import registry
 from onnxopt.pipeline.context import PassContext
 from onnxopt.runtime import make_session
@@ -40,7 +40,7 @@ def eval_arrays():
 
 @pytest.fixture(scope="module")
 def pipeline_result():
-    return optimize(examples.default_model_path(), recipe=[NormalizePass(), QuantizePass()],
+    return optimize(examples.default_model_path(), recipe=[NormalizePass(), QuantizePass(placement="all")],
                     calib=examples.default_calib_path(), eval=examples.default_eval_path(), measure_latency=False)
 
 
@@ -53,6 +53,7 @@ def _accuracy(model: onnx.ModelProto, arrays: tuple[np.ndarray, np.ndarray]) -> 
 
 def _quantize(model, calib=None, **params) -> tuple[onnx.ModelProto, QuantizePass]:
     """The pass alone on a copy of ``model`` (ModelProto in, ModelProto out), calibrated on the example's data."""
+    params.setdefault("placement", "all")  # deterministic: no timing on a noisy machine
     step = QuantizePass(**params)
     step.bind(PassContext(calib=open_data(calib if calib is not None else str(examples.default_calib_path()))))
     return step.apply(to_proto(model)), step
@@ -134,6 +135,8 @@ def test_bad_parameters_rejected():
         QuantizePass(method="kl")
     with pytest.raises(ValueError, match="calib_samples"):
         QuantizePass(calib_samples=0)
+    with pytest.raises(ValueError, match="placement"):
+        QuantizePass(placement="some")
 
 
 def _host(flags: dict[str, bool | None], machine: str = "x86_64") -> hostinfo.HostInfo:
@@ -158,7 +161,8 @@ def test_reduce_range_auto_follows_host(monkeypatch, flags, machine, expected, r
     assert QuantizePass(reduce_range="off")._reduce_range()[0] is False
 
 
-def test_cli_quantize(tmp_path, capsys):
+def test_cli_quantize(tmp_path, capsys, monkeypatch):
+    _fake_timing(monkeypatch, int8_ms=1.0)  # placement=auto (the default) keeps int8 only when it is faster
     out = tmp_path / "q.onnx"
     report = tmp_path / "run.json"
     code = main(["quantize", str(examples.default_model_path()), "-o", str(out), "--calib",
@@ -178,3 +182,62 @@ def test_cli_quantize_needs_calib(tmp_path, capsys):
     code = main(["quantize", str(examples.default_model_path()), "-o", str(tmp_path / "q.onnx")])
     assert code == 2
     assert "--calib" in capsys.readouterr().err
+
+
+# ---- latency-aware placement (timing faked: no real timing assertions) ----------------------------------------------
+def _fake_timing(monkeypatch, int8_ms: float, fp32_ms: float = 2.0) -> list[list[str]]:
+    """Make every int8 candidate take ``int8_ms`` and FP32 ``fp32_ms``; returns the label lists timed."""
+    calls: list[list[str]] = []
+
+    def fake(models, threads, input_shapes):
+        calls.append(list(models))
+        return {label: (fp32_ms if label == placement.FP32 else int8_ms) for label in models}
+
+    monkeypatch.setattr(placement, "time_models", fake)
+    return calls
+
+
+def test_placement_auto_keeps_fp32_when_int8_is_slower(normalized, monkeypatch):
+    calls = _fake_timing(monkeypatch, int8_ms=3.0)
+    model, step = _quantize(normalized, placement="auto", calib_samples=64)
+    assert not any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
+    notes = " ".join(step.notes)
+    assert "kept the model in FP32" in notes and "0.67x" in notes
+    info = step.details["placement"]
+    assert info["chosen"] == "fp32"
+    assert [c["label"] for c in info["candidates"]] == ["all", "conv_gemm_matmul", "conv_gemm_matmul_per_tensor"]
+    assert all(c["median_ms"] == 3.0 and c["agreement"] >= 0.98 for c in info["candidates"])
+    assert len(calls) == 1 and calls[0][0] == placement.FP32 and len(calls[0]) == 4  # one round-robin run
+
+
+def test_placement_auto_keeps_int8_when_faster(normalized, monkeypatch):
+    _fake_timing(monkeypatch, int8_ms=1.0)
+    model, step = _quantize(normalized, placement="auto", calib_samples=64)
+    assert any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+    info = step.details["placement"]
+    assert info["chosen"] == "all"  # ties go to the first (the full quantization)
+    assert info["fp32_ms"] == 2.0 and all(c["speedup"] == 2.0 for c in info["candidates"])
+    assert any("placement candidates" in note and "conv_gemm_matmul" in note for note in step.notes)
+    assert step.details["quantized_nodes"]["Conv"] > 0
+
+
+def test_placement_needs_two_percent(normalized, monkeypatch):
+    _fake_timing(monkeypatch, int8_ms=1.99)  # 0.5% faster: not worth the accuracy risk
+    model, step = _quantize(normalized, placement="auto", calib_samples=32)
+    assert step.details["placement"]["chosen"] == "fp32"
+    assert not any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+
+
+def test_placement_drops_disagreeing_candidates(normalized, monkeypatch):
+    _fake_timing(monkeypatch, int8_ms=1.0)
+    monkeypatch.setattr(placement, "top1_agreement", lambda ref, out: 0.5)
+    model, step = _quantize(normalized, placement="auto", calib_samples=32)
+    assert not any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+    assert all("agreement" in c["rejected"] for c in step.details["placement"]["candidates"])
+    assert "kept the model in FP32" in " ".join(step.notes)
+
+
+def test_top1_agreement_and_nan():
+    ref = [np.array([[0.1, 0.9]]), np.array([[0.8, 0.2]])]
+    assert placement.top1_agreement(ref, [np.array([[0.2, 0.7]]), np.array([[0.1, 0.3]])]) == 0.5
+    assert placement.top1_agreement(ref, [np.array([[np.nan, 0.7]]), ref[1]]) == 0.0

@@ -1,0 +1,86 @@
+"""Latency-aware placement for the ``quantize`` pass: keep int8 only where it is measurably faster than FP32.
+
+Int8 is not faster everywhere: on an x86 CPU without VNNI the Paddle cls model ran 0.73x (slower) fully quantized.
+The pass builds a few candidates (every op, only Conv/Gemm/MatMul, per-tensor weights), times them against the FP32
+input in one round-robin :func:`onnxopt.bench.benchmark` run, drops the ones whose top-1 agreement with FP32 on
+calibration samples is too low, and keeps the fastest only when it beats FP32 by a margin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+#: Op types of the "heavy" candidate: the ones int8 kernels speed up the most.
+HEAVY_OPS = ("Conv", "Gemm", "MatMul")
+#: The FP32 reference's label among the timed models.
+FP32 = "fp32"
+MIN_AGREEMENT = 0.98
+MIN_SPEEDUP = 1.02
+AGREEMENT_SAMPLES = 64
+WARMUP = 5
+REPEATS = 30
+
+
+@dataclass
+class Candidate:
+    label: str
+    model: onnx.ModelProto | None  # None for FP32 (the input itself)
+    median_ms: float | None = None
+    speedup: float | None = None  # FP32 median / this median
+    agreement: float | None = None
+    rejected: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"label": self.label, "median_ms": self.median_ms, "speedup": self.speedup,
+                "agreement": self.agreement, "rejected": self.rejected}
+
+
+def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
+                input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, float]:
+    """Median ms of each model at batch 1, all timed in one interleaved run (tests monkeypatch this)."""
+    from onnxopt.bench import BenchConfig, benchmark
+
+    labels = list(models)
+    config = BenchConfig(batch_sizes=(1,), threads=(threads,), warmup=WARMUP, repeats=REPEATS,
+                         input_shapes=dict(input_shapes))
+    report = benchmark([models[label] for label in labels], config, labels=labels)
+    return {r.label: r.median_ms for r in report.results}
+
+
+def top1_agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
+    """Share of samples whose first output has the same argmax (last axis) as the reference; NaN outputs give 0."""
+    if not reference:
+        return 1.0
+    agree = []
+    for ref, out in zip(reference, outputs):
+        if not np.all(np.isfinite(out)):
+            return 0.0
+        agree.append(float(np.mean(np.argmax(ref.reshape(-1, ref.shape[-1]) if ref.ndim else ref.reshape(1, 1), -1)
+                                   == np.argmax(out.reshape(-1, out.shape[-1]) if out.ndim else out.reshape(1, 1),
+                                                -1))))
+    return float(np.mean(agree))
+
+
+def first_outputs(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], threads: int | None,
+                  provider: str = "cpu") -> list[np.ndarray]:
+    from onnxopt.runtime import make_session
+
+    session = make_session(model, threads=threads, provider=provider)
+    name = session.get_outputs()[0].name
+    return [np.asarray(session.run([name], f)[0]) for f in feeds]
+
+
+def choose(candidates: list[Candidate], fp32_ms: float) -> Candidate | None:
+    """The fastest non-rejected candidate if it is at least ``MIN_SPEEDUP`` times faster than FP32, else None."""
+    usable = [c for c in candidates if c.rejected is None and c.median_ms is not None]
+    if not usable:
+        return None
+    best = min(usable, key=lambda c: c.median_ms or float("inf"))
+    return best if (best.speedup or 0.0) >= MIN_SPEEDUP else None
+
+
+__all__ = ["FP32", "HEAVY_OPS", "Candidate", "choose", "first_outputs", "time_models", "top1_agreement"]
