@@ -7,13 +7,11 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxopt.irutil import CONTROL_FLOW_OPS, is_quantized_op
 from onnxopt.modelio import input_specs
 from onnxopt.passes.normalize import NormalizePass
 from onnxopt.passes.opset import default_opset
 
-QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                           "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "QGemm"})
-CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 
 
 def inspect_model(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
@@ -48,8 +46,9 @@ def inspect_model(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | No
         plan.append(f"normalize: name {unnamed} unnamed nodes")
     plan.append("normalize: onnxsim simplification (constant folding, dead-code removal)")
     warnings = []
-    if ops.keys() & QUANTIZED_OPS:
-        warnings.append("the model is already quantized (" + ", ".join(sorted(ops.keys() & QUANTIZED_OPS)) + ")")
+    quantized = sorted(op for op in ops if is_quantized_op(op))
+    if quantized:
+        warnings.append("the model is already quantized (" + ", ".join(quantized) + ")")
     if ops.keys() & CONTROL_FLOW_OPS:
         warnings.append("the model has control flow (" + ", ".join(sorted(ops.keys() & CONTROL_FLOW_OPS)) + ")")
     return {

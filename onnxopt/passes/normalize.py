@@ -31,6 +31,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
+from onnxopt.irutil import adopt
 from onnxopt.modelio import PROTOBUF_LIMIT, input_specs, model_file, tensor_bytes, to_proto
 from onnxopt.passes import bn_fold, opset, shapes
 from onnxopt.pipeline.base import OnnxoptPass
@@ -129,7 +130,7 @@ class NormalizePass(OnnxoptPass):
             scalers = opset.replace_image_scalers(model)
             if scalers:
                 self.note(f"rewrote {scalers} ImageScaler (removed from ONNX after opset 9) as Mul + Add")
-            _adopt(model, opset.raise_opset(model, self.min_opset, self.name))
+            adopt(model, opset.raise_opset(model, self.min_opset, self.name))
             self.note(f"raised opset {current} -> {self.min_opset}")
             changed = True
             if self.lift_constants:
@@ -220,7 +221,7 @@ class NormalizePass(OnnxoptPass):
         if not ok:
             self.note("onnxsim's check of its result failed; kept the model unsimplified")
             return False
-        _adopt(model, ir.serde.deserialize_model(simplified))
+        adopt(model, ir.serde.deserialize_model(simplified))
         shapes.normalize_negative_dims(model)  # onnxsim writes -1 for dims it could not name
         after = _count_nodes(model)
         self.details.update(simplified=True, nodes_before_simplify=before, nodes_after_simplify=after)
@@ -286,13 +287,6 @@ class _OpTypeNames(ir_passes.naming.SimpleNameGenerator):
     def generate_node_name(self, node: ir.Node) -> str:
         return node.name or node.op_type
 
-
-def _adopt(model: ir.Model, new: ir.Model) -> None:
-    """Move ``new``'s graph into ``model`` (the pass works in place); metadata of ``model`` is kept."""
-    model.graph = new.graph
-    model.ir_version = new.ir_version
-    model.functions.clear()
-    model.functions.update(new.functions)
 
 
 def _test_input_shapes(model: ir.Model) -> dict[str, list[int]] | None:

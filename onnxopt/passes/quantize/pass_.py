@@ -24,6 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt.errors import BadInputError, DataError, RecipeError
+from onnxopt.irutil import adopt, is_quantized_op
 from onnxopt.modelio import input_specs, to_proto
 from onnxopt.passes import opset
 from onnxopt.passes.quantize.collect import collect_statistics, tensors_to_calibrate
@@ -31,9 +32,6 @@ from onnxopt.passes.quantize.range_methods import METHODS
 from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.registry import register
 
-#: Op types that mark a model as already quantized.
-_QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger",
-                            "MatMulInteger"})
 #: Per-channel DequantizeLinear (the ``axis`` attribute) needs opset 13.
 _PER_CHANNEL_OPSET = 13
 _REDUCE_RANGE_CHOICES = ("auto", "on", "off")
@@ -135,7 +133,7 @@ class QuantizePass(OnnxoptPass):
             quantized, per_channel = chosen
         else:
             per_channel = self.per_channel
-        _adopt(model, ir.serde.deserialize_model(quantized))
+        adopt(model, ir.serde.deserialize_model(quantized))
 
         by_op = _quantized_nodes(quantized, self.format)
         self.details.update(
@@ -166,7 +164,7 @@ class QuantizePass(OnnxoptPass):
         current = opset.default_opset(model)
         if self.per_channel and current is not None and current < _PER_CHANNEL_OPSET:
             converted = opset.raise_opset(model, _PER_CHANNEL_OPSET, self.name)
-            _adopt(model, converted)
+            adopt(model, converted)
             self.note(f"raised opset {current} -> {_PER_CHANNEL_OPSET} (per-channel DequantizeLinear needs 'axis')")
 
     def _reduce_range(self) -> tuple[bool, str]:
@@ -302,7 +300,7 @@ class QuantizePass(OnnxoptPass):
 
 def _refuse_quantized(model: ir.Model) -> None:
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type in _QUANTIZED_OPS or node.op_type.startswith("QLinear"):
+        if is_quantized_op(node.op_type):
             raise BadInputError(
                 f"the model is already quantized (node '{node.name}' is a {node.op_type}); quantize its float "
                 "original instead"
@@ -320,16 +318,6 @@ def _quantized_nodes(model: onnx.ModelProto, fmt: str) -> Counter[str]:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dequantized for i in n.input)
     )
 
-
-def _adopt(model: ir.Model, new: ir.Model) -> None:
-    """Move ``new``'s graph, opsets and functions into ``model`` (the pass works in place; metadata stays)."""
-    imports = dict(new.opset_imports)  # an ir.Model's opset imports live on its graph
-    model.graph = new.graph
-    model.ir_version = new.ir_version
-    model.opset_imports.clear()
-    model.opset_imports.update(imports)
-    model.functions.clear()
-    model.functions.update(new.functions)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from onnxopt.fidelity import top1
+
 #: Op types of the "heavy" candidate: the ones int8 kernels speed up the most.
 HEAVY_OPS = ("Conv", "Gemm", "MatMul")
 #: The FP32 reference's label among the timed models.
@@ -52,16 +54,14 @@ def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
 
 
 def top1_agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
-    """Share of samples whose first output has the same argmax (last axis) as the reference; NaN outputs give 0."""
+    """Share of samples whose first output has the same top-1 class as the reference; NaN outputs give 0."""
     if not reference:
         return 1.0
     agree = []
     for ref, out in zip(reference, outputs):
         if not np.all(np.isfinite(out)):
             return 0.0
-        agree.append(float(np.mean(np.argmax(ref.reshape(-1, ref.shape[-1]) if ref.ndim else ref.reshape(1, 1), -1)
-                                   == np.argmax(out.reshape(-1, out.shape[-1]) if out.ndim else out.reshape(1, 1),
-                                                -1))))
+        agree.append(float(np.mean(top1(np.atleast_2d(ref)) == top1(np.atleast_2d(out)))))
     return float(np.mean(agree))
 
 
