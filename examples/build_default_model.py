@@ -44,88 +44,35 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script, the package comes from this checkout
+    sys.path.insert(0, str(REPO))
+
+from onnxopt.datasets.digits import (  # noqa: E402  (re-exported: tests/test_examples.py uses them from here)
+    CHANNELS,
+    IMAGE_SIZE,
+    PIXEL_MAX,
+    SEED,
+    bilinear_matrix,
+    blank_value,
+    build_splits,
+    split_indices,
+    upsample,
+)
+from onnxopt.zoo.train import EPOCHS, THREADS, evaluate, recipe, seed_everything, train  # noqa: E402
+
 OUT_DIR = REPO / "onnxopt" / "examples"
 MODEL_NAME = "digits_cnn.onnx"
 CALIB_NAME = "digits_calib.npz"
 EVAL_NAME = "digits_eval.npz"
 INFO_NAME = "digits_cnn.json"
 
-SEED = 0
-CALIB_SIZE = 300
-EVAL_SIZE = 400
-SOURCE_SIZE = 8
-IMAGE_SIZE = 32
-CHANNELS = 3
-PIXEL_MAX = 16.0  # load_digits pixels are integers 0..16
 OPSET = 13
 MIN_ACCURACY = 0.95
 
-#: Training schedule: AdamW with a one-cycle learning rate, small random shifts as augmentation.
-EPOCHS = 12
-BATCH_SIZE = 64
-LEARNING_RATE = 4e-3
-WEIGHT_DECAY = 1e-4
-MAX_SHIFT = 2  # pixels, in the 32x32 image
-THREADS = 1  # a fixed thread count keeps CPU reductions in the same order from run to run
+__all__ = ["bilinear_matrix", "build", "build_splits", "npz_bytes", "split_indices", "upsample"]
 
 
-# ------------------------------------------------------------------------------------------------------------ data
-
-
-def bilinear_matrix(src: int = SOURCE_SIZE, dst: int = IMAGE_SIZE) -> np.ndarray:
-    """``[dst, src]`` weights of 1-D bilinear resampling with half-pixel centres and clamped edges.
-
-    Every weight is a multiple of ``src / dst / 2`` (1/8 for 8 -> 32), so applying it to integers is exact.
-    """
-    scale = src / dst
-    weights = np.zeros((dst, src), dtype=np.float64)
-    for i in range(dst):
-        position = max((i + 0.5) * scale - 0.5, 0.0)
-        low = min(int(np.floor(position)), src - 1)
-        high = min(low + 1, src - 1)
-        frac = position - low
-        weights[i, low] += 1.0 - frac
-        weights[i, high] += frac
-    return weights
-
-
-def upsample(images: np.ndarray) -> np.ndarray:
-    """``[N, 8, 8]`` pixel values -> ``[N, 32, 32]`` float64 (exact: dyadic weights, small integer pixels)."""
-    rows = bilinear_matrix(images.shape[1])
-    cols = bilinear_matrix(images.shape[2])
-    return np.einsum("ih,nhw,jw->nij", rows, images.astype(np.float64), cols, optimize=False)
-
-
-def split_indices(labels: np.ndarray, seed: int = SEED) -> dict[str, np.ndarray]:
-    """Seeded, stratified, disjoint train / calib / eval indices (each sorted, so the files do not depend on the
-    order the splitter returns)."""
-    from sklearn.model_selection import train_test_split
-
-    everything = np.arange(len(labels))
-    rest, eval_idx = train_test_split(everything, test_size=EVAL_SIZE, stratify=labels, random_state=seed)
-    train_idx, calib_idx = train_test_split(rest, test_size=CALIB_SIZE, stratify=labels[rest], random_state=seed + 1)
-    return {"train": np.sort(train_idx), "calib": np.sort(calib_idx), "eval": np.sort(eval_idx)}
-
-
-def build_splits(seed: int = SEED) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, float]]:
-    """``{"train"|"calib"|"eval": (input float32 [N, 3, 32, 32], y int64 [N])}`` and the normalization constants.
-
-    Needs only numpy and scikit-learn (the tests rebuild the shipped arrays with it).
-    """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    labels = digits.target.astype(np.int64)
-    images = upsample(digits.images) / PIXEL_MAX  # [0, 1], float64
-    indices = split_indices(labels, seed)
-    train = images[indices["train"]]
-    norm = {"mean": round(float(train.mean()), 4), "std": round(float(train.std()), 4)}
-    splits = {}
-    for name, idx in indices.items():
-        x = ((images[idx] - norm["mean"]) / norm["std"]).astype(np.float32)
-        x = np.ascontiguousarray(np.repeat(x[:, None], CHANNELS, axis=1))
-        splits[name] = (x, labels[idx])
-    return splits, norm
+# ------------------------------------------------------------------------------------------------------------ files
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -155,77 +102,6 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-# ------------------------------------------------------------------------------------------------ train / evaluate
-
-
-def seed_everything(seed: int, threads: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(threads)
-
-
-def shift_batch(x: Any, generator: Any, max_shift: int, fill: float) -> Any:
-    """Translate each image by up to ``max_shift`` pixels (background filled in), a cheap, seeded augmentation."""
-    import torch
-    from torch.nn import functional as F
-
-    n, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4, value=fill)
-    offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
-
-
-def train(net: Any, x: np.ndarray, y: np.ndarray, *, seed: int, epochs: int, fill: float, log: bool = True) -> None:
-    """Train ``net`` in place on CPU: AdamW, one-cycle learning rate, seeded shuffling and shifts."""
-    import torch
-    from torch.nn import functional as F
-
-    generator = torch.Generator().manual_seed(seed)
-    inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
-    steps_per_epoch = (len(inputs) + BATCH_SIZE - 1) // BATCH_SIZE
-    optimizer = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LEARNING_RATE, epochs=epochs,
-                                                   steps_per_epoch=steps_per_epoch)
-    net.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(inputs), generator=generator)
-        total_loss, correct = 0.0, 0
-        for start in range(0, len(order), BATCH_SIZE):
-            batch = order[start:start + BATCH_SIZE]
-            images = shift_batch(inputs[batch], generator, MAX_SHIFT, fill)
-            logits = net(images)
-            loss = F.cross_entropy(logits, targets[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total_loss += loss.item() * len(batch)
-            correct += int((logits.argmax(1) == targets[batch]).sum())
-        if log:
-            print(f"  epoch {epoch + 1:2d}/{epochs}: loss {total_loss / len(inputs):.4f}, "
-                  f"train accuracy {correct / len(inputs):.4f}", flush=True)
-    net.eval()
-
-
-def torch_logits(net: Any, x: np.ndarray) -> np.ndarray:
-    import torch
-
-    net.eval()
-    with torch.no_grad():
-        return torch.cat([net(torch.from_numpy(x[i:i + 200])) for i in range(0, len(x), 200)]).numpy()
-
-
-def onnx_logits(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    return session.run(["logits"], {"input": x})[0]
-
-
 # ------------------------------------------------------------------------------------------------------------ main
 
 
@@ -236,8 +112,6 @@ def build(out_dir: Path = OUT_DIR, *, seed: int = SEED, epochs: int = EPOCHS, th
     import sklearn
     import torch
 
-    if str(REPO) not in sys.path:  # run as a script, the package comes from this checkout
-        sys.path.insert(0, str(REPO))
     from onnxopt.zoo import nets
 
     started = time.perf_counter()
@@ -251,15 +125,13 @@ def build(out_dir: Path = OUT_DIR, *, seed: int = SEED, epochs: int = EPOCHS, th
     params, macs = nets.count_params(net), nets.count_macs(net)
     print(f"net: MobileNetV2Digits, {params} parameters, {macs / 1e6:.2f} M MACs per image; training {epochs} epochs "
           f"on {threads} thread(s)")
-    fill = (0.0 - norm["mean"]) / norm["std"]  # a blank (zero-ink) pixel after normalization
+    fill = blank_value(norm)
     train(net, x_train, y_train, seed=seed, epochs=epochs, fill=fill)
 
-    ref_logits = torch_logits(net, x_eval)
     model_bytes = nets.export_onnx(net, opset=OPSET, example_shape=(1, CHANNELS, IMAGE_SIZE, IMAGE_SIZE))
-    ort_logits = onnx_logits(model_bytes, x_eval)
-    torch_accuracy = float(np.mean(ref_logits.argmax(1) == y_eval))
-    ort_accuracy = float(np.mean(ort_logits.argmax(1) == y_eval))
-    calib_accuracy = float(np.mean(onnx_logits(model_bytes, x_calib).argmax(1) == y_calib))
+    accuracy, ref_logits, ort_logits = evaluate(net, model_bytes, splits)
+    torch_accuracy, ort_accuracy = accuracy["eval_torch"], accuracy["eval_onnxruntime"]
+    calib_accuracy = accuracy["calib_onnxruntime"]
     max_diff = float(np.abs(ref_logits - ort_logits).max())
     print(f"eval accuracy: torch {torch_accuracy:.4f}, onnxruntime {ort_accuracy:.4f} "
           f"(max |logit difference| {max_diff:.2e}); calib accuracy (onnxruntime) {calib_accuracy:.4f}")
@@ -295,11 +167,8 @@ def build(out_dir: Path = OUT_DIR, *, seed: int = SEED, epochs: int = EPOCHS, th
             "calib_file": CALIB_NAME,
             "eval_file": EVAL_NAME,
         },
-        "training": {"epochs": epochs, "batch_size": BATCH_SIZE, "optimizer": "AdamW", "lr": LEARNING_RATE,
-                     "weight_decay": WEIGHT_DECAY, "schedule": "OneCycleLR", "augmentation":
-                     f"random shift up to {MAX_SHIFT} px", "threads": threads},
-        "accuracy": {"eval_torch": torch_accuracy, "eval_onnxruntime": ort_accuracy,
-                     "calib_onnxruntime": calib_accuracy},
+        "training": recipe(epochs, threads),
+        "accuracy": accuracy,
         "seed": seed,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                      "scikit-learn": sklearn.__version__, "numpy": np.__version__},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ class OptimizeResult:
     ir_model: ir.Model
     output_path: Path | None = None
     report_paths: tuple[Path, ...] = ()
+    #: With ``target`` or ``search``: every candidate stage measured (:class:`onnxopt.pipeline.search.SearchOutcome`).
+    search: Any = None
 
     @property
     def passed(self) -> bool:
@@ -54,12 +58,23 @@ def optimize(
     measure_latency: bool = True,
     max_eval_samples: int | None = 2000,
     quiet: bool = True,
+    target: str | None = None,
+    search: bool = False,
+    max_candidates: int = 8,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> OptimizeResult:
     """Run a recipe over ``model``, validating and measuring after every pass.
 
     ``model`` is never modified: a path is read, a ModelProto/ir.Model is copied. With ``output`` the optimized model
     is written atomically, and the report beside it (``report`` names the JSON; ``.md`` and ``.png`` go next to it).
+
+    With ``target`` ("latency" or "size") or ``search``, every stage is a candidate and the fastest/smallest one
+    meeting every budget is kept (:mod:`onnxopt.pipeline.search`); with no ``recipe`` and calibration data the
+    recipe is then the end-to-end default (normalize -> prune -> distill -> quantize). ``search`` also varies pass
+    parameters over up to ``max_candidates`` recipes and writes ``REPORT.pareto.{json,md,png}``. ``cache_dir``
+    reuses pass results across runs (:mod:`onnxopt.pipeline.cache`).
     """
+    started = time.perf_counter()
     source_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     if output is not None:
         check_output_path(output, *([source_path] if source_path else []))
@@ -80,15 +95,25 @@ def optimize(
     context = PassContext(calib=calib_source, eval=eval_source, input_shapes=shapes, seed=run_seed,
                           original=working.clone(), provider=provider, threads=threads, quiet=quiet,
                           budgets={b.name: b.limit for b in budget_list})
-    manager = PipelineManager(plan.build(), context, ManagerOptions(measure_latency=measure_latency,
-                                                                    max_eval_samples=max_eval_samples),
-                              budget_list, plan.to_dict())
+    options = ManagerOptions(measure_latency=measure_latency, max_eval_samples=max_eval_samples,
+                             cache_dir=str(cache_dir) if cache_dir is not None else None)
     input_info: dict[str, Any] = {"path": str(source_path) if source_path else None}
     if source_path:
         input_info.update(sha256=file_sha256(source_path), size_bytes=source_path.stat().st_size)
-    result = manager.run(working, input_info=input_info)
+    outcome = None
+    if target is not None or search:
+        from onnxopt.pipeline.search import run_selection
+
+        named = None if recipe is None and calib_source is not None else plan
+        outcome = run_selection(working, named, context, options, budget_list, input_info=input_info,
+                                target=target or "latency", search=search, max_candidates=max_candidates)
+        result = outcome.result
+    else:
+        manager = PipelineManager(plan.build(), context, options, budget_list, plan.to_dict())
+        result = manager.run(working, input_info=input_info)
     written: list[Path] = []
     out_path = None
+    result.report.resources = {"wall_s": round(time.perf_counter() - started, 3), "peak_rss_mb": _peak_rss_mb()}
     if output is not None:
         out_path = save_model(result.model, output)
         result.report.output = {"path": str(out_path), "sha256": file_sha256(out_path),
@@ -98,7 +123,11 @@ def optimize(
         json_path = Path(report)
         stem = json_path.with_suffix("") if json_path.suffix == ".json" else json_path
         written = write_reports(result.report, json_path, f"{stem}.md", f"{stem}.png")
-    return OptimizeResult(to_proto(result.model), result.report, result.model, out_path, tuple(written))
+        if outcome is not None and search:
+            from onnxopt.report.pareto import write_pareto_reports
+
+            written += write_pareto_reports(outcome.to_dict(), stem)
+    return OptimizeResult(to_proto(result.model), result.report, result.model, out_path, tuple(written), outcome)
 
 
 def _resolve_recipe(recipe: Any) -> Recipe:
@@ -131,6 +160,16 @@ def _check_shape_names(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> 
     for name in shapes:
         if name not in names:
             raise BadInputError(f"--input-shape names input '{name}', but the model's inputs are: {', '.join(names)}")
+
+
+def _peak_rss_mb() -> float | None:
+    """The process's peak resident memory in MB (getrusage: KiB on Linux, bytes on macOS); None on Windows."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def _seed_everything(seed: int) -> None:

@@ -88,10 +88,20 @@ def _run_options(command: Any) -> Any:
 @click.option("--provider", default="cpu", show_default=True, help="ORT execution provider: cpu, cuda, tensorrt.")
 @click.option("--max-eval-samples", type=int, default=2000, show_default=True,
               help="Evaluation samples used for fidelity and accuracy.")
+@click.option("--target", type=click.Choice(["latency", "size"]), default=None,
+              help="Keep the fastest (or smallest) stage meeting every budget. Default with --calib and no recipe: "
+                   "latency (normalize -> prune -> distill -> quantize); else the last pass's model as before.")
+@click.option("--search", is_flag=True, help="Also vary pass parameters; writes the Pareto front (REPORT.pareto.*).")
+@click.option("--max-candidates", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Recipes --search tries at most.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Pass-result cache (default $ONNXOPT_CACHE_DIR or ~/.cache/onnxopt).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the pass-result cache.")
 def optimize(model: str | None, output: str | None, example: bool, recipe: str | None, passes: tuple[str, ...],
              calib: str | None, eval_: str | None, preprocess: str | None, input_shapes: tuple[str, ...],
              budgets: tuple[str, ...], report: str | None, seed: int | None, threads: int | None, provider: str,
-             no_latency: bool, max_eval_samples: int, quiet: bool) -> None:
+             no_latency: bool, max_eval_samples: int, quiet: bool, target: str | None, search: bool,
+             max_candidates: int, cache_dir: str | None, no_cache: bool) -> None:
     """Run a recipe over MODEL, validate after every pass, write OUTPUT and a report."""
     from onnxopt.api import optimize as run_optimize
     from onnxopt.pipeline.recipe import Recipe
@@ -116,10 +126,21 @@ def optimize(model: str | None, output: str | None, example: bool, recipe: str |
             cli_recipe.seed, cli_recipe.input_shapes, cli_recipe.budgets = (
                 file_recipe.seed, file_recipe.input_shapes, file_recipe.budgets)
         plan = cli_recipe
+    if example and plan is None:
+        from onnxopt.pipeline.search import example_recipe
+
+        plan = example_recipe()  # quick and torch-free; the full recipe on the example: --pass flags (README)
+    if target is None and (plan is None or example) and calib:
+        target = "latency"  # the end-to-end default recipe: keep the fastest stage that meets the budgets
+    if not no_cache and cache_dir is None:
+        from onnxopt.pipeline.cache import default_cache_dir
+
+        cache_dir = str(default_cache_dir())
     result = run_optimize(
         model, plan, calib, eval_, input_shapes=parse_input_shapes(input_shapes), budgets=list(budgets),
         seed=seed, output=output, report=report, preprocess=preprocess, threads=threads, provider=provider,
-        measure_latency=not no_latency, max_eval_samples=max_eval_samples, quiet=quiet,
+        measure_latency=not no_latency, max_eval_samples=max_eval_samples, quiet=quiet, target=target,
+        search=search, max_candidates=max_candidates, cache_dir=None if no_cache else cache_dir,
     )
     _finish(result)
 
@@ -254,9 +275,14 @@ def list_passes() -> None:
 @click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="7-bit weights; auto: on for x86 CPUs without VNNI (u8s8 saturation).")
 @click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples used at most.")
+@click.option("--weight-method", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
+              help="Weight ranges: min/max, or per-channel MSE-optimal clipping.")
+@click.option("--equalize", is_flag=True, help="Cross-layer equalization of Conv->[Relu]->Conv pairs first.")
+@click.option("--bias-correction", is_flag=True, help="Remove the mean output shift of int8 weights from the biases.")
 @_run_options
 def quantize(model: str, output: str, calib: str, eval_: str | None, method: str, per_channel: bool, format_: str,
-             reduce_range: str, calib_samples: int, preprocess: str | None, input_shapes: tuple[str, ...],
+             reduce_range: str, calib_samples: int, weight_method: str, equalize: bool, bias_correction: bool,
+             preprocess: str | None, input_shapes: tuple[str, ...],
              budgets: tuple[str, ...], report: str | None, seed: int | None, threads: int | None, no_latency: bool,
              quiet: bool) -> None:
     """Int8 static quantization of MODEL (normalize, then quantize), validated and reported like optimize."""
@@ -266,13 +292,105 @@ def quantize(model: str, output: str, calib: str, eval_: str | None, method: str
 
     try:
         step = QuantizePass(method=method, per_channel=per_channel, format=format_,  # type: ignore[arg-type]
-                            reduce_range=reduce_range, calib_samples=calib_samples)  # type: ignore[arg-type]
+                            reduce_range=reduce_range, calib_samples=calib_samples,  # type: ignore[arg-type]
+                            weight_method=weight_method, equalize=equalize,  # type: ignore[arg-type]
+                            bias_correction=bias_correction)
     except ValueError as exc:
         raise BadInputError(f"quantize: {exc}") from None
     result = run_optimize(
         model, [NormalizePass(), step], calib, eval_, input_shapes=parse_input_shapes(input_shapes),
         budgets=list(budgets), seed=seed, output=output, report=report, preprocess=preprocess, threads=threads,
         measure_latency=not no_latency, quiet=quiet,
+    )
+    _finish(result)
+
+
+# ---------------------------------------------------------------------------------------------------------- distill
+@cli.command()
+@click.argument("student", type=click.Path(dir_okay=False))
+@click.option("--teacher", required=True, type=click.Path(dir_okay=False), help="Teacher ONNX model.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the student.")
+@click.option("--data", required=True, help="Training data (.npz with optional labels 'y', folder, ...).")
+@click.option("--eval", "eval_", help="Evaluation data: early stopping and the kept epoch.")
+@click.option("--unlabelled", help="Extra training data without labels, learnt from the teacher only.")
+@click.option("--method", default="kd", show_default=True,
+              help="kd, dkd, dist, ofa, fitnet, fsp, at, a combination such as kd+at, or none (no teacher).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd", show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True)
+@click.option("--temperature", type=float, default=4.0, show_default=True)
+@click.option("--alpha", type=float, default=0.9, show_default=True, help="(1-alpha) CE + alpha distillation.")
+@click.option("--patience", type=int, default=0, show_default=True, help="Early stopping patience (0 = off).")
+@click.option("--augment", default="none", show_default=True, help="shift[:PIXELS], flip[:P], shift+flip, none.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--teacher-runtime", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
+@click.option("--max-samples", type=int, default=None, help="Training samples used at most.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), help="Save last.pt/best.pt here each epoch.")
+@click.option("--resume", is_flag=True, help="Continue from CHECKPOINT_DIR/last.pt.")
+@click.option("--qat", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Quantization-aware fine-tuning (auto: when the student has Q/DQ nodes).")
+@click.option("--stochastic-rounding", is_flag=True, help="QAT: stochastic rounding in training.")
+@_run_options
+def distill(student: str, teacher: str, output: str, data: str, eval_: str | None, unlabelled: str | None,
+            method: str, epochs: int, lr: float, batch_size: int, optimizer: str, schedule: str, temperature: float,
+            alpha: float, patience: int, augment: str, device: str, teacher_runtime: str, max_samples: int | None,
+            checkpoint_dir: str | None, resume: bool, qat: str, stochastic_rounding: bool, preprocess: str | None,
+            input_shapes: tuple[str, ...], budgets: tuple[str, ...], report: str | None, seed: int | None,
+            threads: int | None, no_latency: bool, quiet: bool) -> None:
+    """Fine-tune STUDENT against TEACHER on DATA and write the trained weights into STUDENT's own graph."""
+    from onnxopt.passes.distill.api import distill as run_distill
+
+    try:
+        result = run_distill(
+            student, teacher, data, eval_, output=output, report=report, budgets=list(budgets), seed=seed,
+            preprocess=preprocess, threads=threads, input_shapes=parse_input_shapes(input_shapes),
+            measure_latency=not no_latency, quiet=quiet, unlabelled=unlabelled, method=method, epochs=epochs, lr=lr,
+            batch_size=batch_size, optimizer=optimizer, schedule=schedule, temperature=temperature, alpha=alpha,
+            patience=patience, augment=augment, device=device, teacher_runtime=teacher_runtime, max_samples=max_samples,
+            checkpoint_dir=checkpoint_dir, resume=resume, qat=qat, stochastic_rounding=stochastic_rounding)
+    except ValueError as exc:
+        raise BadInputError(f"distill: {exc}") from None
+    if result.output_path is not None:
+        _finish(result)
+
+
+# ------------------------------------------------------------------------------------------------------------ prune
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the pruned model.")
+@click.option("--ratio", type=float, default=None, help="Fraction of the prunable channels removed (0-1).")
+@click.option("--macs-ratio", type=float, default=None, help="Fraction of the MACs removed (0.5 = 2x fewer; default).")
+@click.option("--latency-ratio", type=float, default=None,
+              help="Fraction of the measured ORT latency (batch 1) removed; candidates are timed.")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "bn_scale", "taylor"]), default="l1", show_default=True,
+              help="Channel importance; taylor needs --calib, bn_scale keeps BatchNormalization unfolded.")
+@click.option("--allocation", type=click.Choice(["global", "uniform"]), default="global", show_default=True)
+@click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Round kept channel counts to a multiple of this (e.g. 8).")
+@click.option("--protect", multiple=True, metavar="NODE", help="Node left whole (repeatable).")
+@click.option("--calib", help="Calibration data (taylor criterion): .npz, folder of .npy, images, or random[:N].")
+@click.option("--eval", "eval_", help="Evaluation data (labels as 'y' in .npz or folder-per-class images).")
+@_run_options
+def prune(model: str, output: str, ratio: float | None, macs_ratio: float | None, latency_ratio: float | None,
+          criterion: str, allocation: str, round_to: int, protect: tuple[str, ...], calib: str | None,
+          eval_: str | None, preprocess: str | None, input_shapes: tuple[str, ...], budgets: tuple[str, ...],
+          report: str | None, seed: int | None, threads: int | None, no_latency: bool, quiet: bool) -> None:
+    """Structured channel pruning of MODEL (normalize, then prune), validated and reported like optimize."""
+    from onnxopt.api import optimize as run_optimize
+    from onnxopt.passes import NormalizePass
+    from onnxopt.passes.prune.pass_ import PrunePass
+
+    try:
+        step = PrunePass(ratio=ratio, macs_ratio=macs_ratio, latency_ratio=latency_ratio, criterion=criterion,
+                         allocation=allocation, round_to=round_to, protect=list(protect))
+    except ValueError as exc:
+        raise BadInputError(f"prune: {exc}") from None
+    result = run_optimize(
+        model, [NormalizePass(fold_batchnorm=criterion != "bn_scale"), step], calib, eval_,
+        input_shapes=parse_input_shapes(input_shapes), budgets=list(budgets), seed=seed, output=output,
+        report=report, preprocess=preprocess, threads=threads, measure_latency=not no_latency, quiet=quiet,
     )
     _finish(result)
 

@@ -167,7 +167,8 @@ def test_cli_quantize(tmp_path, capsys, monkeypatch):
     report = tmp_path / "run.json"
     code = main(["quantize", str(examples.default_model_path()), "-o", str(out), "--calib",
                  str(examples.default_calib_path()), "--eval", str(examples.default_eval_path()), "--method",
-                 "percentile", "--per-tensor", "--calib-samples", "64", "--report", str(report), "--no-latency", "-q"])
+                 "percentile", "--per-tensor", "--calib-samples", "64", "--weight-method", "mse", "--bias-correction",
+                 "--report", str(report), "--no-latency", "-q"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "accuracy" in printed and f"wrote {out}" in printed
@@ -175,6 +176,7 @@ def test_cli_quantize(tmp_path, capsys, monkeypatch):
     last = data["steps"][-1]
     assert last["name"] == "quantize" and last["params"]["method"] == "percentile"
     assert last["params"]["per_channel"] is False
+    assert last["params"]["weight_method"] == "mse" and last["params"]["bias_correction"] is True
     assert any(node.op_type == "QuantizeLinear" for node in onnx.load(out).graph.node)
 
 
@@ -205,9 +207,14 @@ def test_placement_auto_keeps_fp32_when_int8_is_slower(normalized, monkeypatch):
     assert "kept the model in FP32" in notes and "0.67x" in notes
     info = step.details["placement"]
     assert info["chosen"] == "fp32"
-    assert [c["label"] for c in info["candidates"]] == ["all", "conv_gemm_matmul", "conv_gemm_matmul_per_tensor"]
+    labels = [c["label"] for c in info["candidates"]]
+    assert labels[:3] == ["all", "conv_gemm_matmul", "conv_gemm_matmul_per_tensor"]
+    # regions left in FP32 and the other format are candidates too, at most max_candidates (10) in all
+    regions = {"conv_gemm_matmul_fp32_first", "conv_gemm_matmul_fp32_depthwise", "conv_gemm_matmul_fp32_head"}
+    assert regions <= set(labels)
+    assert "qoperator" in labels and len(labels) <= 10
     assert all(c["median_ms"] == 3.0 and c["agreement"] >= 0.98 for c in info["candidates"])
-    assert len(calls) == 1 and calls[0][0] == placement.FP32 and len(calls[0]) == 4  # one round-robin run
+    assert len(calls) == 1 and calls[0][0] == placement.FP32 and len(calls[0]) == len(labels) + 1  # one round-robin run
 
 
 def test_placement_auto_keeps_int8_when_faster(normalized, monkeypatch):
@@ -241,3 +248,22 @@ def test_top1_agreement_and_nan():
     ref = [np.array([[0.1, 0.9]]), np.array([[0.8, 0.2]])]
     assert placement.top1_agreement(ref, [np.array([[0.2, 0.7]]), np.array([[0.1, 0.3]])]) == 0.5
     assert placement.top1_agreement(ref, [np.array([[np.nan, 0.7]]), ref[1]]) == 0.0
+
+
+def test_placement_winner_must_be_confirmed(normalized, monkeypatch):
+    """A candidate that looked faster in the big run but not when timed again alone with FP32 is not kept."""
+    calls: list[list[str]] = []
+
+    def fake(models, threads, input_shapes):
+        calls.append(list(models))
+        if len(models) > 2:  # the first run: every int8 candidate looks 2x faster
+            return {label: (2.0 if label == placement.FP32 else 1.0) for label in models}
+        return {label: 2.0 for label in models}  # timed again: no faster than FP32
+
+    monkeypatch.setattr(placement, "time_models", fake)
+    model, step = _quantize(normalized, placement="auto", calib_samples=32, max_candidates=3)
+    info = step.details["placement"]
+    assert info["chosen"] == "fp32" and len(info["confirmations"]) == placement.CONFIRMATIONS
+    assert [len(c) for c in calls] == [4, 2, 2]
+    assert "timed again" in info["verdict"]
+    assert not any(node.op_type == "QuantizeLinear" for node in model.graph.node)

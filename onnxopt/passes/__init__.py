@@ -4,5 +4,7 @@ from onnxopt.passes.normalize import NormalizePass
 from onnxopt.pipeline.registry import register_lazy
 
 register_lazy("quantize", "onnxopt.passes.quantize.pass_:QuantizePass")  # loads onnxruntime.quantization on use
+register_lazy("distill", "onnxopt.passes.distill.pass_:DistillPass")  # imports torch on use
+register_lazy("prune", "onnxopt.passes.prune.pass_:PrunePass")  # torch only for criterion=taylor
 
 __all__ = ["NormalizePass"]

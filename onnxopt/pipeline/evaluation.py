@@ -9,7 +9,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.calib_data.base import DataSource
-from onnxopt.fidelity import AccuracyAccumulator, Fidelity, FidelityAccumulator
+from onnxopt.calib_data.validate import check_labels
+from onnxopt.fidelity import AccuracyAccumulator, Fidelity, FidelityAccumulator, is_score_vector
 from onnxopt.modelio import input_specs
 from onnxopt.runtime import make_session
 
@@ -68,6 +69,9 @@ def collect_outputs(
             break
     arrays = [_concat(store) for store in chunks]
     label_array = np.concatenate(labels) if labels and len(labels) == len(chunks[0]) else None
+    if label_array is not None and arrays and is_score_vector(arrays[0]):
+        # A label past the last class would silently count as a miss: refuse it instead.
+        check_labels(label_array, int(np.prod(arrays[0].shape[1:])), where=f"labels of {data.description}")
     return ModelOutputs(names, arrays, label_array)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import onnx_ir as ir
@@ -36,12 +36,18 @@ class ManagerOptions:
     eval_batch_size: int = 16
     #: An ``exact`` pass may not move outputs more than this (max |diff| / max |ref|).
     exact_rtol: float = 1e-3
+    #: Reuse pass results from this folder (:mod:`onnxopt.pipeline.cache`); None: no cache.
+    cache_dir: str | None = None
+    #: Keep a copy of the model after every pass (``PipelineResult.stage_models``) for stage selection.
+    keep_stage_models: bool = False
 
 
 @dataclass
 class PipelineResult:
     model: ir.Model
     report: RunReport
+    #: The model after each pass, in order, when ``ManagerOptions.keep_stage_models`` is set.
+    stage_models: list[ir.Model] = field(default_factory=list)
 
 
 @dataclass
@@ -108,12 +114,20 @@ class PipelineManager(ir.passes.PassBase):
                                        notes=self._input_notes(data)))
         report.data = {"eval": _describe(data), "calib": _describe(context.calib) if context.calib else None}
         previous = original
+        stage_models: list[ir.Model] = []
+        cache = self._cache()
         for pass_ in context.progress(self.passes, desc="passes", total=len(self.passes)):
             pass_.bind(context)
             pass_.notes, pass_.details = [], {}
             start = time.perf_counter()
+            key = cache.key(pass_, model, context) if cache is not None else None
+            hit = cache.load(key) if cache is not None and key is not None else None
             try:
-                model = pass_(model).model
+                if hit is not None:
+                    model, pass_.notes, pass_.details = hit.model, hit.notes, hit.details
+                    pass_.note(f"result reused from the pass cache ({key[:12]}...)")
+                else:
+                    model = pass_(model).model
             except OnnxoptError as exc:
                 if isinstance(exc, (PassFailedError, BadInputError)):
                     raise
@@ -124,6 +138,12 @@ class PipelineManager(ir.passes.PassBase):
                 raise PassFailedError(pass_.name, f"{type(exc).__name__}: {exc}") from exc
             pass_seconds = time.perf_counter() - start
             self._validate_structure(pass_, model)
+            if cache is not None and hit is None and key is not None:
+                problem = cache.store(key, pass_, model)
+                if problem:
+                    pass_.note(problem)
+            if self.options.keep_stage_models:
+                stage_models.append(model.clone())
             current = self._snapshot(model, data, f"the model after pass '{pass_.name}'", pass_.name)
             vs_previous = previous.outputs.compare(current.outputs)
             vs_original = original.outputs.compare(current.outputs)
@@ -150,9 +170,16 @@ class PipelineManager(ir.passes.PassBase):
             "summary": ("all budgets met" if verdicts else "no budgets given") if not missed
             else "missed: " + "; ".join(v.describe() for v in missed),
         }
-        return PipelineResult(model, report)
+        return PipelineResult(model, report, stage_models)
 
     # ------------------------------------------------------------------------------------------------------------
+    def _cache(self) -> Any:
+        if self.options.cache_dir is None:
+            return None
+        from onnxopt.pipeline.cache import PassCache
+
+        return PassCache(self.options.cache_dir)
+
     def _evaluation_data(self, model: ir.Model) -> DataSource:
         from onnxopt.calib_data import open_data
 

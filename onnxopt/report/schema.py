@@ -10,6 +10,7 @@ JSON schema (``schema_version`` 1), documented in docs/report-schema.md:
 * ``data``: {eval: {description, samples, labelled, synthetic}, calib: {...} or null}
 * ``steps``: [StepRecord]: the first is "input" (the model as given); then one per pass, in order
 * ``budgets``: [BudgetVerdict]; ``verdict``: {passed, summary}
+* ``resources``: {wall_s, peak_rss_mb} of the whole run
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class RunReport:
     output: dict[str, Any] | None = None
     #: Input vs final model timed round-robin in one run (the latency budget's figure); None when not measured.
     latency_comparison: dict[str, Any] | None = None
+    #: What the run cost: {wall_s, peak_rss_mb} (peak resident memory of the process so far, getrusage maxrss).
+    resources: dict[str, Any] | None = None
     onnxopt_version: str = ""
 
     @property

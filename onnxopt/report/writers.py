@@ -98,6 +98,9 @@ def render_markdown(report: RunReport, plot_name: str | None = None) -> str:
                          f"| {'met' if verdict['passed'] else '**missed**'} | {verdict.get('note', '')} |")
         lines.append("")
     lines.append(f"**Verdict: {'PASS' if data['verdict']['passed'] else 'FAIL'}** - {data['verdict']['summary']}")
+    if data.get("resources"):
+        lines += ["", f"Run: {data['resources']['wall_s']:.1f} s wall time, peak memory "
+                      f"{data['resources']['peak_rss_mb']:.0f} MB (process maximum resident set)."]
     if plot_name:
         lines += ["", f"![trajectory]({plot_name})"]
     return "\n".join(lines) + "\n"

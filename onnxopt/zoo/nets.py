@@ -5,9 +5,9 @@ and returns ``[N, 10]`` logits. They are small enough to train on a laptop CPU i
 structures onnxopt's passes work on: Conv -> BatchNorm pairs, depthwise convolutions, ReLU6, residual adds, channel
 split/concat/shuffle, MaxPool and a fully connected head.
 
-Only :class:`MobileNetV2Digits` is trained and shipped today (``examples/build_default_model.py``); the others are the
-zoo that later examples will train the same way. The benchmarks and tests export them (some scaled down through the
-constructors' keywords) with :func:`export_onnx`.
+:class:`MobileNetV2Digits` is the shipped example model (``examples/build_default_model.py``); every net here is
+trained the same way by ``examples/build_zoo.py`` into the example zoo (``onnxopt/zoo/models/``). The benchmarks and
+tests export them (some scaled down through the constructors' keywords) with :func:`export_onnx`.
 
 This module imports torch at top level; nothing else under ``onnxopt/`` imports it (``onnxopt.zoo`` itself does not).
 """
@@ -75,7 +75,20 @@ MOBILENETV2_STAGES: tuple[tuple[int, int, int, int], ...] = (
 )
 
 
-class MobileNetV2Digits(nn.Module):
+class PooledHead(nn.Module):
+    """Base of the nets that end ``features`` -> global average pool -> Dropout -> Linear ``classifier``."""
+
+    def _set_head(self, layers: list[nn.Module], head: int, num_classes: int, dropout: float) -> None:
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(head, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.classifier(self.dropout(x))
+
+
+class MobileNetV2Digits(PooledHead):
     """MobileNetV2-style net for 32x32 inputs: stride-1 stem, 9 inverted residual blocks (5 with residual adds),
     1x1 head conv, global average pool, Linear. About 0.2 M parameters and 12 M MACs per 32x32 image."""
 
@@ -90,13 +103,7 @@ class MobileNetV2Digits(nn.Module):
                 layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
                 cin = cout
         layers.append(conv_bn(cin, head, 1, act=nn.ReLU6))
-        self.features = nn.Sequential(*layers)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(head, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
-        return self.classifier(self.dropout(x))
+        self._set_head(layers, head, num_classes, dropout)
 
 
 # --------------------------------------------------------------------------------------------------------- ResNet
@@ -225,23 +232,97 @@ class VGGDigits(nn.Module):
         return self.classifier(self.features(x))
 
 
+# -------------------------------------------------------------------------------------------------------- MnasNet
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: global average pool, 1x1 reduce + ReLU, 1x1 expand + Sigmoid, channel-wise scale."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        squeezed = max(8, channels // reduction)
+        self.reduce = nn.Conv2d(channels, squeezed, 1)
+        self.expand = nn.Conv2d(squeezed, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.sigmoid(self.expand(F.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))))
+        return x * scale
+
+
+class MBConv(nn.Module):
+    """MnasNet's mobile inverted bottleneck: 1x1 expansion + ReLU, ``kernel`` x ``kernel`` depthwise + ReLU, optional
+    squeeze-and-excitation, linear 1x1 projection, residual add when stride and channel count allow it."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int, se: bool = False):
+        super().__init__()
+        hidden = cin * expand
+        self.use_residual = stride == 1 and cin == cout
+        layers: list[nn.Module] = [
+            conv_bn(cin, hidden, 1),
+            conv_bn(hidden, hidden, kernel, stride, groups=hidden),
+        ]
+        if se:
+            layers.append(SqueezeExcite(hidden))
+        layers.append(conv_bn(hidden, cout, 1, act=None))
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return x + out if self.use_residual else out
+
+
+#: (expansion, output channels, repeats, first stride, depthwise kernel) per stage: MnasNet-A1's pattern of 3x3 and
+#: 5x5 depthwise kernels with expansions 3 and 6, scaled down for 32x32 inputs.
+MNASNET_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (3, 24, 2, 2, 3),   # 16x16
+    (3, 40, 2, 2, 5),   # 8x8
+    (6, 64, 2, 2, 3),   # 4x4
+    (6, 96, 1, 1, 5),   # 4x4
+)
+
+
+class MnasNetDigits(PooledHead):
+    """MnasNet-style net for 32x32 inputs: stride-1 stem, a separable conv (3x3 depthwise + 1x1), MBConv stages with
+    3x3 / 5x5 depthwise kernels (squeeze-and-excitation off unless ``se=True``), 1x1 head, average pool, Linear."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = IN_CHANNELS, stem: int = 16,
+                 stages: Sequence[tuple[int, int, int, int, int]] = MNASNET_STAGES, head: int = 256,
+                 se: bool = False, dropout: float = 0.1):
+        super().__init__()
+        layers: list[nn.Module] = [
+            conv_bn(in_channels, stem, 3, 1),
+            conv_bn(stem, stem, 3, 1, groups=stem),
+            conv_bn(stem, stem, 1, act=None),
+        ]
+        cin = stem
+        for expand, cout, repeats, stride, kernel in stages:
+            for i in range(repeats):
+                layers.append(MBConv(cin, cout, kernel, stride if i == 0 else 1, expand, se=se))
+                cin = cout
+        layers.append(conv_bn(cin, head, 1))
+        self._set_head(layers, head, num_classes, dropout)
+
+
 # ------------------------------------------------------------------------------------------------------- registry
 
 #: name -> constructor; every constructor takes (num_classes, in_channels) keywords and builds a 32x32 classifier.
 NETS: dict[str, Callable[..., nn.Module]] = {
     "mobilenetv2": MobileNetV2Digits,
+    "mnasnet": MnasNetDigits,
     "resnet": ResNetDigits,
     "shufflenetv2": ShuffleNetV2Digits,
     "vgg": VGGDigits,
 }
 
 
-def build(name: str, *, seed: int = 0, num_classes: int = NUM_CLASSES, in_channels: int = IN_CHANNELS) -> nn.Module:
-    """A freshly initialized net ``name``; the seed makes its initial weights reproducible."""
+def build(name: str, *, seed: int = 0, num_classes: int = NUM_CLASSES, in_channels: int = IN_CHANNELS,
+          **options: object) -> nn.Module:
+    """A freshly initialized net ``name`` (``options``: its constructor's keywords, e.g. widths); the seed makes its
+    initial weights reproducible."""
     if name not in NETS:
         raise KeyError(f"unknown net '{name}' (known: {', '.join(NETS)})")
     torch.manual_seed(seed)
-    return NETS[name](num_classes=num_classes, in_channels=in_channels)
+    return NETS[name](num_classes=num_classes, in_channels=in_channels, **options)
 
 
 def count_params(net: nn.Module) -> int:

@@ -28,6 +28,7 @@ from onnxopt.irutil import adopt, is_quantized_op
 from onnxopt.modelio import input_specs, to_proto
 from onnxopt.passes import opset
 from onnxopt.passes.quantize.collect import collect_statistics, tensors_to_calibrate
+from onnxopt.passes.quantize.placement import HEAVY_OPS
 from onnxopt.passes.quantize.range_methods import METHODS
 from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.registry import register
@@ -36,6 +37,8 @@ from onnxopt.pipeline.registry import register
 _PER_CHANNEL_OPSET = 13
 _REDUCE_RANGE_CHOICES = ("auto", "on", "off")
 _PLACEMENT_CHOICES = ("auto", "all")
+#: Calibration samples a method needs at least: histogram methods estimate tails, which a handful cannot show.
+MIN_SAMPLES = {"minmax": 1, "percentile": 8, "entropy": 8, "mse": 8, "sqnr": 8}
 
 
 @register
@@ -59,7 +62,23 @@ class QuantizePass(OnnxoptPass):
         placement: auto (time candidates - everything quantized, only Conv/Gemm/MatMul, the latter per tensor -
             against the FP32 input in one round-robin run and keep the fastest only if it agrees with FP32 on top-1
             and is at least 2% faster; else the model stays FP32) or all (quantize every op of ``op_types``
-            without measuring).
+            without measuring). Besides the whole-model candidates, auto also tries regions left in FP32 (the first
+            conv, the depthwise convs, the classifier head, convs next to hard-swish), QOperator, and per-tensor
+            weights: at most ``max_candidates`` models, timed in one round-robin run.
+        weight_method: weight ranges: minmax (ORT's) or mse (per-channel MSE-optimal clipping, Lin et al. 2015; the
+            weights handed to ORT are clipped to our range, so its min/max equals it).
+        equalize: cross-layer equalization of Conv -> [Relu] -> Conv pairs before calibration (float-exact).
+        bias_correction: subtract the mean output shift caused by weight rounding from each bias (calibration data).
+        sensitivity: per-layer sensitivity table in details["sensitivity"] (always computed when there is an
+            accuracy budget).
+        accuracy_drop: accuracy budget (fraction); default: the run's ``--budget accuracy_drop``. The most sensitive
+            layers stay FP32 until the budget holds (accuracy on eval labels, else top-1 agreement with FP32).
+        max_fp32_layers: at most this many layers kept FP32 by the budget search (it then stops at the cap, and says
+            the budget was missed); without a budget, exactly the N most sensitive layers stay FP32 (a fixed
+            mixed-precision setting that the recipe search can sweep).
+        eval_samples: samples used by sensitivity and the budget checks.
+        max_candidates: int8 models timed by placement=auto at most.
+        compact: shrink the QDQ file (no value_info, no zero default zero points, shared constants, short names).
     """
 
     name: ClassVar[str] = "quantize"
@@ -76,6 +95,15 @@ class QuantizePass(OnnxoptPass):
     percentile: float = 99.99
     inputs_minmax: bool = True
     placement: Literal["auto", "all"] = "auto"
+    weight_method: Literal["minmax", "mse"] = "minmax"
+    equalize: bool = False
+    bias_correction: bool = False
+    sensitivity: bool = False
+    accuracy_drop: float | None = None
+    max_fp32_layers: int | None = None
+    eval_samples: int = 256
+    max_candidates: int = 10
+    compact: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,6 +119,14 @@ class QuantizePass(OnnxoptPass):
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if self.placement not in _PLACEMENT_CHOICES:
             raise ValueError(f"placement must be one of {', '.join(_PLACEMENT_CHOICES)}, got {self.placement!r}")
+        if self.weight_method not in ("minmax", "mse"):
+            raise ValueError(f"weight_method must be minmax or mse, got {self.weight_method!r}")
+        if self.accuracy_drop is not None and not 0.0 <= self.accuracy_drop < 1.0:
+            raise ValueError(f"accuracy_drop is a fraction in [0, 1), got {self.accuracy_drop}")
+        if self.max_fp32_layers is not None and self.max_fp32_layers < 0:
+            raise ValueError(f"max_fp32_layers must be >= 0, got {self.max_fp32_layers}")
+        if self.eval_samples < 1 or self.max_candidates < 1:
+            raise ValueError("eval_samples and max_candidates must be >= 1")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.context.calib is None:
@@ -112,39 +148,65 @@ class QuantizePass(OnnxoptPass):
         if not tensors:
             self.note(f"nothing to quantize: no node of {', '.join(sorted(op_types))} has float activations")
             return ir.passes.PassResult(model, modified=False)
+        self._check_sample_count()
+        specs = input_specs(model)
+        fp32 = proto  # what the user gave (after shape inference): the reference for every accuracy and timing
+        if self.equalize or self.bias_correction or self.weight_method != "minmax":
+            proto = onnx.ModelProto()
+            proto.CopyFrom(fp32)
+        self._prepare_weights(proto, op_types, exclude, reduce_range, specs)
 
         calibrator, seen = collect_statistics(
-            proto, tensors, self.context.calib, input_specs(model), samples=self.calib_samples,
+            proto, tensors, self.context.calib, specs, samples=self.calib_samples,
             histograms=self.method != "minmax", threads=self.context.threads, provider=self.context.provider,
         )
+        needed = MIN_SAMPLES[self.method]
+        if seen < needed:
+            raise DataError(f"quantize method '{self.method}' needs at least {needed} calibration samples, the data "
+                            f"({self.context.calib.description}) has {seen}; add samples or use method=minmax")
         opts: dict[str, Any] = {"percentile": self.percentile} if self.method == "percentile" else {}
         ranges = calibrator.compute(self.method, symmetric=self.symmetric_activations, **opts)
-        graph_inputs = [name for name in (spec.name for spec in input_specs(model)) if name in ranges]
+        graph_inputs = [name for name in (spec.name for spec in specs) if name in ranges]
         if self.inputs_minmax and self.method != "minmax" and graph_inputs:
             ranges.update(calibrator.compute("minmax", symmetric=self.symmetric_activations, names=graph_inputs))
             self.note(f"graph input(s) {', '.join(graph_inputs)} keep their min/max range (inputs_minmax)")
+
+        budget = self.accuracy_drop if self.accuracy_drop is not None else self.context.budgets.get("accuracy_drop")
+        evaluator = None
+        if budget is not None or self.sensitivity or (self.max_fp32_layers or 0) > 0:
+            from onnxopt.passes.quantize.budget import Evaluator
+
+            evaluator = Evaluator.build(fp32, self.context, specs, self.eval_samples)
+            exclude = self._mixed_precision(proto, ranges, reduce_range, op_types, exclude, evaluator, budget)
+
         quantized = self._rewrite(proto, ranges, reduce_range, op_types, exclude)
         if self.placement == "auto":
-            chosen = self._place(model, proto, quantized, ranges, reduce_range, op_types, exclude)
+            chosen = self._place(model, proto, quantized, ranges, reduce_range, op_types, exclude, evaluator, budget,
+                                 fp32)
             if chosen is None:
                 self.details.update(method=self.method, calib_samples=seen, ranges=len(ranges), quantized_nodes={})
                 # Still FP32, but a raised opset (per-channel needs 13) is a change of the model.
                 return ir.passes.PassResult(model, modified=opset.default_opset(model) != opset_before)
-            quantized, per_channel = chosen
+            quantized, per_channel, fmt = chosen
         else:
-            per_channel = self.per_channel
+            per_channel, fmt = self.per_channel, self.format
+            self.note("verdict: placement=all quantized without timing against FP32; it may be slower on this CPU")
+        if self.compact:
+            from onnxopt.passes.quantize.compact import compact
+
+            compact(quantized)
         adopt(model, ir.serde.deserialize_model(quantized))
 
-        by_op = _quantized_nodes(quantized, self.format)
+        by_op = _quantized_nodes(quantized, fmt)
         self.details.update(
             method=self.method, calib_samples=seen, ranges=len(ranges), per_channel=per_channel,
-            format=self.format, reduce_range=reduce_range, quantized_nodes=dict(by_op),
-            histogram_bytes=calibrator.nbytes,
+            format=fmt, reduce_range=reduce_range, quantized_nodes=dict(by_op),
+            histogram_bytes=calibrator.nbytes, weight_method=self.weight_method,
         )
         self.note(f"calibrated {len(ranges)} activation tensors on {seen} samples by {self.method}"
                   f"{' (symmetric)' if self.symmetric_activations else ''}")
-        self.note(f"weights int8 {'per channel' if per_channel else 'per tensor'}, activations uint8, "
-                  f"format {self.format}")
+        self.note(f"weights int8 {'per channel' if per_channel else 'per tensor'} ({self.weight_method} ranges), "
+                  f"activations uint8, format {fmt}")
         self.note(f"reduce_range {'on' if reduce_range else 'off'}: {why}")
         if by_op:
             self.note("quantized " + ", ".join(f"{op} x{n}" for op, n in sorted(by_op.items())))
@@ -153,6 +215,113 @@ class QuantizePass(OnnxoptPass):
         return ir.passes.PassResult(model, modified=True)
 
     # ------------------------------------------------------------------------------------------------------------
+    def _check_sample_count(self) -> None:
+        """Fail before any work when the data is known to be too small for the method."""
+        assert self.context.calib is not None
+        count = self.context.calib.num_samples()
+        needed = MIN_SAMPLES[self.method]
+        if count is not None and count < needed:
+            raise DataError(f"quantize method '{self.method}' needs at least {needed} calibration samples, the data "
+                            f"({self.context.calib.description}) has {count}; add samples or use method=minmax")
+
+    def _prepare_weights(self, proto: onnx.ModelProto, op_types: list[str], exclude: list[str], reduce_range: bool,
+                         specs: list[Any]) -> None:
+        """CLE, bias correction and MSE weight clipping, on ``proto`` (a copy: the input model is never touched)."""
+        from onnxopt.passes.quantize import weights_prep
+
+        if self.equalize:
+            from onnxopt.passes.quantize.equalize import equalize
+
+            result = equalize(proto)
+            self.details["equalize"] = vars(result)
+            self.note(f"cross-layer equalization: {result.pairs} conv pair(s) in {result.iterations} iteration(s), "
+                      f"channel range spread {result.spread_before:.1f} -> {result.spread_after:.1f}"
+                      + (f"; {result.skipped_clip} pair(s) behind a Clip (ReLU6) skipped: not scale-equivariant"
+                         if result.skipped_clip else ""))
+        quantize_weight = weights_prep.weight_quantizer(self.per_channel, reduce_range, self.weight_method)
+        targets = [n.name for n in proto.graph.node
+                   if n.op_type in HEAVY_OPS and n.op_type in op_types and n.name not in exclude and n.name]
+        if self.bias_correction:
+            from onnxopt.passes.quantize.bias_correction import correct_biases
+
+            assert self.context.calib is not None
+            shifts = correct_biases(proto, targets, quantize_weight, self.context.calib, specs,
+                                    min(self.calib_samples, 256), self.context.threads)
+            self.details["bias_correction"] = {k: round(v, 6) for k, v in shifts.items()}
+            top = max(shifts.values(), default=0.0)
+            self.note(f"bias correction on {len(shifts)} layer(s) (empirical, calibration data), "
+                      f"largest mean shift removed {top:.3g}")
+        if self.weight_method == "mse":
+            clipped = weights_prep.clip_weights(proto, targets, self.per_channel, reduce_range)
+            self.note(f"weights clipped to their per-{'channel' if self.per_channel else 'tensor'} MSE-optimal "
+                      f"range on {clipped} layer(s) (Lin et al. 2015)")
+        self._quantize_weight = quantize_weight
+
+    def _mixed_precision(self, proto: onnx.ModelProto, ranges: dict[str, Any], reduce_range: bool,
+                         op_types: list[str], exclude: list[str], evaluator: Any, budget: float | None) -> list[str]:
+        """Sensitivity table; with a budget, the shortest prefix of it kept FP32 so that the budget holds."""
+        from onnxopt.passes.quantize.sensitivity import layer_sensitivity
+
+        layers = [n for n in proto.graph.node if n.op_type in HEAVY_OPS and n.op_type in op_types and n.name
+                  and n.name not in exclude and len(n.input) > 1]
+        table = layer_sensitivity(proto, layers, ranges, self._quantize_weight, evaluator.feeds, evaluator.labels,
+                                  reduce_range, self.symmetric_activations, self.context.threads)
+        self.details["sensitivity"] = [row.to_dict() for row in table]
+        if table:
+            worst = table[0]
+            self.note(f"sensitivity of {len(table)} layer(s) (one at a time, simulated int8, {evaluator.what}): "
+                      f"most sensitive {worst.node} (output SQNR {worst.output_sqnr_db:.1f} dB"
+                      + (f", accuracy {worst.accuracy:.4f}" if worst.accuracy is not None else "") + ")")
+        names = [row.node for row in table]
+        cap = len(names) if self.max_fp32_layers is None else min(self.max_fp32_layers, len(names))
+        if budget is None:
+            cap = min(self.max_fp32_layers or 0, len(names))
+            if cap:
+                self.details["mixed_precision"] = {"budget": None, "fp32_layers": names[:cap], "trials": []}
+                self.note(f"mixed precision: kept the {cap} most sensitive layer(s) in FP32 (max_fp32_layers): "
+                          f"{', '.join(names[:cap])}")
+            return exclude + names[:cap]
+
+        def fits(k: int) -> tuple[bool, float]:
+            model = self._rewrite(proto, ranges, reduce_range, op_types, exclude + names[:k])
+            drop = evaluator.drop(model)
+            return drop <= budget + 1e-12, drop
+
+        trials: list[dict[str, Any]] = []
+        ok, drop = fits(0)
+        trials.append({"fp32_layers": 0, "drop": drop})
+        best = 0
+        if not ok and cap:
+            low, high = 0, cap  # fits(low) fails; fits(high) is assumed (all heavy layers FP32 if uncapped)
+            while high - low > 1:
+                mid = (low + high) // 2
+                ok_mid, drop_mid = fits(mid)
+                trials.append({"fp32_layers": mid, "drop": drop_mid})
+                if ok_mid:
+                    high = mid
+                else:
+                    low = mid
+            best = high
+            if best == cap and self.max_fp32_layers is not None:
+                met, drop_cap = fits(cap)
+                trials.append({"fp32_layers": cap, "drop": drop_cap})
+                if not met:
+                    self.note(f"mixed precision: the budget accuracy_drop <= {budget} is missed even with "
+                              f"max_fp32_layers={cap} layer(s) in FP32 (drop {drop_cap:.4f})")
+        kept = names[:best]
+        self.details["mixed_precision"] = {"budget": budget, "metric": evaluator.what, "fp32_layers": kept,
+                                           "trials": trials}
+        if kept:
+            self.note(f"mixed precision: kept {len(kept)} most sensitive layer(s) in FP32 for accuracy_drop <= "
+                      f"{budget} ({evaluator.what}; all-int8 drop {trials[0]['drop']:.4f}): {', '.join(kept)}")
+        elif ok:
+            self.note(f"mixed precision: all layers int8 meet accuracy_drop <= {budget} "
+                      f"(drop {drop:.4f}, {evaluator.what})")
+        else:
+            self.note(f"mixed precision: all-int8 drop {drop:.4f} misses accuracy_drop <= {budget} and "
+                      "max_fp32_layers=0 allows no FP32 layer")
+        return exclude + kept
+
     def _op_types(self) -> list[str]:
         if self.op_types:
             return list(self.op_types)
@@ -187,25 +356,52 @@ class QuantizePass(OnnxoptPass):
         return choice, f"auto, {why}"
 
     def _place(self, model: ir.Model, proto: onnx.ModelProto, full: onnx.ModelProto, ranges: dict[str, Any],
-               reduce_range: bool, op_types: list[str], exclude: list[str]) -> tuple[onnx.ModelProto, bool] | None:
-        """placement=auto: time candidates against FP32; the chosen (model, per_channel), or None to stay FP32.
+               reduce_range: bool, op_types: list[str], exclude: list[str], evaluator: Any = None,
+               budget: float | None = None, fp32: onnx.ModelProto | None = None
+               ) -> tuple[onnx.ModelProto, bool, str] | None:
+        """placement=auto: time candidates against FP32; the chosen (model, per_channel, format), or None for FP32.
 
-        Every candidate reuses ``ranges`` (one calibration); ORT ignores the ranges a candidate does not need.
+        Every candidate reuses ``ranges`` (one calibration); ORT ignores the ranges a candidate does not need. With an
+        accuracy budget a candidate must meet it first; among those left, the fastest wins. ``fp32`` is the user's
+        model when ``proto`` had its weights prepared (CLE, bias correction, clipping).
         """
+        fp32 = proto if fp32 is None else fp32
         from onnxopt.passes.quantize import placement as pl
 
         candidates = [pl.Candidate("all", full)]
-        per_channel_of = {"all": self.per_channel}
+        settings: dict[str, tuple[bool, str]] = {"all": (self.per_channel, self.format)}
         heavy = [op for op in op_types if op in pl.HEAVY_OPS]
+
+        def add(label: str, ops: list[str], skip: list[str], per_channel: bool | None = None,
+                fmt: str | None = None) -> None:
+            if len(candidates) >= self.max_candidates or label in settings:
+                return
+            try:
+                built = self._rewrite(proto, ranges, reduce_range, ops, skip, per_channel=per_channel, fmt=fmt)
+            except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot build is reported, not fatal
+                candidates.append(pl.Candidate(label, None, rejected=f"could not be built: {exc}"[:200]))
+                settings[label] = (self.per_channel, fmt or self.format)
+                return
+            candidates.append(pl.Candidate(label, built))
+            settings[label] = (self.per_channel if per_channel is None else per_channel, fmt or self.format)
+
         if heavy and set(heavy) != set(op_types):
-            candidates.append(pl.Candidate("conv_gemm_matmul", self._rewrite(proto, ranges, reduce_range, heavy,
-                                                                             exclude)))
-            per_channel_of["conv_gemm_matmul"] = self.per_channel
+            add("conv_gemm_matmul", heavy, exclude)
         if heavy and self.per_channel and self.format == "qdq":
-            label = "conv_gemm_matmul_per_tensor"
-            candidates.append(pl.Candidate(label, self._rewrite(proto, ranges, reduce_range, heavy, exclude,
-                                                                per_channel=False)))
-            per_channel_of[label] = False
+            add("conv_gemm_matmul_per_tensor", heavy, exclude, per_channel=False)
+        base, base_ops = ("conv_gemm_matmul", heavy) if set(heavy) != set(op_types) else ("all", op_types)
+        regions = {label: nodes for label, nodes in pl.regions(proto, heavy).items()
+                   if nodes and not set(nodes) <= set(exclude)}
+        for label, nodes in regions.items():
+            add(f"{base}_fp32_{label}", base_ops, sorted(set(exclude) | set(nodes)))
+        union = sorted(set(exclude).union(*regions.values())) if len(regions) > 1 else []
+        if union and len(union) < len([n for n in proto.graph.node if n.op_type in heavy]):
+            add(f"{base}_fp32_{'+'.join(regions)}", base_ops, union)
+        if self.format == "qdq" and heavy:
+            add("qoperator", op_types, exclude, fmt="qoperator")
+            if "depthwise" in regions:  # int8 depthwise kernels are the usual loss on x86
+                add("qoperator_fp32_depthwise", op_types, sorted(set(exclude) | set(regions["depthwise"])),
+                    fmt="qoperator")
 
         specs = input_specs(model)
         feeds = []
@@ -214,8 +410,10 @@ class QuantizePass(OnnxoptPass):
             if len(feeds) >= pl.AGREEMENT_SAMPLES:
                 break
         threads, provider = self.context.threads, self.context.provider
-        reference = pl.first_outputs(proto, feeds, threads, provider)
+        reference = pl.first_outputs(fp32, feeds, threads, provider)
         for cand in candidates:
+            if cand.rejected is not None or cand.model is None:
+                continue
             try:
                 cand.agreement = pl.top1_agreement(reference, pl.first_outputs(cand.model, feeds, threads, provider))
             except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot run is dropped, not fatal
@@ -223,12 +421,16 @@ class QuantizePass(OnnxoptPass):
                 continue
             if cand.agreement < pl.MIN_AGREEMENT:
                 cand.rejected = f"top-1 agreement {cand.agreement:.3f} < {pl.MIN_AGREEMENT}"
+            elif budget is not None and evaluator is not None:
+                cand.drop = evaluator.drop(cand.model)
+                if cand.drop > budget + 1e-12:
+                    cand.rejected = f"accuracy drop {cand.drop:.4f} > budget {budget}"
 
         shapes = dict(self.context.input_shapes) or (
             {name: tuple(shape) for name, shape in zip([s.name for s in specs], [feeds[0][s.name].shape for s in specs])}
             if feeds else {})
         timed = [c for c in candidates if c.rejected is None]
-        models = {pl.FP32: proto, **{c.label: c.model for c in timed}}
+        models = {pl.FP32: fp32, **{c.label: c.model for c in timed}}
         medians = pl.time_models(models, threads, shapes) if timed else {}
         fp32_ms = medians.get(pl.FP32)
         for cand in timed:
@@ -238,10 +440,25 @@ class QuantizePass(OnnxoptPass):
             elif fp32_ms:
                 cand.speedup = fp32_ms / cand.median_ms
         chosen = pl.choose(candidates, fp32_ms) if fp32_ms else None
+        confirmations = []
+        while chosen is not None:
+            if len(confirmations) >= pl.CONFIRMATIONS:
+                chosen = None  # the tries are spent: stay FP32 rather than trust an unconfirmed timing
+                break
+            # A second, two-model run against FP32: one burst of load on a shared machine cannot pick a winner.
+            again = pl.time_models({pl.FP32: fp32, chosen.label: chosen.model}, threads, shapes)
+            ratio = again[pl.FP32] / again[chosen.label] if again.get(chosen.label) else 0.0
+            confirmations.append({"label": chosen.label, "fp32_ms": again.get(pl.FP32),
+                                  "median_ms": again.get(chosen.label), "speedup": ratio})
+            if ratio >= pl.MIN_SPEEDUP:
+                break
+            chosen.rejected = f"not confirmed: {ratio:.2f}x FP32 when timed again"
+            chosen = pl.choose(candidates, fp32_ms)
 
         self.details["placement"] = {
             "fp32_ms": fp32_ms, "chosen": chosen.label if chosen else pl.FP32,
             "candidates": [c.to_dict() for c in candidates], "agreement_samples": len(feeds),
+            "confirmations": confirmations,
         }
         parts = [f"fp32 {fp32_ms:.3f} ms" if fp32_ms else "fp32 not timed"]
         for cand in candidates:
@@ -255,20 +472,25 @@ class QuantizePass(OnnxoptPass):
         self.note("placement candidates (batch 1, median): " + "; ".join(parts))
         if chosen is None:
             ratios = [c.speedup for c in candidates if c.rejected is None and c.speedup is not None]
-            if ratios:
+            if confirmations:
+                why = (f"no int8 candidate stayed faster than FP32 when timed again ("
+                       + ", ".join(f"{c['label']} {c['speedup']:.2f}x" for c in confirmations) + ")")
+            elif ratios:
                 why = f"int8 is slower than FP32 on this CPU (best candidate {max(ratios):.2f}x)"
             else:
-                why = "no int8 candidate both agrees with FP32 and could be timed"
+                why = "no int8 candidate both meets the accuracy checks and could be timed"
             self.note(f"verdict: {why}; kept the model in FP32")
             self.details["placement"]["verdict"] = f"{why}; kept the model in FP32"
             return None
-        self.note(f"verdict: kept {chosen.label} ({chosen.speedup:.2f}x FP32)")
+        confirmed = confirmations[-1]["speedup"] if confirmations else chosen.speedup
+        self.note(f"verdict: kept {chosen.label} ({chosen.speedup:.2f}x FP32, {confirmed:.2f}x when timed again)")
         self.details["placement"]["verdict"] = f"kept {chosen.label}"
         assert chosen.model is not None
-        return chosen.model, per_channel_of[chosen.label]
+        per_channel, fmt = settings[chosen.label]
+        return chosen.model, per_channel, fmt
 
     def _rewrite(self, proto: onnx.ModelProto, ranges: dict[str, Any], reduce_range: bool, op_types: list[str],
-                 exclude: list[str], per_channel: bool | None = None) -> onnx.ModelProto:
+                 exclude: list[str], per_channel: bool | None = None, fmt: str | None = None) -> onnx.ModelProto:
         """ORT's quantizer on ``proto`` with our ranges (it never calibrates); returns the quantized model."""
         from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
         from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
@@ -289,7 +511,7 @@ class QuantizePass(OnnxoptPass):
         proto = onnx.ModelProto()
         proto.CopyFrom(original)  # ORT rewrites the graph it is given in place; placement reuses the original
         with _quiet_ort():
-            if self.format == "qdq":
+            if (fmt or self.format) == "qdq":
                 quantizer: Any = QDQQuantizer(proto, **common)
             else:
                 quantizer = ONNXQuantizer(proto, mode=QuantizationMode.QLinearOps, static=True, **common)

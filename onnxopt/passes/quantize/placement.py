@@ -23,6 +23,8 @@ FP32 = "fp32"
 MIN_AGREEMENT = 0.98
 MIN_SPEEDUP = 1.02
 AGREEMENT_SAMPLES = 64
+#: Second timing runs (the winner alone against FP32) before a winner is accepted; each failure tries the next.
+CONFIRMATIONS = 2
 WARMUP = 5
 REPEATS = 30
 
@@ -35,10 +37,14 @@ class Candidate:
     speedup: float | None = None  # FP32 median / this median
     agreement: float | None = None
     rejected: str | None = None
+    drop: float | None = None  # accuracy (or agreement) lost, when there is a budget
 
     def to_dict(self) -> dict[str, object]:
-        return {"label": self.label, "median_ms": self.median_ms, "speedup": self.speedup,
-                "agreement": self.agreement, "rejected": self.rejected}
+        out: dict[str, object] = {"label": self.label, "median_ms": self.median_ms, "speedup": self.speedup,
+                                  "agreement": self.agreement, "rejected": self.rejected}
+        if self.drop is not None:
+            out["drop"] = self.drop
+        return out
 
 
 def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
@@ -51,6 +57,41 @@ def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
                          input_shapes=dict(input_shapes))
     report = benchmark([models[label] for label in labels], config, labels=labels)
     return {r.label: r.median_ms for r in report.results}
+
+
+def regions(model: onnx.ModelProto, heavy: Sequence[str]) -> dict[str, list[str]]:
+    """Node groups whose int8 version is often slower, each a candidate left in FP32: the first conv (3 input
+    channels, little work), depthwise convs (int8 kernels barely help them), the classifier head (last heavy node)
+    and convs feeding or fed by hard-swish (x * relu6(x + 3) / 6: its Mul/Div stay FP32 and force Q/DQ pairs)."""
+    inits = {init.name: init for init in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in heavy and n.name]
+    found: dict[str, list[str]] = {}
+    if nodes:
+        found["first"] = [nodes[0].name]
+        found["head"] = [nodes[-1].name]
+    depthwise = []
+    for n in nodes:
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        w = inits.get(n.input[1]) if len(n.input) > 1 else None
+        if n.op_type == "Conv" and group > 1 and w is not None and len(w.dims) > 1 and w.dims[1] == 1:
+            depthwise.append(n.name)
+    found["depthwise"] = depthwise
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    producer: dict[str, onnx.NodeProto] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+        for name in n.output:
+            producer[name] = n
+    swish = []
+    for n in nodes:
+        near = [c.op_type for c in consumers.get(n.output[0], [])]
+        source = producer.get(n.input[0])
+        near += [source.op_type] if source is not None else []
+        if "HardSwish" in near or ("Div" in near or "Mul" in near) and "Conv" == n.op_type:
+            swish.append(n.name)
+    found["hardswish"] = swish
+    return found
 
 
 def top1_agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
@@ -83,4 +124,4 @@ def choose(candidates: list[Candidate], fp32_ms: float) -> Candidate | None:
     return best if (best.speedup or 0.0) >= MIN_SPEEDUP else None
 
 
-__all__ = ["FP32", "HEAVY_OPS", "Candidate", "choose", "first_outputs", "time_models", "top1_agreement"]
+__all__ = ["FP32", "HEAVY_OPS", "Candidate", "choose", "first_outputs", "regions", "time_models", "top1_agreement"]

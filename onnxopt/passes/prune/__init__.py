@@ -1,0 +1,1 @@
+"""Structured channel pruning on ONNX graphs (pass ``prune``); see :mod:`onnxopt.passes.prune.pass_`."""

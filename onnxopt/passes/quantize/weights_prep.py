@@ -1,0 +1,68 @@
+"""The weight grid ONNX Runtime's quantizer will use, reproduced in numpy, and MSE-optimal clipping of the weights.
+
+ORT quantizes weights by their min/max. To give it our MSE-optimal ranges (Lin et al. 2015) without patching it, the
+weights it receives (a copy; never the user's model) are clipped per channel to that range: their min/max then *is*
+the range. Values beyond it would have been clipped by the int8 grid anyway, so the clip changes nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxopt.passes.quantize.qparams import fake_quantize
+from onnxopt.passes.quantize.weights import weight_quant_params, weight_range
+
+
+def weight_axis(node: onnx.NodeProto, per_channel: bool, ndim: int) -> int | None:
+    """The channel axis ORT quantizes a weight along: Conv out-channels, Gemm rows of B (or columns), MatMul last."""
+    if not per_channel or ndim < 2:
+        return None
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+    return ndim - 1
+
+
+def weight_quantizer(per_channel: bool, reduce_range: bool,
+                     method: str = "minmax") -> Callable[[onnx.NodeProto, np.ndarray], np.ndarray]:
+    """(node, weight) -> the weight after int8 symmetric fake quantization as the quantizer will store it."""
+
+    def apply(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
+        axis = weight_axis(node, per_channel, weight.ndim)
+        params = weight_quant_params(weight, axis=axis, method=method, reduce_range=reduce_range, name=node.name)
+        return fake_quantize(weight, params, axis=axis)
+
+    return apply
+
+
+def clip_weights(model: onnx.ModelProto, nodes: Sequence[str], per_channel: bool, reduce_range: bool) -> int:
+    """Clip the float weights of the named nodes to their MSE-optimal range, in place; the number of layers clipped."""
+    inits = {init.name: init for init in model.graph.initializer}
+    wanted = set(nodes)
+    done = 0
+    for node in model.graph.node:
+        if node.name not in wanted or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        init = inits[node.input[1]]
+        if init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        weight = numpy_helper.to_array(init)
+        axis = weight_axis(node, per_channel, weight.ndim)
+        rng = weight_range(weight, axis=axis, method="mse", reduce_range=reduce_range, name=node.name)
+        if axis is None:
+            low, high = np.float32(rng.low), np.float32(rng.high)
+        else:
+            shape = [1] * weight.ndim
+            shape[axis] = -1
+            low, high = np.reshape(rng.low, shape), np.reshape(rng.high, shape)
+        init.CopyFrom(numpy_helper.from_array(np.clip(weight, low, high).astype(np.float32), init.name))
+        done += 1
+    return done
+
+
+__all__ = ["clip_weights", "weight_axis", "weight_quantizer"]

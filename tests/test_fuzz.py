@@ -1,0 +1,123 @@
+"""Property tests: random conv nets (tests/fuzz_models.py) through the passes and the bridge, with each one's oracle,
+and random corruptions of a valid file through the loader. Bounded (a dozen examples each) and derandomized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import onnxopt
+from fuzz_models import FUZZ_SETTINGS, conv_nets, corrupt, corruptions
+from onnx_builders import conv_classifier, relative_error, run
+from onnxopt.errors import BadInputError, OnnxoptError
+from onnxopt.modelio import as_ir_model, load_model, to_proto
+
+
+def _optimize(net, recipe, calib=None, **kwargs):
+    feeds = net.feeds(batch=16, seed=1)
+    data = None if calib is None else {"input": feeds["input"]}
+    return onnxopt.optimize(net.model, recipe=recipe, calib=data, eval={"input": feeds["input"]},
+                            measure_latency=False, seed=0, **kwargs)
+
+
+@FUZZ_SETTINGS
+@given(net=conv_nets())
+def test_normalize_keeps_outputs(net):
+    """normalize is exact: outputs within 1e-4 of the input model's, a checker-valid model, BN folded after Conv."""
+    result = _optimize(net, ["normalize"])
+    onnx.checker.check_model(result.model, full_check=True)
+    feeds = net.feeds(batch=4, seed=2)
+    error = relative_error(run(net.model, feeds), run(result.model, feeds))
+    assert error <= 1e-4, f"{net.describe()}: relative error {error:.2e}"
+    assert result.model.opset_import[0].version >= 13
+
+
+@FUZZ_SETTINGS
+@given(net=conv_nets())
+def test_quantize_gives_valid_agreeing_model(net):
+    """quantize: a valid model that runs, with the same output shape, and mostly the same top-1 on its calibration
+    distribution (random nets can have near-tied logits, so the bar is a majority, not 100%)."""
+    result = _optimize(net, [{"name": "quantize", "params": {"placement": "all", "calib_samples": 16}}], calib=True)
+    model = result.model
+    onnx.checker.check_model(model, full_check=True)
+    feeds = net.feeds(batch=32, seed=1)
+    reference, quantized = run(net.model, feeds)[0], run(model, feeds)[0]
+    assert quantized.shape == reference.shape and np.all(np.isfinite(quantized))
+    quantized_nodes = sum(n.op_type in ("QuantizeLinear", "QLinearConv") for n in model.graph.node)
+    agreement = float(np.mean(reference.argmax(-1) == quantized.argmax(-1)))
+    if quantized_nodes:
+        assert agreement >= 0.5, f"{net.describe()}: top-1 agreement {agreement:.0%}"
+    fidelity = result.report.to_dict()["steps"][-1]["fidelity_vs_original"]
+    assert fidelity is not None and fidelity["samples"] > 0, "the report must carry the fidelity figures"
+
+
+@FUZZ_SETTINGS
+@given(net=conv_nets(), ratio=st.sampled_from([0.25, 0.5]))
+def test_prune_gives_valid_smaller_model(net, ratio):
+    """prune: a checker-valid model with the same input/output signature and no more parameters than before, or a
+    clear refusal (nothing to prune)."""
+    from onnxopt.stats import model_stats
+
+    try:
+        result = _optimize(net, ["normalize", {"name": "prune", "params": {"ratio": ratio}}])
+    except OnnxoptError as exc:
+        assert "prune" in str(exc), str(exc)
+        return
+    onnx.checker.check_model(result.model, full_check=True)
+    feeds = net.feeds(batch=2, seed=3)
+    out = run(result.model, feeds)[0]
+    assert out.shape == (2, net.classes) and np.all(np.isfinite(out))
+    assert model_stats(result.ir_model).params <= model_stats(as_ir_model(net.model)).params
+
+
+@FUZZ_SETTINGS
+@given(net=conv_nets())
+def test_bridge_matches_onnxruntime(net):
+    """The torch bridge runs every generated net like ONNX Runtime (1e-4 relative)."""
+    torch = pytest.importorskip("torch")
+    from onnxopt.bridge import to_torch
+
+    torch.set_num_threads(1)
+    feeds = net.feeds(batch=3, seed=4)
+    module = to_torch(net.model)
+    with torch.no_grad():
+        out = module(torch.from_numpy(feeds["input"]))
+    error = relative_error(run(net.model, feeds), [out.numpy()])
+    assert error <= 1e-4, f"{net.describe()}: bridge vs ORT relative error {error:.2e}"
+
+
+@pytest.fixture(scope="module")
+def valid_model_bytes() -> bytes:
+    return conv_classifier(channels=4).SerializeToString()
+
+
+@FUZZ_SETTINGS
+@given(damage=corruptions())
+def test_loader_on_corrupted_protobufs(tmp_path_factory, valid_model_bytes, damage):
+    """A damaged file either raises BadInputError or loads as a model that passes the checker: nothing else."""
+    path = tmp_path_factory.mktemp("corrupt") / "m.onnx"
+    path.write_bytes(corrupt(valid_model_bytes, *damage))
+    try:
+        model = load_model(path)
+    except BadInputError as exc:
+        assert str(path) in str(exc) or path.name in str(exc), str(exc)
+        return
+    onnx.checker.check_model(to_proto(model))
+
+
+def test_loader_fuzz_covers_both_outcomes(tmp_path: Path):
+    """The corruption generator reaches both branches (a guard against a test that only ever takes one)."""
+    model = conv_classifier(channels=4)
+    data = model.SerializeToString()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(corrupt(data, [], len(data) // 2))
+    with pytest.raises(BadInputError):
+        load_model(path)
+    weight = data.find(model.graph.initializer[0].raw_data)
+    path.write_bytes(corrupt(data, [(weight, 0x01)], None))  # the lowest mantissa bit of the first weight
+    onnx.checker.check_model(to_proto(load_model(path)))

@@ -1,0 +1,73 @@
+"""The quantization benchmark's own logic: target verdicts, weight coverage, data overlap (no timing, no peers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("quant_bench", ROOT / "benchmarks" / "quantization.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quant_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(bench, ours_acc: float, peer_acc: float, speed: float, ours_s: float, ort_s: float) -> dict:  # noqa: ANN001
+    return {"rows": {
+        bench.FP32: {"family": "FP32", "accuracy": 0.98, "size": 1000, "int8_weights": 0, "heavy_nodes": 4},
+        bench.OURS: {"family": "ours", "accuracy": ours_acc, "size": 280, "int8_weights": 4, "heavy_nodes": 4,
+                     "speed": {"b1_t1": speed, "b8_t2": 1.1}, "seconds": ours_s},
+        bench.OURS_ALL: {"family": "ours", "accuracy": ours_acc, "size": 350, "int8_weights": 3, "heavy_nodes": 4},
+        bench.ORT_DEFAULT: {"family": "ORT", "accuracy": peer_acc, "size": 400, "int8_weights": 4,
+                            "heavy_nodes": 4, "seconds": ort_s},
+        "broken peer": {"family": "onnxsim", "error": "exit 1"}}}
+
+
+def test_targets_pass_and_fail_from_the_figures() -> None:
+    bench = _bench()
+    good = {c["target"]: c["pass"] for c in bench.targets(_result(bench, 0.978, 0.97, 1.0, 1.0, 2.0))}
+    assert good["accuracy drop <= 0.5 pt"] is True
+    assert good["accuracy >= every peer"] is True
+    assert good["latency ratio >= 0.98 (every setting, median-based)"] is True
+    assert good[f"size <= 0.30x where all weights int8 [{bench.OURS}]"] is True
+    assert good[f"size <= 0.30x where all weights int8 [{bench.OURS_ALL}]"] is None  # 3/4 int8: not applicable
+    assert good["MinMax wall time <= ORT quantize_static MinMax"] is True
+    bad = {c["target"]: c["pass"] for c in bench.targets(_result(bench, 0.97, 0.975, 0.9, 3.0, 2.0))}
+    assert bad["accuracy drop <= 0.5 pt"] is False
+    assert bad["accuracy >= every peer"] is False
+    assert bad["latency ratio >= 0.98 (every setting, median-based)"] is False
+    assert bad["MinMax wall time <= ORT quantize_static MinMax"] is False
+
+
+def test_weight_coverage_counts_int8_weights(tmp_path: Path) -> None:
+    bench = _bench()
+    w = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w")
+    wq = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.int8), "wq")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "s"], ["wd"]),
+             helper.make_node("Conv", ["x", "wd"], ["y1"]), helper.make_node("Conv", ["x", "w"], ["y2"]),
+             helper.make_node("Add", ["y1", "y2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, wq, scale])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    int8, total, counts = bench.weight_coverage(path)
+    assert (int8, total, counts["DequantizeLinear"]) == (1, 2, 1)
+    assert bench.model_bytes(path) == onnx.load(str(path)).ByteSize()
+
+
+def test_overlap_between_calibration_and_evaluation(tmp_path: Path) -> None:
+    bench = _bench()
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    a = bench.write_npz(tmp_path / "a.npz", x[:4], np.zeros(4), "x")
+    b = bench.write_npz(tmp_path / "b.npz", x[3:], np.zeros(3), "x")
+    assert bench.overlap_count(a, b) == 1
