@@ -75,13 +75,17 @@ def normalized(model: onnx.ModelProto, fold: bool) -> onnx.ModelProto:
 
 
 def prune_bn_kept(base_bn: onnx.ModelProto, criterion: str, target: float,
-                  context: PassContext) -> tuple[onnx.ModelProto, PrunePass]:
+                  context: PassContext, depth: float = 0.0) -> tuple[onnx.ModelProto, PrunePass]:
     """Prune the BN-kept model (so that fine-tuning still has BatchNorm); the caller folds BN before measuring."""
-    step = PrunePass(macs_ratio=target, criterion=criterion, taylor_samples=64).bind(context)
+    step = PrunePass(macs_ratio=target, criterion=criterion, taylor_samples=64, depth=depth).bind(context)
     return step.apply(base_bn), step
 
 
 # ---------------------------------------------------------------------------------------------------------- models
+#: Rendered text lines the Paddle model is fine-tuned on (``--paddle-train``).
+PADDLE_TRAIN = 1000
+
+
 def models_to_run(only: list[str] | None, need_train: bool = True) -> list[dict[str, Any]]:
     from onnxopt import zoo
 
@@ -109,7 +113,7 @@ def models_to_run(only: list[str] | None, need_train: bool = True) -> list[dict[
     paddle = Path(rapidocr_onnxruntime.__file__).parent / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
     x_cal, y_cal = render_textlines(200, seed=11)
     x_ev, y_ev = render_textlines(400, seed=12)
-    train = render_textlines(1000, seed=13) if need_train else None
+    train = render_textlines(PADDLE_TRAIN, seed=13) if need_train else None
     found.append({"name": "paddle_cls", "path": paddle, "torch": None, "calib": (x_cal, y_cal),
                   "eval": (x_ev, y_ev), "train": train, "input": "x"})
     return [m for m in found if not only or m["name"].split(" ")[0] in only]
@@ -293,7 +297,8 @@ def recover_model(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, A
                     notes.append("onnxsim: no sparsity up to 95% removes half the MACs; not recovered")
                     continue
             else:
-                pruned_bn = prune_bn_kept(base_bn, method.removeprefix("onnxopt-"), 0.5, context)[0]
+                criterion, _, depth = method.removeprefix("onnxopt-").partition("+depth")
+                pruned_bn = prune_bn_kept(base_bn, criterion, 0.5, context, float(depth or 0.0))[0]
             prune_s = time.perf_counter() - started
             pruned = normalized(pruned_bn, True)
             recovered = distill_recover(pruned_bn, base, spec, args.distill_epochs)
@@ -305,7 +310,8 @@ def recover_model(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, A
                              input_shapes=shapes)
         report = benchmark([as_ir_model(m) for m in (base, pruned, recovered)], config, labels=["o", "p", "r"])
         ms = {k: report.result(k, 1, 1).median_ms for k in "opr"}  # type: ignore[union-attr]
-        row = {"method": method, "epochs": args.distill_epochs, "macs": stats.macs, "params": stats.params,
+        row = {"method": method, "epochs": args.distill_epochs, "train_samples": int(len(spec["train"][1])),
+               "macs": stats.macs, "params": stats.params,
                "macs_ratio": round(base_stats.macs / stats.macs, 3),
                "accuracy_original": base_acc, "accuracy_pruned": accuracy(pruned, x_ev, y_ev, input_name),
                "accuracy_recovered": accuracy(recovered, x_ev, y_ev, input_name),
@@ -360,6 +366,12 @@ def target_rows(results: list[dict[str, Any]], recoveries: dict[str, dict[str, A
 
 
 # ---------------------------------------------------------------------------------------------------------- report
+def _train_note(row: dict[str, Any]) -> str:
+    """' (N lines)' for Paddle rows trained on other than the default 1000 rendered lines."""
+    n = row.get("train_samples")
+    return f" ({n} lines)" if row.get("model") == "paddle_cls" and n and n != 1000 else ""
+
+
 def _pf(ok: bool | None) -> str:
     return "-" if ok is None else ("**pass**" if ok else "FAIL")
 
@@ -379,8 +391,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if targets:
         lines += ["## Targets at 2x fewer MACs (after distillation recovery)", "",
                   "Recipe: `normalize` (fold_batchnorm=False) -> `prune` (macs_ratio=0.5) -> `distill` (KD, the pass "
-                  "default; teacher = the original; epochs as listed, lr 0.01, SGD; train split: 1097 digits / 1000 "
-                  "rendered lines (seed 13), kept epoch chosen on "
+                  "default; teacher = the original; epochs as listed, lr 0.01, SGD; train split: 1097 digits / "
+                  "rendered lines (seed 13; 1000 unless the epochs column says otherwise), kept epoch chosen on "
                   "the calibration split, never on the eval set) -> `normalize` (BN folded). Targets from the issue: "
                   "MACs ratio >= 2; ORT speed-up of the pruned model >= 1.6x at batch 1; accuracy after recovery "
                   "within 1 point of the unpruned model; better accuracy than onnxsim's pruning at equal MACs. "
@@ -402,7 +414,7 @@ def markdown(doc: dict[str, Any]) -> str:
             beats = _pf(t["pass_vs_onnxsim"]) + " (before recovery)" if beats is None else (
                 "**pass**" if beats == "pass" else beats)
             lines.append(
-                f"| {t['model']} | {t['method']} | {t['epochs']} | {t['macs_ratio']:.2f}x | "
+                f"| {t['model']} | {t['method']} | {t['epochs']}{_train_note(t)} | {t['macs_ratio']:.2f}x | "
                 f"{t['speedup_pruned']:.2f}x / "
                 f"{t['speedup_recovered']:.2f}x; {sweep} | {t['accuracy_original']:.2%} | {t['accuracy_pruned']:.2%} | "
                 f"{t['accuracy_recovered']:.2%} | {sim} | {sim_rec} | {_pf(t['pass_speedup'])} | "
@@ -444,8 +456,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="model names (default: all found)")
     parser.add_argument("--criteria", nargs="*", default=list(CRITERIA))
     parser.add_argument("--repeats", type=int, default=60)
-    parser.add_argument("--distill-epochs", type=int, default=6)
-    parser.add_argument("--distill-methods", nargs="*", default=["onnxopt-l1", "onnxopt-taylor", "torch-pruning"])
+    parser.add_argument("--distill-epochs", type=int, default=30)
+    parser.add_argument("--distill-methods", nargs="*",
+                        default=["onnxopt-l1", "onnxopt-l1+depth0.5", "onnxopt-l1+depth1.0", "onnxopt-taylor+depth0.5",
+                                 "torch-pruning"],
+                        help="onnxopt-CRITERION[+depthD] (prune with depth=D), torch-pruning, onnxsim")
     parser.add_argument("--recovery-only", action="store_true",
                         help="only the recovery rows at 2x fewer MACs; written to --parts-dir, merged by --render")
     parser.add_argument("--render", action="store_true",
@@ -453,7 +468,10 @@ def main() -> None:
     parser.add_argument("--parts-dir", default="/tmp/onnxopt_pruning_parts",
                         help="where --recovery-only writes one JSON per model (merged into <out>.json by --render)")
     parser.add_argument("--out", default=str(ROOT / "reports" / "pruning"))
+    parser.add_argument("--paddle-train", type=int, default=PADDLE_TRAIN,
+                        help="rendered text lines in the Paddle model's training split (seed 13)")
     args = parser.parse_args()
+    globals()["PADDLE_TRAIN"] = args.paddle_train
     out, parts = Path(args.out), Path(args.parts_dir)
     started = time.perf_counter()
     if args.recovery_only:

@@ -369,13 +369,19 @@ def distill(student: str, teacher: str, output: str, data: str, eval_: str | Non
 @click.option("--allocation", type=click.Choice(["global", "uniform"]), default="global", show_default=True)
 @click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
               help="Round kept channel counts to a multiple of this (e.g. 8).")
+@click.option("--depth", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="Fraction of removable blocks (residual branches, same-shape layers) removed first, least "
+                   "important (measured on --calib, else random inputs) first.")
+@click.option("--keep-batchnorm/--fold-batchnorm", default=False, show_default=True,
+              help="Keep BatchNormalization in the pruned model (for a distill pass that follows: recovery works "
+                   "far better with BN; fold it afterwards with normalize). bn_scale always keeps it.")
 @click.option("--protect", multiple=True, metavar="NODE", help="Node left whole (repeatable).")
-@click.option("--calib", help="Calibration data (taylor criterion): .npz, folder of .npy, images, or random[:N].")
+@click.option("--calib", help="Calibration data (taylor criterion, depth importance): .npz, folder of .npy, images, or random[:N].")
 @click.option("--eval", "eval_", help="Evaluation data (labels as 'y' in .npz or folder-per-class images).")
 @_run_options
 def prune(model: str, output: str, ratio: float | None, macs_ratio: float | None, latency_ratio: float | None,
-          criterion: str, allocation: str, round_to: int, protect: tuple[str, ...], calib: str | None,
-          eval_: str | None, preprocess: str | None, input_shapes: tuple[str, ...], budgets: tuple[str, ...],
+          criterion: str, allocation: str, round_to: int, depth: float, keep_batchnorm: bool,
+          protect: tuple[str, ...], calib: str | None, eval_: str | None, preprocess: str | None, input_shapes: tuple[str, ...], budgets: tuple[str, ...],
           report: str | None, seed: int | None, threads: int | None, no_latency: bool, quiet: bool) -> None:
     """Structured channel pruning of MODEL (normalize, then prune), validated and reported like optimize."""
     from onnxopt.api import optimize as run_optimize
@@ -384,11 +390,11 @@ def prune(model: str, output: str, ratio: float | None, macs_ratio: float | None
 
     try:
         step = PrunePass(ratio=ratio, macs_ratio=macs_ratio, latency_ratio=latency_ratio, criterion=criterion,
-                         allocation=allocation, round_to=round_to, protect=list(protect))
+                         allocation=allocation, round_to=round_to, protect=list(protect), depth=depth)
     except ValueError as exc:
         raise BadInputError(f"prune: {exc}") from None
     result = run_optimize(
-        model, [NormalizePass(fold_batchnorm=criterion != "bn_scale"), step], calib, eval_,
+        model, [NormalizePass(fold_batchnorm=criterion != "bn_scale" and not keep_batchnorm), step], calib, eval_,
         input_shapes=parse_input_shapes(input_shapes), budgets=list(budgets), seed=seed, output=output,
         report=report, preprocess=preprocess, threads=threads, measure_latency=not no_latency, quiet=quiet,
     )

@@ -455,3 +455,12 @@ def test_python_api_with_model_teacher_and_callable_augment(pair, tmp_path):
     assert step.details["teacher"] == step.params["teacher"]
     assert calls and (tmp_path / "api.onnx").is_file()
     assert step.metrics.accuracy > result.report.steps[0].metrics.accuracy
+
+
+def test_min_steps_adds_epochs_until_enough_optimizer_steps(pair):
+    """96 samples at batch 32 are 3 steps per epoch: min_steps=10 turns 2 epochs into 4; fewer steps change nothing."""
+    teacher = OrtTeacher(onnx.load(pair["teacher"]))
+    for min_steps, epochs in ((10, 4), (3, 2)):
+        cfg = DistillConfig(method="kd", epochs=2, lr=0.05, batch_size=32, seed=0, threads=1, min_steps=min_steps)
+        result = train(_module(pair["student"]), teacher, _arrays(pair["data"]), None, cfg, input_names=["input"])
+        assert len(result.history) == epochs

@@ -103,6 +103,21 @@ def test_budgets_judged_per_point_and_selection_with_fallback():
     assert chosen.label == "b" and "no stage meets every budget" in reason
 
 
+def test_latency_ties_go_to_the_smaller_file():
+    """Within LATENCY_TIE of the fastest (timing noise), --target latency keeps the smaller model."""
+    original = _point("input", 1.0, 1000, 0.95, stage="input")
+    fp32 = _point("normalize", 0.500, 600, 0.95)
+    int8 = _point("quantize", 0.507, 180, 0.95)  # 1.4% slower, 3.3x smaller
+    slow = _point("slow", 0.600, 100, 0.95)  # smallest, but clearly slower
+    budgets = parse_budgets(["accuracy_drop=0.01"])
+    for p in (original, fp32, int8, slow):
+        p.verdicts = judge_point(budgets, original, p)
+    chosen, reason = choose([original, fp32, int8, slow], "latency")
+    assert chosen is int8 and "within 3% of the fastest" in reason
+    chosen, _ = choose([original, fp32, slow], "latency")
+    assert chosen is fp32
+
+
 def test_unlabelled_points_use_top1_agreement():
     original = _point("input", 1.0, 100, None, stage="input")
     agree = _point("q", 0.5, 50, None, agreement=0.995)
@@ -130,6 +145,15 @@ def test_distill_is_skipped_without_prune(monkeypatch):
     recipe, notes = end_to_end_recipe()
     assert [s.name for s in recipe.passes] == ["normalize", "quantize"]
     assert any("'distill' skipped: it recovers what 'prune' loses" in n for n in notes)
+
+
+def test_target_size_quantizes_everything_the_budget_allows():
+    from onnxopt.pipeline.search import target_overrides
+
+    recipe, _ = end_to_end_recipe(target_overrides("size"))
+    if "quantize" in registry.available():
+        assert [s.params for s in recipe.passes if s.name == "quantize"] == [{"placement": "all"}]
+    assert target_overrides("latency") is None
 
 
 def test_search_recipes_are_bounded_valid_and_start_with_the_base():

@@ -44,7 +44,7 @@ TARGETS: tuple[str, ...] = ("latency", "size")
 #: second normalize folds it before quantization.
 END_TO_END_RECIPE: tuple[tuple[str, dict[str, Any]], ...] = (
     ("normalize", {"fold_batchnorm": False}),
-    ("prune", {"ratio": 0.5}),
+    ("prune", {"macs_ratio": 0.5, "depth": 0.5}),
     ("distill", {"min_steps": 300}),
     ("normalize", {}),
     ("quantize", {}),
@@ -52,13 +52,17 @@ END_TO_END_RECIPE: tuple[tuple[str, dict[str, Any]], ...] = (
 END_TO_END_PASSES: tuple[str, ...] = tuple(dict.fromkeys(name for name, _ in END_TO_END_RECIPE))
 END_TO_END_SOURCE = "end-to-end default"
 DEFAULT_MAX_CANDIDATES = 8
+#: Stages whose latency is within this fraction of the fastest count as equally fast (the round-robin timings of
+#: one file timed twice differ by about that much here); among them ``--target latency`` keeps the smallest.
+LATENCY_TIE = 0.03
 #: ``optimize --example`` without a recipe: the torch-free part of the end-to-end recipe.
 EXAMPLE_PASSES: tuple[str, ...] = ("normalize", "quantize")
 
 #: (pass, parameter, values to try): a value the pass does not accept is left out; a parameter annotated
 #: ``Literal[...]`` is searched over its own choices when ``values`` is empty.
 SEARCH_AXES: tuple[tuple[str, str, tuple[Any, ...]], ...] = (
-    ("prune", "ratio", (0.3, 0.5, 0.7)),
+    ("prune", "depth", (1.0, 0.0, 0.5)),
+    ("prune", "macs_ratio", (0.7, 0.3, 0.5)),
     ("quantize", "method", ("minmax", "entropy", "mse", "percentile")),
     ("prune", "criterion", ("l1", "taylor", "l2")),
     ("quantize", "per_channel", (True, False)),
@@ -100,6 +104,12 @@ def _without_orphans(specs: list[PassSpec]) -> tuple[list[PassSpec], list[str]]:
         first = next(i for i, s in enumerate(specs) if s.name == "normalize")
         specs = specs[:first] + specs[first + 1:]
     return specs, notes
+
+
+def target_overrides(target: str) -> dict[str, dict[str, Any]] | None:
+    """Default-recipe parameters that depend on the target: for the smallest file, int8 wherever the accuracy
+    budget allows (``placement=all``), even where it is not faster on this CPU."""
+    return {"quantize": {"placement": "all"}} if target == "size" else None
 
 
 def example_recipe() -> Recipe:
@@ -296,6 +306,14 @@ def choose(points: Sequence[StagePoint], target: str) -> tuple[StagePoint, str]:
     proxy = " (latency not measured: smallest instead)" if cost_name != target else ""
     if passing:
         chosen = min(passing, key=order)
+        if cost_name == "latency" and chosen.latency_ms is not None:
+            # within timing noise of the fastest, the smaller file wins (an int8 model as fast as its FP32 input)
+            close = [p for p in passing if p.latency_ms is not None
+                     and p.latency_ms <= chosen.latency_ms * (1.0 + LATENCY_TIE)]
+            smallest = min(close, key=lambda p: (p.metrics.size_bytes, p.latency_ms))
+            if smallest is not chosen:
+                return smallest, (f"smallest of the stages within {LATENCY_TIE:.0%} of the fastest "
+                                  f"({chosen.latency_ms:.3f} ms), {len(passing)} stage(s) meeting every budget")
         return chosen, f"{what} of {len(passing)} stage(s) meeting every budget{proxy}"
     chosen = min(stages, key=lambda p: (-sum(v.passed for v in p.verdicts), *order(p)))
     return chosen, f"no stage meets every budget; kept the {what} of those meeting the most{proxy}"
@@ -369,7 +387,7 @@ def run_selection(
     if recipe is None:
         if context.calib is None:
             raise BadInputError("the end-to-end recipe needs calibration data (--calib)")
-        recipe, notes = end_to_end_recipe()
+        recipe, notes = end_to_end_recipe(target_overrides(target))
     recipes = search_recipes(recipe, max_candidates) if search else [recipe]
     if context.original is None:
         context.original = model.clone()
@@ -567,12 +585,13 @@ def _why_not(final: StagePoint, chosen: StagePoint, target: str) -> str:
     missed = [v for v in final.verdicts if not v.passed]
     if missed:
         return "it missed " + "; ".join(v.describe() for v in missed)
-    if target == "latency" and final.latency_ms and chosen.latency_ms:
+    if target == "latency" and final.latency_ms and chosen.latency_ms \
+            and final.latency_ms > chosen.latency_ms * (1.0 + LATENCY_TIE):
         return f"it meets the budgets but is slower ({final.latency_ms:.3f} ms vs {chosen.latency_ms:.3f} ms)"
     return f"it meets the budgets but is larger ({final.metrics.size_bytes} vs {chosen.metrics.size_bytes} bytes)"
 
 
 __all__ = [
     "END_TO_END_PASSES", "EXAMPLE_PASSES", "SEARCH_AXES", "TARGETS", "CandidateRun", "SearchOutcome", "StagePoint",
-    "choose", "end_to_end_recipe", "example_recipe", "judge_point", "pareto_front", "run_selection", "search_recipes",
+    "choose", "end_to_end_recipe", "example_recipe", "target_overrides", "judge_point", "pareto_front", "run_selection", "search_recipes",
 ]
