@@ -2,19 +2,33 @@
 
 Int8 is not faster everywhere: on an x86 CPU without VNNI the Paddle cls model ran 0.73x (slower) fully quantized.
 The pass builds a few candidates (every op, only Conv/Gemm/MatMul, per-tensor weights), times them against the FP32
-input in one round-robin :func:`onnxopt.bench.benchmark` run, drops the ones whose top-1 agreement with FP32 on
-calibration samples is too low, and keeps the fastest only when it beats FP32 by a margin.
+input in one round-robin run, drops the ones whose top-1 agreement with FP32 on calibration samples is too low, and
+keeps the fastest only when it beats FP32 by a margin.
+
+The search is most of a MinMax quantization's wall time, so it is kept cheap without changing what it can choose:
+one ORT session per model serves the agreement check, the timing and the confirmation (:func:`sharing_sessions`);
+the agreement check runs the samples as one batch where the model's batch dim allows; and the timing run
+(:func:`race`) stops timing a candidate once even its fastest run is clearly slower than another model's median,
+since such a candidate can neither be the fastest nor beat FP32 by ``MIN_SPEEDUP``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
+from onnxopt.errors import BadInputError
 from onnxopt.fidelity import top1
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnxruntime as ort
 
 #: Op types of the "heavy" candidate: the ones int8 kernels speed up the most.
 HEAVY_OPS = ("Conv", "Gemm", "MatMul")
@@ -25,8 +39,16 @@ MIN_SPEEDUP = 1.02
 AGREEMENT_SAMPLES = 64
 #: Second timing runs (the winner alone against FP32) before a winner is accepted; each failure tries the next.
 CONFIRMATIONS = 2
-WARMUP = 5
+#: Untimed runs per model first: the first runs after session creation allocate and are slow.
+WARMUP = 3
 REPEATS = 30
+#: Rounds every model is timed before any candidate may stop early.
+SCREEN_ROUNDS = 6
+#: A candidate stops being timed when even its fastest run is this many times another model's median.
+CLEARLY_SLOWER = 1.15
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+               "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
 @dataclass
@@ -47,16 +69,136 @@ class Candidate:
         return out
 
 
+class SessionPool:
+    """ORT sessions by model object, so the agreement check, the timing run and the confirmation share one.
+
+    Creating a session optimizes the graph (0.05-0.1 s per candidate on the Paddle cls model); before this pool every
+    model got three. Models are held by reference, so an ``id`` is never reused while the pool lives.
+    """
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[int, int | None, str], tuple[onnx.ModelProto, ort.InferenceSession]] = {}
+
+    def get(self, model: onnx.ModelProto, threads: int | None, provider: str = "cpu") -> ort.InferenceSession:
+        key = (id(model), threads, provider)
+        if key not in self._sessions:
+            from onnxopt.runtime import make_session
+
+            self._sessions[key] = (model, make_session(model, threads=threads, provider=provider,
+                                                       what="a placement candidate"))
+        return self._sessions[key][1]
+
+
+_pool: SessionPool | None = None
+
+
+@contextlib.contextmanager
+def sharing_sessions() -> Iterator[SessionPool]:
+    """Within the block, :func:`first_outputs` and :func:`time_models` reuse one session per model object.
+
+    A module-level pool rather than a parameter: ``time_models`` keeps its signature, which tests replace.
+    """
+    global _pool
+    previous, _pool = _pool, SessionPool()
+    try:
+        yield _pool
+    finally:
+        _pool = previous
+
+
+def _session(model: onnx.ModelProto, threads: int | None, provider: str = "cpu") -> ort.InferenceSession:
+    """The pooled session inside :func:`sharing_sessions`, else a fresh one."""
+    if _pool is not None:
+        return _pool.get(model, threads, provider)
+    return SessionPool().get(model, threads, provider)
+
+
 def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
                 input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, float]:
-    """Median ms of each model at batch 1, all timed in one interleaved run (tests monkeypatch this)."""
-    from onnxopt.bench import BenchConfig, benchmark
+    """Median ms of each model at batch 1, all timed in one interleaved :func:`race` (tests monkeypatch this).
 
-    labels = list(models)
-    config = BenchConfig(batch_sizes=(1,), threads=(threads,), warmup=WARMUP, repeats=REPEATS,
-                         input_shapes=dict(input_shapes))
-    report = benchmark([models[label] for label in labels], config, labels=labels)
-    return {r.label: r.median_ms for r in report.results}
+    Every model gets the same seeded random inputs (shapes from ``input_shapes``, else the static dims, batch 1).
+    """
+    sessions = {label: _session(model, threads) for label, model in models.items()}
+    runners: dict[str, Callable[[], object]] = {}
+    rng = np.random.default_rng(0)
+    shared: dict[tuple[str, tuple[int, ...], str], np.ndarray] = {}
+    for label, session in sessions.items():
+        feeds = {}
+        for spec in session.get_inputs():
+            shape = _timing_shape(spec.name, spec.shape, input_shapes)
+            key = (spec.name, shape, spec.type)
+            if key not in shared:
+                shared[key] = _random_input(rng, shape, np.dtype(_ORT_DTYPES.get(spec.type, np.float32)))
+            feeds[spec.name] = shared[key]
+        runners[label] = (lambda s=session, f=feeds: s.run(None, f))
+    times = race(runners, warmup=WARMUP, repeats=REPEATS, protected=FP32)
+    return {label: float(np.median(ms)) for label, ms in times.items() if ms}
+
+
+def _random_input(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Seeded timing data: normal floats; integers in [0, 8) like ``onnxopt.bench`` (valid ids and indices)."""
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.random(shape) < 0.5
+    return rng.integers(0, 8, size=shape).astype(dtype)
+
+
+def _timing_shape(name: str, dims: Sequence[Any], input_shapes: Mapping[str, Sequence[int]]) -> tuple[int, ...]:
+    """The shape an input is timed at: the given one, else the static dims with a dynamic leading dim of 1."""
+    if name in input_shapes:
+        return tuple(int(d) for d in input_shapes[name])
+    shape = []
+    for axis, dim in enumerate(dims):
+        if isinstance(dim, int) and dim > 0:
+            shape.append(dim)
+        elif axis == 0:
+            shape.append(1)
+        else:
+            raise BadInputError(f"input '{name}' has a dynamic dim {axis} and no input shape was given")
+    return tuple(shape)
+
+
+def race(runners: Mapping[str, Callable[[], object]], *, warmup: int = WARMUP, repeats: int = REPEATS,
+         protected: str | None = FP32, screen: int = SCREEN_ROUNDS, margin: float = CLEARLY_SLOWER,
+         clock: Callable[[], int] = time.perf_counter_ns) -> dict[str, list[float]]:
+    """Run times (ms) of each runner, interleaved round-robin (the start rotates each round) for ``repeats`` rounds.
+
+    After ``screen`` rounds, a runner other than ``protected`` (the FP32 reference) stops being timed once its
+    fastest run is over ``margin`` times the median of another runner still timed: it can no longer be the fastest,
+    nor beat the reference. Round-robin makes load bursts on a shared machine hit every runner alike; the minimum
+    makes the early stop conservative, since noise only ever adds time. The timing ends when only ``protected`` is
+    left. ``clock`` is injectable for tests.
+    """
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    active = list(runners)
+    for round_ in range(repeats):
+        start = round_ % len(active)
+        for label in active[start:] + active[:start]:
+            began = clock()
+            runners[label]()
+            times[label].append((clock() - began) / 1e6)
+        if round_ + 1 >= screen:
+            active = _still_in_race(active, times, protected, margin)
+            if not active or active == [protected]:
+                break
+    return times
+
+
+def _still_in_race(active: list[str], times: Mapping[str, list[float]], protected: str | None,
+                   margin: float) -> list[str]:
+    """``active`` without the runners whose fastest run is over ``margin`` x the best median of the others."""
+    medians = {label: statistics.median(times[label]) for label in active}  # a few dozen floats: no numpy
+    kept = []
+    for label in active:
+        rivals = [m for other, m in medians.items() if other != label]
+        if label == protected or not rivals or min(times[label]) <= margin * min(rivals):
+            kept.append(label)
+    return kept
 
 
 def regions(model: onnx.ModelProto, heavy: Sequence[str]) -> dict[str, list[str]]:
@@ -95,24 +237,51 @@ def regions(model: onnx.ModelProto, heavy: Sequence[str]) -> dict[str, list[str]
 
 
 def top1_agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
-    """Share of samples whose first output has the same top-1 class as the reference; NaN outputs give 0."""
+    """Share of samples whose first output has the same top-1 class as the reference; NaN outputs give 0.
+
+    Both sides are stacked along the batch dim first, so one batched output and a list of per-sample outputs (see
+    :func:`first_outputs`) compare alike.
+    """
     if not reference:
         return 1.0
-    agree = []
-    for ref, out in zip(reference, outputs):
-        if not np.all(np.isfinite(out)):
-            return 0.0
-        agree.append(float(np.mean(top1(np.atleast_2d(ref)) == top1(np.atleast_2d(out)))))
-    return float(np.mean(agree))
+    ref = np.concatenate([np.atleast_2d(r) for r in reference], axis=0)
+    out = np.concatenate([np.atleast_2d(o) for o in outputs], axis=0) if len(outputs) else np.empty((0,))
+    if not np.all(np.isfinite(out)):
+        return 0.0
+    if out.shape[0] != ref.shape[0]:
+        raise ValueError(f"{out.shape[0]} candidate samples for {ref.shape[0]} reference samples")
+    return float(np.mean(top1(ref) == top1(out)))
 
 
 def first_outputs(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], threads: int | None,
                   provider: str = "cpu") -> list[np.ndarray]:
-    from onnxopt.runtime import make_session
+    """The first output for each feed (or, where the batch dim allows, one batched output for all of them).
 
-    session = make_session(model, threads=threads, provider=provider)
+    :func:`top1_agreement` counts per row, so a batched output agrees exactly as the per-feed list would; one run
+    of 64 samples replaces 64 runs. Models with a fixed batch dim (the Paddle model after normalize) run per feed.
+    """
+    session = _session(model, threads, provider)
     name = session.get_outputs()[0].name
+    batched = _batch_feeds(session, feeds)
+    if batched is not None:
+        out = np.asarray(session.run([name], batched)[0])
+        if out.ndim and out.shape[0] == len(feeds):
+            return [out]
     return [np.asarray(session.run([name], f)[0]) for f in feeds]
+
+
+def _batch_feeds(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]]
+                 ) -> dict[str, np.ndarray] | None:
+    """The feeds concatenated along a dynamic leading dim; None if an input's batch dim is fixed or feeds differ."""
+    if len(feeds) < 2:
+        return None
+    inputs = session.get_inputs()
+    if any(not spec.shape or isinstance(spec.shape[0], int) for spec in inputs):
+        return None
+    try:
+        return {spec.name: np.concatenate([f[spec.name] for f in feeds], axis=0) for spec in inputs}
+    except (KeyError, ValueError):
+        return None
 
 
 def choose(candidates: list[Candidate], fp32_ms: float) -> Candidate | None:
@@ -124,4 +293,5 @@ def choose(candidates: list[Candidate], fp32_ms: float) -> Candidate | None:
     return best if (best.speedup or 0.0) >= MIN_SPEEDUP else None
 
 
-__all__ = ["FP32", "HEAVY_OPS", "Candidate", "choose", "first_outputs", "regions", "time_models", "top1_agreement"]
+__all__ = ["FP32", "HEAVY_OPS", "Candidate", "SessionPool", "choose", "first_outputs", "race", "regions",
+           "sharing_sessions", "time_models", "top1_agreement"]

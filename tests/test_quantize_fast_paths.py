@@ -1,0 +1,183 @@
+"""The fast MinMax paths of the quantize pass give what the slower reference paths give.
+
+- minmax-only calibration (``histograms=False``: min/max in float32, no float64 copy, zeros, moments or histograms)
+  vs the full statistics;
+- the placement search's early-stopping :func:`placement.race` (a fake clock: no real timing here), its shared
+  sessions and its batched agreement check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+from onnxopt import examples
+from onnxopt.calib_data import ArraySource, open_data
+from onnxopt.errors import BadInputError, DataError
+from onnxopt.modelio import input_specs, load_model, to_proto
+from onnxopt.passes import NormalizePass
+from onnxopt.passes.quantize import Calibrator, QuantizePass, TensorStats, placement
+from onnxopt.passes.quantize.collect import collect_statistics, tensors_to_calibrate
+from onnxopt.pipeline.context import PassContext
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    """The example after normalize, with inferred value_info (what collect_statistics sees in the pass)."""
+    from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
+
+    model = load_model(examples.default_model_path())
+    NormalizePass().apply(model)
+    return save_and_reload_model_with_shape_infer(to_proto(model)), input_specs(model)
+
+
+# ---------------------------------------------------------------- calibration
+def test_minmax_only_calibration_equals_the_histogram_path(prepared):
+    proto, specs = prepared
+    tensors = tensors_to_calibrate(proto, ["Conv", "Gemm", "Relu", "Clip", "Add", "GlobalAveragePool", "Flatten"])
+    assert len(tensors) > 10
+    data = open_data(str(examples.default_calib_path()))
+    full, seen_full = collect_statistics(proto, tensors, data, specs, samples=70, histograms=True)
+    fast, seen_fast = collect_statistics(proto, tensors, data, specs, samples=70, histograms=False)
+    assert seen_full == seen_fast == 70 and fast.nbytes == 0
+    for symmetric in (False, True):
+        assert fast.compute("minmax", symmetric=symmetric) == full.compute("minmax", symmetric=symmetric)
+    assert all(fast.stats(name).count == full.stats(name).count for name in tensors)
+    assert "input" in tensors  # graph inputs are folded in too
+
+
+def test_minmax_only_calibration_reports_nan_activations():
+    graph = helper.make_graph(
+        [helper.make_node("Sqrt", ["x"], ["root"], name="sqrt"), helper.make_node("Relu", ["root"], ["y"], name="relu")],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = onnx.shape_inference.infer_shapes(model)
+    specs = input_specs(ir.serde.deserialize_model(model))
+    x = np.ones((8, 4), np.float32)
+    x[5, 2] = -1.0  # sqrt(-1) is NaN: float32 min/max propagate it
+    with pytest.raises(DataError, match="'root'.*NaN/Inf"):
+        collect_statistics(model, ["root"], ArraySource(x), specs, samples=8, histograms=False)
+
+
+def test_minmax_only_stats_match_the_full_statistics():
+    rng = np.random.default_rng(3)
+    batches = [rng.normal(0.5, 2.0, (7, 5)).astype(np.float32) for _ in range(4)] + [np.zeros((0, 5), np.float32)]
+    full, fast = TensorStats(histograms=True), TensorStats(histograms=False)
+    for batch in batches:
+        full.update(batch)
+        fast.update(batch)
+    assert (fast.count, fast.min, fast.max, fast.max_abs) == (full.count, full.min, full.max, full.max_abs)
+    with pytest.raises(DataError, match="histograms=True"):
+        _ = fast.mean
+    assert _calibrated(batches, True).compute("minmax") == _calibrated(batches, False).compute("minmax")
+
+
+def _calibrated(batches: list[np.ndarray], histograms: bool) -> Calibrator:
+    calibrator = Calibrator(histograms=histograms)
+    for batch in batches:
+        calibrator.update("t", batch)
+    return calibrator
+
+
+# ---------------------------------------------------------------- placement search
+class _FakeClock:
+    """A clock in ns that only moves when a fake model 'runs'."""
+
+    def __init__(self) -> None:
+        self.now = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+    def runner(self, ms: float):  # noqa: ANN201
+        def run() -> None:
+            self.now += int(ms * 1e6)
+
+        return run
+
+
+def test_race_stops_timing_clearly_slower_candidates():
+    clock = _FakeClock()
+    runners = {placement.FP32: clock.runner(10.0), "fast": clock.runner(5.0), "close": clock.runner(5.5),
+               "slow": clock.runner(20.0)}
+    times = placement.race(runners, warmup=2, repeats=12, screen=4, clock=clock)
+    assert len(times["slow"]) == 4  # 20 ms > 1.15 x 5 ms after the screening rounds
+    assert len(times["fast"]) == len(times["close"]) == len(times[placement.FP32]) == 12  # within the margin
+    assert np.median(times["fast"]) == 5.0 and np.median(times[placement.FP32]) == 10.0
+
+
+def test_race_ends_when_only_the_reference_is_left():
+    clock = _FakeClock()
+    runners = {placement.FP32: clock.runner(2.0), "a": clock.runner(3.0), "b": clock.runner(4.0)}
+    times = placement.race(runners, warmup=1, repeats=30, screen=5, clock=clock)
+    assert [len(times[label]) for label in runners] == [5, 5, 5]
+
+
+def test_race_never_drops_the_reference():
+    clock = _FakeClock()
+    runners = {placement.FP32: clock.runner(9.0), "int8": clock.runner(3.0)}
+    times = placement.race(runners, warmup=0, repeats=8, screen=2, clock=clock)
+    assert len(times[placement.FP32]) == len(times["int8"]) == 8
+
+
+def test_shared_sessions_and_batched_agreement(prepared):
+    proto, specs = prepared
+    data = open_data(str(examples.default_calib_path()))
+    feeds = []
+    for batch in data.iter_batches(specs, batch_size=1):
+        feeds.append(batch.inputs)
+        if len(feeds) == 9:
+            break
+    with placement.sharing_sessions():
+        session = placement._session(proto, None)
+        assert placement._session(proto, None) is session
+        batched = placement.first_outputs(proto, feeds, None)
+    assert len(batched) == 1 and batched[0].shape[0] == 9  # one run for all samples (dynamic batch dim)
+    name = session.get_outputs()[0].name
+    per_feed = [np.asarray(session.run([name], feed)[0]) for feed in feeds]
+    assert placement.top1_agreement(per_feed, batched) == 1.0
+    assert placement.top1_agreement(batched, per_feed) == 1.0
+    flipped = [np.asarray(out)[:, ::-1] for out in per_feed]
+    assert placement.top1_agreement(batched, flipped) < 1.0
+    assert placement._session(proto, None) is not session  # outside the block: no pool
+
+
+def test_time_models_returns_a_median_per_model(prepared):
+    """The real timing path runs (no assertion on the figures: the machine is shared)."""
+    proto, _ = prepared
+    other = onnx.ModelProto()
+    other.CopyFrom(proto)
+    with placement.sharing_sessions():
+        medians = placement.time_models({placement.FP32: proto, "copy": other}, 1, {})
+    assert set(medians) == {placement.FP32, "copy"}  # a runner stopped early still has its screening runs
+    assert all(ms > 0 for ms in medians.values())
+    assert placement._timing_shape("x", ["N", 3, 8], {}) == (1, 3, 8)
+    assert placement._timing_shape("x", ["N", "H"], {"x": (1, 5)}) == (1, 5)
+    with pytest.raises(BadInputError, match="dynamic dim 1"):
+        placement._timing_shape("x", ["N", "H"], {})
+
+
+def test_placement_builds_identical_candidates_once(monkeypatch):
+    """With a single conv, 'first' and 'head' name the same node: the second candidate is not built again."""
+    rng = np.random.default_rng(5)
+    weight = onnx.numpy_helper.from_array(rng.normal(0, 0.5, (6, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+         helper.make_node("Flatten", ["p"], ["scores"], name="flatten")],
+        "one_conv", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, ["N", 6])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    monkeypatch.setattr(placement, "time_models", lambda models, threads, shapes: {
+        label: (2.0 if label == placement.FP32 else 1.0) for label in models})
+    step = QuantizePass(placement="auto")
+    step.bind(PassContext(calib=ArraySource(rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32))))
+    step.apply(model)
+    labels = [c["label"] for c in step.details["placement"]["candidates"]]
+    assert "conv_gemm_matmul_fp32_first" in labels and "conv_gemm_matmul_fp32_head" not in labels
+    assert len(labels) == len(set(labels))
