@@ -343,7 +343,10 @@ def render(payload: dict[str, Any]) -> str:
              + (f"`optimize --search` with {payload['search_candidates']} candidate recipes: the rows `search ...` "
                 "are the other points of its latency Pareto front." if payload.get("search_candidates", 0) > 1
                 else "`optimize` with its default recipe (no search).")
-             + f" `--target {payload.get('target', 'latency')}`.",
+             + f" `--target {payload.get('target', 'latency')}`."
+             + ("".join(f" Merged run {i + 1} ({', '.join(r.get('models') or [])}): "
+                        f"{'--search ' + str(r['search_candidates']) if (r.get('search_candidates') or 0) > 1 else 'default recipe, no search'}"
+                        f", {r['wall_s'] / 60:.1f} min." for i, r in enumerate(payload.get("runs", [])))),
              f"Whole run: {payload['wall_s'] / 60:.1f} min.", ""]
     summary = ["| model | >=3x faster (b1, 1 and 2 thr) and >=8x smaller within 1 pt | best speed-up within 1 pt "
                "(1 thr / 2 thr) | best size ratio within 1 pt | best peer speed-up within 1 pt | ahead of peers |"
@@ -455,8 +458,8 @@ def main() -> None:
                    for name in args.unfinished.split(",") if name]
         payload = {**parts[0], "rows": [row for part in parts for row in part["rows"]] + stopped,
                    "wall_s": max(part["wall_s"] for part in parts),
-                   "runs": [{k: part.get(k) for k in ("wall_s", "search_candidates", "distill_epochs")}
-                            for part in parts]}
+                   "runs": [{**{k: part.get(k) for k in ("wall_s", "search_candidates", "distill_epochs", "target")},
+                             "models": [row["name"] for row in part["rows"]]} for part in parts]}
         write(out, payload)
         return
     only = set(args.models.split(",")) if args.models else None
