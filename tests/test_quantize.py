@@ -267,3 +267,21 @@ def test_placement_winner_must_be_confirmed(normalized, monkeypatch):
     assert [len(c) for c in calls] == [4, 2, 2]
     assert "timed again" in info["verdict"]
     assert not any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+
+
+def test_placement_rejects_a_winner_that_is_slower_at_batch_8(normalized, monkeypatch):
+    """int8 2x faster at batch 1 but slower at batch 8: the model stays FP32 and the verdict says why."""
+    calls: list[dict] = []
+
+    def fake(models, threads, input_shapes):
+        calls.append(dict(input_shapes))
+        big = any(shape[0] == placement.CONFIRM_BATCH for shape in input_shapes.values())
+        return {label: 2.0 if label == placement.FP32 else (3.0 if big else 1.0) for label in models}
+
+    monkeypatch.setattr(placement, "time_models", fake)
+    model, step = _quantize(normalized, placement="auto", calib_samples=32, max_candidates=2)
+    info = step.details["placement"]
+    assert info["chosen"] == "fp32"
+    assert any(s[0] == placement.CONFIRM_BATCH for c in calls for s in c.values())
+    assert "at batch 8" in info["verdict"]
+    assert not any(node.op_type == "QuantizeLinear" for node in model.graph.node)

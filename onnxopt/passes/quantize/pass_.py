@@ -460,8 +460,17 @@ class QuantizePass(OnnxoptPass):
             confirmations.append({"label": chosen.label, "fp32_ms": again.get(pl.FP32),
                                   "median_ms": again.get(chosen.label), "speedup": ratio})
             if ratio >= pl.MIN_SPEEDUP:
-                break
-            chosen.rejected = f"not confirmed: {ratio:.2f}x FP32 when timed again"
+                big = pl.at_batch(fp32, shapes, pl.CONFIRM_BATCH)
+                if big is None:
+                    break
+                at_big = pl.time_models({pl.FP32: fp32, chosen.label: chosen.model}, threads, big)
+                ratio_big = at_big[pl.FP32] / at_big[chosen.label] if at_big.get(chosen.label) else 0.0
+                confirmations[-1][f"speedup_batch{pl.CONFIRM_BATCH}"] = ratio_big
+                if ratio_big >= pl.MIN_RATIO_OTHER_BATCH:
+                    break
+                chosen.rejected = f"slower than FP32 at batch {pl.CONFIRM_BATCH}: {ratio_big:.2f}x"
+            else:
+                chosen.rejected = f"not confirmed: {ratio:.2f}x FP32 when timed again"
             chosen = pl.choose(candidates, fp32_ms)
 
         self.details["placement"] = {
@@ -483,7 +492,9 @@ class QuantizePass(OnnxoptPass):
             ratios = [c.speedup for c in candidates if c.rejected is None and c.speedup is not None]
             if confirmations:
                 why = (f"no int8 candidate stayed faster than FP32 when timed again ("
-                       + ", ".join(f"{c['label']} {c['speedup']:.2f}x" for c in confirmations) + ")")
+                       + ", ".join(f"{c['label']} {c['speedup']:.2f}x" + (
+                           f", {c[f'speedup_batch{pl.CONFIRM_BATCH}']:.2f}x at batch {pl.CONFIRM_BATCH}"
+                           if f"speedup_batch{pl.CONFIRM_BATCH}" in c else "") for c in confirmations) + ")")
             elif ratios:
                 why = f"int8 is slower than FP32 on this CPU (best candidate {max(ratios):.2f}x)"
             else:
@@ -492,7 +503,9 @@ class QuantizePass(OnnxoptPass):
             self.details["placement"]["verdict"] = f"{why}; kept the model in FP32"
             return None
         confirmed = confirmations[-1]["speedup"] if confirmations else chosen.speedup
-        self.note(f"verdict: kept {chosen.label} ({chosen.speedup:.2f}x FP32, {confirmed:.2f}x when timed again)")
+        big = confirmations[-1].get(f"speedup_batch{pl.CONFIRM_BATCH}") if confirmations else None
+        self.note(f"verdict: kept {chosen.label} ({chosen.speedup:.2f}x FP32, {confirmed:.2f}x when timed again"
+                  + (f", {big:.2f}x at batch {pl.CONFIRM_BATCH}" if big is not None else "") + ")")
         self.details["placement"]["verdict"] = f"kept {chosen.label}"
         assert chosen.model is not None
         per_channel, fmt = settings[chosen.label]

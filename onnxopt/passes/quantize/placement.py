@@ -39,6 +39,10 @@ MIN_SPEEDUP = 1.02
 AGREEMENT_SAMPLES = 64
 #: Second timing runs (the winner alone against FP32) before a winner is accepted; each failure tries the next.
 CONFIRMATIONS = 2
+#: Where the input's batch dim is dynamic, a confirmed winner is also timed at this batch size and must not be
+#: slower than FP32 there (ratio >= MIN_RATIO_OTHER_BATCH): int8 that pays at batch 1 can lose at batch 8.
+CONFIRM_BATCH = 8
+MIN_RATIO_OTHER_BATCH = 0.98
 #: Untimed runs per model first: the first runs after session creation allocate and are slow.
 WARMUP = 3
 REPEATS = 30
@@ -134,6 +138,22 @@ def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
         runners[label] = (lambda s=session, f=feeds: s.run(None, f))
     times = race(runners, warmup=WARMUP, repeats=REPEATS, protected=FP32)
     return {label: float(np.median(ms)) for label, ms in times.items() if ms}
+
+
+def at_batch(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]],
+             batch: int) -> dict[str, tuple[int, ...]] | None:
+    """``shapes`` with every graph input's leading dim set to ``batch``; None when some input's batch dim is fixed
+    or its shape is not known (then only batch 1 is timed)."""
+    initializers = {i.name for i in model.graph.initializer}
+    out = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value") or value.name not in shapes:
+            return None
+        out[value.name] = (batch, *tuple(shapes[value.name])[1:])
+    return out or None
 
 
 def _random_input(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
