@@ -457,7 +457,7 @@ def _json_default(value: Any) -> Any:
 
 
 def sweep(subset: str = "all", timeout: float = 120.0, tf_python: str | None = None,
-          only: list[str] | None = None) -> dict[str, Any]:
+          only: list[str] | None = None, heavy: bool = False) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxopt-corpus-") as tmp:
@@ -470,7 +470,7 @@ def sweep(subset: str = "all", timeout: float = 120.0, tf_python: str | None = N
             if only and not any(o in case.label for o in only):
                 continue
             for label, recipe in plans.items():
-                if case.heavy and recipe is not None:
+                if case.heavy and recipe is not None and not heavy:
                     rows.append({"model": case.label, "recipe": label, "status": "skipped",
                                  "message": "heavy model: only the default recipe runs within the sweep's time bound"})
                     continue
@@ -584,12 +584,15 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="models whose label contains this (repeatable)")
     parser.add_argument("--tf-python", default=os.environ.get("ONNXOPT_TF_PYTHON"),
                         help="a Python with tensorflow + tf2onnx (e.g. /work/venvs/tf/bin/python)")
+    parser.add_argument("--heavy", action="store_true",
+                        help="run every recipe on the heavy light models too (alexnet, vgg19, zfnet512; slow)")
     parser.add_argument("--merge", nargs="+", help="combine the JSON results of sweeps run side by side (--only)")
     args = parser.parse_args()
     if args.worker:
         _worker()
         return
-    result = merge(args.merge) if args.merge else sweep(args.subset, args.timeout, args.tf_python, args.only)
+    result = merge(args.merge) if args.merge else sweep(args.subset, args.timeout, args.tf_python, args.only,
+                                                          args.heavy)
     Path(args.out).write_text(render(result))
     Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
     bad = sum(r["status"] == "CRASH" for r in result["rows"])
