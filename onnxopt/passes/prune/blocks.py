@@ -22,6 +22,7 @@ import onnx
 
 from onnxopt.calib_data.base import DataSource
 from onnxopt.modelio import InputSpec
+from onnxopt.passes.prune.depgraph import _shapes, _subgraph_inputs
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 #: Ancestor values tried as the entry of a block ending at one value (nearest first) and the largest region.
@@ -45,8 +46,6 @@ class Block:
 def value_shapes(proto: onnx.ModelProto,
                  input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int | None]]:
     """Inferred shapes of every value, with the graph's dynamic input dims fixed from ``input_shapes`` first."""
-    from onnxopt.passes.prune.depgraph import _shapes
-
     fixed = onnx.ModelProto()
     fixed.CopyFrom(proto)
     for value in fixed.graph.input:
@@ -206,15 +205,6 @@ def _leaks(region: set[int], exit_name: str, nodes: list[onnx.NodeProto], consum
     return False
 
 
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for attr in node.attribute:
-        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for n in g.node:
-                names.update(n.input)
-    return names
-
-
 def remove_blocks(proto: onnx.ModelProto, blocks: Sequence[Block]) -> onnx.ModelProto:
     """A copy of ``proto`` without ``blocks`` (found in ``proto``, regions disjoint); unused weights dropped."""
     out = onnx.ModelProto()
@@ -301,8 +291,7 @@ def select(blocks: Sequence[Block], scores: Sequence[float], count: int) -> list
     for _, block in sorted(zip(scores, blocks), key=lambda p: p[0]):
         if len(chosen) >= count:
             break
-        if block.nodes & taken or any(block.entry == c.exit or block.exit == c.entry for c in chosen
-                                      if block.nodes & c.nodes):
+        if block.nodes & taken:
             continue
         chosen.append(block)
         taken |= block.nodes

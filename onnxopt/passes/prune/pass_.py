@@ -120,7 +120,7 @@ class PrunePass(OnnxoptPass):
         if not graph.prunable or not target or (
                 self.macs_ratio is not None and base_macs > 0
                 and 1.0 - macs(proto, shapes) / base_macs >= self.macs_ratio):
-            self._finish_depth_only(model, original, proto, shapes, base_macs)
+            self._finish_depth_only(model, proto, shapes, base_macs)
             return ir.passes.PassResult(model, modified=True)
         scores = self._scores(proto, graph)
 
@@ -195,8 +195,8 @@ class PrunePass(OnnxoptPass):
                   f"change on {source} first), e.g. " + "; ".join(b.describe() for b in chosen[:2]))
         return remove_blocks(proto, chosen), [b.describe() for b in chosen]
 
-    def _finish_depth_only(self, model: ir.Model, original: onnx.ModelProto, proto: onnx.ModelProto,
-                           shapes: dict[str, tuple[int, ...]], base_macs: int) -> None:
+    def _finish_depth_only(self, model: ir.Model, proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                           base_macs: int) -> None:
         """Write the block-pruned model when no channel cut follows (target met, 0, or nothing prunable)."""
         after = macs(proto, shapes)
         self.details.update(criterion=self.criterion, channel_ratio=0.0, macs_before=base_macs, macs_after=after)
