@@ -285,3 +285,14 @@ def test_placement_rejects_a_winner_that_is_slower_at_batch_8(normalized, monkey
     assert any(s[0] == placement.CONFIRM_BATCH for c in calls for s in c.values())
     assert "at batch 8" in info["verdict"]
     assert not any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+
+
+def test_placement_rejects_a_winner_that_is_slower_on_one_thread(normalized, monkeypatch):
+    """The search timed the default threads; int8 slower on 1 thread is not kept either."""
+    def fake(models, threads, input_shapes):
+        return {label: 2.0 if label == placement.FP32 else (2.5 if threads == 1 else 1.0) for label in models}
+
+    monkeypatch.setattr(placement, "time_models", fake)
+    model, step = _quantize(normalized, placement="auto", calib_samples=32, max_candidates=2)
+    info = step.details["placement"]
+    assert info["chosen"] == "fp32" and "at 1 thread" in info["verdict"]

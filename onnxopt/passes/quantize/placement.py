@@ -39,10 +39,10 @@ MIN_SPEEDUP = 1.02
 AGREEMENT_SAMPLES = 64
 #: Second timing runs (the winner alone against FP32) before a winner is accepted; each failure tries the next.
 CONFIRMATIONS = 2
-#: Where the input's batch dim is dynamic, a confirmed winner is also timed at this batch size and must not be
-#: slower than FP32 there (ratio >= MIN_RATIO_OTHER_BATCH): int8 that pays at batch 1 can lose at batch 8.
+#: A confirmed winner is also timed at these other settings (:func:`other_settings`) and must not be slower than
+#: FP32 there (ratio >= MIN_RATIO_OTHER): int8 that pays at batch 1 can lose at batch 8 or on one thread.
 CONFIRM_BATCH = 8
-MIN_RATIO_OTHER_BATCH = 0.98
+MIN_RATIO_OTHER = 0.98
 #: Untimed runs per model first: the first runs after session creation allocate and are slow.
 WARMUP = 3
 REPEATS = 30
@@ -154,6 +154,19 @@ def at_batch(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]],
             return None
         out[value.name] = (batch, *tuple(shapes[value.name])[1:])
     return out or None
+
+
+def other_settings(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]],
+                   threads: int | None) -> list[tuple[str, dict[str, tuple[int, ...]], int | None]]:
+    """(label, input shapes, threads) beyond the searched setting where a winner must not be slower than FP32:
+    batch CONFIRM_BATCH where the batch dim is dynamic, and one thread when the search timed more."""
+    settings = []
+    big = at_batch(model, shapes, CONFIRM_BATCH)
+    if big is not None:
+        settings.append((f"batch {CONFIRM_BATCH}", big, threads))
+    if threads != 1:
+        settings.append(("1 thread", dict(shapes), 1))
+    return settings
 
 
 def _random_input(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
