@@ -48,6 +48,19 @@ def test_targets_pass_and_fail_from_the_figures() -> None:
     assert bad["MinMax wall time <= ORT quantize_static MinMax"] is False
 
 
+def test_latency_of_a_kept_fp32_graph_is_fp32_speed_not_noise() -> None:
+    """Where the pass kept FP32 (byte-identical graph), two timings of one graph are noise, not a verdict."""
+    bench = _bench()
+    result = _result(bench, 0.98, 0.97, 0.7, 1.0, 2.0)
+    result["rows"][bench.FP32]["graph_sha256"] = result["rows"][bench.OURS]["graph_sha256"] = "ab"
+    checks = {c["target"]: c for c in bench.targets(result)}
+    latency = checks["latency ratio >= 0.98 (every setting, median-based)"]
+    assert latency["pass"] is True and "byte-identical" in latency["detail"] and "0.70x" in latency["detail"]
+    result["rows"][bench.OURS]["graph_sha256"] = "cd"  # a different graph is judged on its timing
+    checks = {c["target"]: c for c in bench.targets(result)}
+    assert checks["latency ratio >= 0.98 (every setting, median-based)"]["pass"] is False
+
+
 def test_wall_time_target_is_judged_for_both_placements() -> None:
     bench = _bench()
     result = _result(bench, 0.978, 0.97, 1.0, 3.0, 2.0)
