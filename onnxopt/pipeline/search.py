@@ -593,5 +593,6 @@ def _why_not(final: StagePoint, chosen: StagePoint, target: str) -> str:
 
 __all__ = [
     "END_TO_END_PASSES", "EXAMPLE_PASSES", "SEARCH_AXES", "TARGETS", "CandidateRun", "SearchOutcome", "StagePoint",
-    "choose", "end_to_end_recipe", "example_recipe", "target_overrides", "judge_point", "pareto_front", "run_selection", "search_recipes",
+    "choose", "end_to_end_recipe", "example_recipe", "judge_point", "pareto_front", "run_selection", "search_recipes",
+    "target_overrides",
 ]

@@ -22,7 +22,7 @@ import onnx
 
 from onnxopt.calib_data.base import DataSource
 from onnxopt.modelio import InputSpec
-from onnxopt.passes.prune.depgraph import _shapes, _subgraph_inputs
+from onnxopt.passes.prune.depgraph import _inferred, _shapes_of, _subgraph_inputs
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 #: Ancestor values tried as the entry of a block ending at one value (nearest first) and the largest region.
@@ -60,17 +60,21 @@ def value_shapes(proto: onnx.ModelProto,
         for dim, size in zip(shape.dim, dims):
             dim.Clear()
             dim.dim_value = int(size)
-    shapes = _shapes(fixed)
+    inferred = _inferred(fixed)
+    shapes = _shapes_of(inferred)
     unknown = [o for n in fixed.graph.node for o in n.output
                if o and (shapes.get(o) is None or None in shapes[o])]
     if unknown:
-        shapes.update(_measured_shapes(fixed, unknown))
+        types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+        shapes.update(_measured_shapes(fixed, unknown, types))
     return shapes
 
 
-def _measured_shapes(proto: onnx.ModelProto, names: Sequence[str]) -> dict[str, list[int | None]]:
-    """Shapes of ``names`` from one ONNX Runtime run on zeros (static inference cannot follow shape arithmetic
-    on run-time shapes, e.g. a channel shuffle's Reshape); {} when the inputs' shapes are not all known."""
+def _measured_shapes(proto: onnx.ModelProto, names: Sequence[str],
+                     types: Mapping[str, int]) -> dict[str, list[int | None]]:
+    """Shapes of ``names`` (element types from shape inference) from one ONNX Runtime run on zeros: static inference
+    cannot follow shape arithmetic on run-time shapes, e.g. a channel shuffle's Reshape. {} when the inputs' shapes
+    are not all known."""
     feeds = {}
     for value in proto.graph.input:
         t = value.type.tensor_type
@@ -78,8 +82,6 @@ def _measured_shapes(proto: onnx.ModelProto, names: Sequence[str]) -> dict[str, 
         if not value.type.HasField("tensor_type") or any(d <= 0 for d in dims):
             return {}
         feeds[value.name] = np.zeros(dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     present = {o.name for o in probe.graph.output}

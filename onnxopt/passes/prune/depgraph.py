@@ -120,10 +120,19 @@ def lift_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    return _shapes_of(_inferred(proto))
+
+
+def _inferred(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with ONNX shape inference applied, or ``proto`` itself where inference fails."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
+        return onnx.shape_inference.infer_shapes(proto)
     except Exception:  # noqa: BLE001 - shapes are a help; without them fewer groups are prunable
-        inferred = proto
+        return proto
+
+
+def _shapes_of(inferred: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Dims of every value with shape information (inputs, value_info, outputs, initializers); None = unknown."""
     result: dict[str, list[int | None]] = {}
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
@@ -184,6 +193,13 @@ class _Analysis:
         if layout is not None:
             for seg in layout.segs:
                 self.blocked[seg.space].append(reason)
+
+    def data_layout(self, layouts: list[Layout | None], why: str) -> Layout | None:
+        """The data input's layout; channels reaching the node through its other inputs (weights, sizes, shapes)
+        are blocked with ``why``, since a cut there would not follow them."""
+        for lay in layouts[1:]:
+            self.block(lay, why)
+        return layouts[0]
 
     def const(self, name: str) -> np.ndarray | None:
         init = self.inits.get(name)
@@ -276,10 +292,8 @@ class _Analysis:
         return None
 
     def conv(self, node: onnx.NodeProto, name: str, layouts: list[Layout | None]) -> Layout | None:
-        lay0 = layouts[0]
+        lay0 = self.data_layout(layouts, f"{node.op_type} node {name}: channels in a weight input")
         w = self.const(node.input[1]) if len(node.input) > 1 else None
-        for lay in layouts[1:]:
-            self.block(lay, f"{node.op_type} node {name}: channels in a weight input")
         if w is None:
             self.block(lay0, f"{node.op_type} node {name} has non-constant weights")
             return None
@@ -314,10 +328,8 @@ class _Analysis:
         return Layout(1, w.ndim, (Seg(space),))
 
     def gemm(self, node: onnx.NodeProto, name: str, layouts: list[Layout | None]) -> Layout | None:
-        lay0 = layouts[0]
+        lay0 = self.data_layout(layouts, f"Gemm node {name}: channels in a weight input")
         w = self.const(node.input[1])
-        for lay in layouts[1:]:
-            self.block(lay, f"Gemm node {name}: channels in a weight input")
         if w is None or w.ndim != 2 or _attr(node, "transA", 0):
             self.block(lay0, f"Gemm node {name}: weights not a constant matrix (or transA)")
             return None
@@ -479,9 +491,7 @@ class _Analysis:
         return Layout(ref.axis, ref.rank, tuple(seg for lay in layouts for seg in lay.segs))  # type: ignore[union-attr]
 
     def split(self, node: onnx.NodeProto, name: str, layouts: list[Layout | None]) -> Layout | None:
-        lay0 = layouts[0]
-        for lay in layouts[1:]:
-            self.block(lay, f"Split node {name}: channels in the sizes input")
+        lay0 = self.data_layout(layouts, f"Split node {name}: channels in the sizes input")
         if lay0 is None:
             return None
         axis = int(_attr(node, "axis", 0))  # type: ignore[arg-type]
@@ -531,9 +541,7 @@ class _Analysis:
         return result[0]
 
     def reshape(self, node: onnx.NodeProto, name: str, layouts: list[Layout | None]) -> Layout | None:
-        lay0 = layouts[0]
-        for lay in layouts[1:]:
-            self.block(lay, f"{node.op_type} node {name}: channels in the shape input")
+        lay0 = self.data_layout(layouts, f"{node.op_type} node {name}: channels in the shape input")
         if lay0 is None:
             return None
         din, dout = self.dims(node.input[0]), self.dims(node.output[0])
@@ -579,10 +587,8 @@ class _Analysis:
 
     def axis_preserving(self, node: onnx.NodeProto, name: str, layouts: list[Layout | None]) -> Layout | None:
         """Ops that keep the channels unless they act on the channel axis (reductions, Softmax, Slice, Pad, Resize)."""
-        lay0 = layouts[0]
         op = node.op_type
-        for lay in layouts[1:]:
-            self.block(lay, f"{op} node {name}: channels in a parameter input")
+        lay0 = self.data_layout(layouts, f"{op} node {name}: channels in a parameter input")
         if lay0 is None:
             return None
         din, dout = self.dims(node.input[0]), self.dims(node.output[0])

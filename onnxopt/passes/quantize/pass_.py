@@ -455,8 +455,7 @@ class QuantizePass(OnnxoptPass):
                 chosen = None  # the tries are spent: stay FP32 rather than trust an unconfirmed timing
                 break
             # A second, two-model run against FP32: one burst of load on a shared machine cannot pick a winner.
-            again = pl.time_models({pl.FP32: fp32, chosen.label: chosen.model}, threads, shapes)
-            ratio = again[pl.FP32] / again[chosen.label] if again.get(chosen.label) else 0.0
+            ratio, again = pl.ratio_to_fp32(fp32, chosen.label, chosen.model, threads, shapes)
             confirmations.append({"label": chosen.label, "fp32_ms": again.get(pl.FP32),
                                   "median_ms": again.get(chosen.label), "speedup": ratio})
             if ratio >= pl.MIN_SPEEDUP:
@@ -513,8 +512,7 @@ class QuantizePass(OnnxoptPass):
         assert chosen.model is not None
         record["elsewhere"] = {}
         for label, other_shapes, other_threads in pl.other_settings(fp32, shapes, threads):
-            medians = pl.time_models({pl.FP32: fp32, chosen.label: chosen.model}, other_threads, other_shapes)
-            ratio = medians[pl.FP32] / medians[chosen.label] if medians.get(chosen.label) else 0.0
+            ratio, _ = pl.ratio_to_fp32(fp32, chosen.label, chosen.model, other_threads, other_shapes)
             record["elsewhere"][label] = ratio
             if ratio < pl.MIN_RATIO_OTHER:
                 return f"{label}: {ratio:.2f}x"

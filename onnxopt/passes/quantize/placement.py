@@ -140,6 +140,14 @@ def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
     return {label: float(np.median(ms)) for label, ms in times.items() if ms}
 
 
+def ratio_to_fp32(fp32: onnx.ModelProto, label: str, model: onnx.ModelProto, threads: int | None,
+                  input_shapes: Mapping[str, tuple[int, ...]]) -> tuple[float, dict[str, float]]:
+    """FP32 median / ``model`` median from one two-model :func:`time_models` run (0.0 when it could not be timed),
+    and the medians."""
+    medians = time_models({FP32: fp32, label: model}, threads, input_shapes)
+    return (medians[FP32] / medians[label] if medians.get(label) else 0.0), medians
+
+
 def at_batch(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]],
              batch: int) -> dict[str, tuple[int, ...]] | None:
     """``shapes`` with every graph input's leading dim set to ``batch``; None when some input's batch dim is fixed
@@ -326,5 +334,5 @@ def choose(candidates: list[Candidate], fp32_ms: float) -> Candidate | None:
     return best if (best.speedup or 0.0) >= MIN_SPEEDUP else None
 
 
-__all__ = ["FP32", "HEAVY_OPS", "Candidate", "SessionPool", "choose", "first_outputs", "race", "regions",
-           "sharing_sessions", "time_models", "top1_agreement"]
+__all__ = ["FP32", "HEAVY_OPS", "Candidate", "SessionPool", "at_batch", "choose", "first_outputs", "other_settings",
+           "race", "ratio_to_fp32", "regions", "sharing_sessions", "time_models", "top1_agreement"]
