@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxopt.errors import DataError, RecipeError
@@ -57,7 +58,7 @@ def calibrated(x: np.ndarray, pieces: int = 7, name: str = "t", **kwargs) -> Cal
         ("int8", False, False, (-128, 127), None),
         ("int8", True, False, (-127, 127), 0),
         ("int8", False, True, (-64, 63), None),
-        ("int8", True, True, (-63, 63), 0),
+        ("int8", True, True, (-64, 64), 0),  # as ORT stores reduced int8 weights
         ("uint8", False, False, (0, 255), None),
         ("uint8", True, False, (1, 255), 128),
         ("uint8", False, True, (0, 127), None),
@@ -294,8 +295,8 @@ def test_reduce_range_halves_the_levels_the_searches_assume():
     reduced = cal.compute("mse", symmetric=True, reduce_range=True)["t"]
     assert reduced.high < full.high  # coarser steps: clipping more becomes worth it
     params = cal.quant_params("mse", dtype="int8", symmetric=True, reduce_range=True)["t"]
-    assert (params.qmin, params.qmax, int(params.zero_point)) == (-63, 63, 0)
-    assert params.scale == np.float32(reduced.high / 63)
+    assert (params.qmin, params.qmax, int(params.zero_point)) == (-64, 64, 0)  # ORT's reduced int8 grid
+    assert params.scale == np.float32(reduced.high / 64)
 
 
 def test_every_method_handles_constant_and_zero_tensors():
@@ -412,9 +413,9 @@ def test_per_channel_asymmetric_and_reduced_weight_scales():
     np.testing.assert_array_equal(params.zero_point, np.round(-low / scale.astype(np.float64)).astype(np.uint8))
     assert fake_quantize(wt, params).shape == wt.shape
     reduced = weight_quant_params(w, axis=0, reduce_range=True)
-    np.testing.assert_array_equal(reduced.scale, (np.abs(rows).max(axis=1) / 63).astype(np.float32))
+    np.testing.assert_array_equal(reduced.scale, (np.abs(rows).max(axis=1) / 64).astype(np.float32))
     q = quantize(w, reduced)
-    assert q.min() >= -63 and q.max() <= 63 and np.abs(q).max() == 63
+    assert q.min() >= -64 and q.max() <= 64 and np.abs(q).max() == 64
 
 
 def test_mse_weight_scales_never_lose_to_minmax_and_clip_heavy_tails():
@@ -448,3 +449,12 @@ def test_weight_errors():
     params = weight_quant_params(np.ones((3, 2)), axis=0)
     with pytest.raises(DataError, match="4 channels on axis 1 but the parameters have 3"):
         fake_quantize(np.ones((2, 4)), params, axis=1)
+
+
+def test_symmetric_grids_match_onnx_runtimes_quantizer():
+    """The grids we mirror must be the ones ORT writes: reduced int8 weights are -64..64 there, not -63..63."""
+    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+    for reduce_range in (False, True):
+        ort_min, ort_max = get_qmin_qmax_for_qType(onnx.TensorProto.INT8, reduce_range=reduce_range, symmetric=True)
+        assert qrange("int8", True, reduce_range) == (int(ort_min), int(ort_max))

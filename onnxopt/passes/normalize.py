@@ -12,7 +12,8 @@ without changing what the model computes (it is ``exact``):
 5. dynamic input dims are fixed from the user's shapes or the calibration data;
 6. onnxsim folds constants and removes redundant ops (its own check must pass, else the model is kept as it was);
 7. inference BatchNormalization is folded into the preceding Conv / ConvTranspose / Gemm;
-8. unused nodes and initializers are dropped, nodes sorted, shapes inferred.
+8. hard-swish / hard-sigmoid chains (``x * Clip(x + 3, 0, 6) / 6``) become HardSwish / HardSigmoid ops;
+9. unused nodes and initializers are dropped, nodes sorted, shapes inferred.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from onnx_ir.passes import common as ir_passes
 
 from onnxopt.irutil import adopt
 from onnxopt.modelio import PROTOBUF_LIMIT, input_specs, model_file, tensor_bytes, to_proto
-from onnxopt.passes import bn_fold, opset, shapes
+from onnxopt.passes import act_fusion, bn_fold, opset, shapes
 from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.registry import register
 
@@ -57,6 +58,7 @@ class NormalizePass(OnnxoptPass):
         simplify: run onnxsim (constant folding, redundant-op elimination).
         fix_shapes: fix dynamic input dims from ``context.input_shapes`` or, failing that, the calibration data.
         name_nodes: give unnamed nodes deterministic names.
+        fuse_activations: replace hard-swish / hard-sigmoid chains of elementwise ops by the single ONNX op.
     """
 
     name: ClassVar[str] = "normalize"
@@ -68,6 +70,7 @@ class NormalizePass(OnnxoptPass):
     simplify: bool = True
     fix_shapes: bool = True
     name_nodes: bool = True
+    fuse_activations: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,6 +92,8 @@ class NormalizePass(OnnxoptPass):
             changed |= self._simplify(model)
         if self.fold_batchnorm:
             changed |= self._fold_batchnorms(model)
+        if self.fuse_activations:
+            changed |= self._fuse_activations(model)
         changed |= self._clean_up(model)
         self.details["nodes"] = _count_nodes(model)
         return ir.passes.PassResult(model, modified=changed)
@@ -262,7 +267,18 @@ class NormalizePass(OnnxoptPass):
             self.note(f"left {left} BatchNormalization as they are ({why})")
         return result.total > 0
 
-    # -- 8. clean-up ---------------------------------------------------------------------------------------------------
+    # -- 8. activation chains -----------------------------------------------------------------------------------------
+
+    def _fuse_activations(self, model: ir.Model) -> bool:
+        fused = act_fusion.fuse_activations(model.graph, opset.default_opset(model) or 0)
+        total = sum(fused.values())
+        self.details["fused_activations"] = dict(fused)
+        if total:
+            what = ", ".join(f"{n} {op}" for op, n in sorted(fused.items()))
+            self.note(f"fused {total} elementwise activation chains into single ops ({what})")
+        return total > 0
+
+    # -- 9. clean-up ---------------------------------------------------------------------------------------------------
 
     def _clean_up(self, model: ir.Model) -> bool:
         before = _count_nodes(model) + len(model.graph.initializers)

@@ -123,10 +123,13 @@ def qrange(dtype: str | np.dtype = "int8", symmetric: bool = False, reduce_range
     """Saturation bounds ``(qmin, qmax)`` of the integer grid.
 
     Symmetric grids keep ``zero_point +- n`` with ``n`` the largest step count that fits on both sides:
-    int8 ``-127..127``, int8 reduced ``-63..63``, uint8 ``1..255`` (zero point 128), uint8 reduced ``1..127``
-    (zero point 64).
+    int8 ``-127..127``, uint8 ``1..255`` (zero point 128), uint8 reduced ``1..127`` (zero point 64). Reduced int8 is
+    ``-64..64``, as ONNX Runtime's quantizer stores it (``get_qmin_qmax_for_qType``): 64 still keeps the AVX2
+    ``u8 x s8`` pair sums (2 x 255 x 64) inside int16, and a mirror of ORT's grid must match the weights it writes.
     """
     name = _dtype_name(dtype)
+    if symmetric and reduce_range and name == "int8":
+        return -64, 64
     qmin, qmax = (REDUCED_TYPES if reduce_range else INT_TYPES)[name]
     if symmetric:
         zero = symmetric_zero_point(name, reduce_range)
