@@ -94,8 +94,8 @@ def uniform_plan(graph: DepGraph, ratio: float) -> dict[int, np.ndarray]:
 
 
 def roundtrip(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model as a pass that changes nothing returns it (through onnx_ir and back)."""
-    return ir.serde.serialize_model(ir.serde.deserialize_model(model))
+    """The model as a pass that changes nothing returns it (through onnx_ir and back, as onnxopt serializes)."""
+    return to_proto(ir.serde.deserialize_model(model))
 
 
 def channel_count(model: onnx.ModelProto) -> int:

@@ -287,3 +287,21 @@ def test_max_fp32_layers_without_budget_keeps_the_top_layers():
     dequantized = {o for d in model.graph.node if d.op_type == "DequantizeLinear" for o in d.output}
     float_layers = {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] not in dequantized}
     assert float_layers == set(top[:2])
+
+
+# ---- per-channel only where it pays ---------------------------------------------------------------------------------
+def test_per_channel_min_gain_keeps_channel_scales_only_where_they_raise_weight_sqnr(normalized):
+    full, _ = _quantize(normalized)
+    mixed, step = _quantize(normalized, per_channel_min_gain_db=6.0)
+    everything, mixed_scales = _weight_scales(full), _weight_scales(mixed)
+    assert everything.keys() == mixed_scales.keys() and all(s.size > 1 for s in everything.values())
+    kept, total = (int(v) for v in step.details["per_channel_weights"].split("/"))
+    assert 0 < kept < total == len(everything)  # some layers gain 6 dB from channel scales, some do not
+    assert sum(s.size > 1 for s in mixed_scales.values()) == kept
+    assert mixed.ByteSize() < full.ByteSize()
+    # The layers left per tensor are those whose channels have similar ranges: the outputs stay close.
+    x = np.load(examples.default_eval_path())["input"][:64]
+    reference = _run(normalized if isinstance(normalized, onnx.ModelProto) else to_proto(normalized), x)
+    assert sqnr_db(reference, _run(mixed, x)) > 15.0
+    with pytest.raises(ValueError, match="per_channel_min_gain_db"):
+        QuantizePass(per_channel_min_gain_db=-1.0)

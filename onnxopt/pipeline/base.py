@@ -51,8 +51,10 @@ class OnnxoptPass(ir.passes.InPlacePass):
         self.notes = []
         self.details = {}
         if isinstance(model, onnx.ModelProto):
+            from onnxopt.modelio import to_proto  # modelio imports the pipeline package
+
             result = self(ir.serde.deserialize_model(model))
-            return ir.serde.serialize_model(result.model)
+            return to_proto(result.model)
         return self(model).model
 
     def __repr__(self) -> str:

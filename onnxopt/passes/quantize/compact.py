@@ -4,8 +4,8 @@ ORT's QDQ output of the digits example was 0.41x its FP32 file although int8 wei
 inferred ``value_info``, an all-zero int8/int32 zero-point tensor per channel for every weight and bias (the spec's
 default zero point is already 0), one scalar scale/zero-point initializer per tensor even when the values repeat, and
 long names derived from the tensor names (``/features/features.0/features.0.2/Clip_output_0_zero_point``) on every
-Q/DQ node and initializer. :func:`compact` removes all four; graph inputs/outputs and the names of the original
-(non Q/DQ) nodes stay, so ``exclude_nodes`` and reports still refer to the user's nodes.
+Q/DQ node, initializer and tensor. :func:`compact` removes all four; graph inputs/outputs and the names of the
+original (non Q/DQ) nodes stay, so ``exclude_nodes`` and reports still refer to the user's nodes.
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ def _share_duplicates(graph: onnx.GraphProto) -> None:
 
 
 def _short_names(graph: onnx.GraphProto) -> None:
-    """Initializers, Q/DQ nodes and tensors made by Q/DQ nodes get short names; everything else keeps its name."""
+    """Initializers, Q/DQ nodes and every intermediate tensor get short names; graph inputs/outputs and the names of
+    the original nodes stay. Torch export names such as ``/stages/stages.0/left/left.1/left.1.1/Relu_output_0``
+    appear twice per tensor (producer and consumer): 200 bytes a node on the int8 ShuffleNetV2."""
     keep = {v.name for v in [*graph.input, *graph.output]}
     rename: dict[str, str] = {}
     counter = 0
@@ -120,10 +122,10 @@ def _short_names(graph: onnx.GraphProto) -> None:
     for node in graph.node:
         if node.op_type in _QDQ:
             node.name = fresh()
-            for i, name in enumerate(node.output):
-                if name not in keep:
-                    rename[name] = fresh()
-                    node.output[i] = rename[name]
+        for i, name in enumerate(node.output):
+            if name and name not in keep:
+                rename[name] = fresh()
+                node.output[i] = rename[name]
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in rename:

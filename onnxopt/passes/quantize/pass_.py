@@ -49,6 +49,10 @@ class QuantizePass(OnnxoptPass):
     Parameters:
         method: activation range method: minmax, percentile, entropy, mse (alias sqnr).
         per_channel: one weight scale per output channel (else one per tensor).
+        per_channel_min_gain_db: with per_channel, a weight keeps one scale per channel only where that raises its
+            int8 SQNR by at least this many dB over one scale per tensor; the others get one scale (4 bytes a
+            channel less in the file). 0 keeps every weight per channel. QDQ only (ORT's QOperator writer takes no
+            per-weight axis).
         symmetric_activations: symmetric activation ranges (zero point in the middle of the type).
         format: qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv, ...).
         reduce_range: 7-bit weights: auto (from the CPU's instruction set), on, off.
@@ -86,6 +90,7 @@ class QuantizePass(OnnxoptPass):
 
     method: str = "minmax"
     per_channel: bool = True
+    per_channel_min_gain_db: float = 0.0
     symmetric_activations: bool = False
     format: Literal["qdq", "qoperator"] = "qdq"
     reduce_range: Literal["auto", "on", "off"] = "auto"
@@ -125,6 +130,8 @@ class QuantizePass(OnnxoptPass):
             raise ValueError(f"accuracy_drop is a fraction in [0, 1), got {self.accuracy_drop}")
         if self.max_fp32_layers is not None and self.max_fp32_layers < 0:
             raise ValueError(f"max_fp32_layers must be >= 0, got {self.max_fp32_layers}")
+        if self.per_channel_min_gain_db < 0:
+            raise ValueError(f"per_channel_min_gain_db must be >= 0, got {self.per_channel_min_gain_db}")
         if self.eval_samples < 1 or self.max_candidates < 1:
             raise ValueError("eval_samples and max_candidates must be >= 1")
 
@@ -531,8 +538,18 @@ class QuantizePass(OnnxoptPass):
             for name, rng in ranges.items()
         }
         tensors_range = TensorsData(CalibrationMethod.MinMax, data)
-        extra = {"ActivationSymmetric": self.symmetric_activations, "WeightSymmetric": True}
+        extra: dict[str, Any] = {"ActivationSymmetric": self.symmetric_activations, "WeightSymmetric": True}
         per_channel = self.per_channel if per_channel is None else per_channel
+        if per_channel and self.per_channel_min_gain_db > 0 and (fmt or self.format) == "qdq":
+            # ORT takes a per-channel axis per weight as an override of a per-tensor run.
+            from onnxopt.passes.quantize.weights_prep import per_channel_worth_it
+
+            nodes = [n.name for n in proto.graph.node if n.op_type in HEAVY_OPS and n.op_type in op_types
+                     and n.name not in exclude]
+            axes = per_channel_worth_it(proto, nodes, reduce_range, self.per_channel_min_gain_db)
+            extra["TensorQuantOverrides"] = {name: [{"axis": axis}] for name, axis in axes.items()}
+            self.details["per_channel_weights"] = f"{len(axes)}/{len(nodes)}"
+            per_channel = False
         common = dict(per_channel=per_channel, reduce_range=reduce_range, weight_qType=QuantType.QInt8,
                       activation_qType=QuantType.QUInt8, tensors_range=tensors_range, nodes_to_quantize=[],
                       nodes_to_exclude=exclude, op_types_to_quantize=op_types, extra_options=extra)

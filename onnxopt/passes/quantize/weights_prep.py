@@ -65,4 +65,35 @@ def clip_weights(model: onnx.ModelProto, nodes: Sequence[str], per_channel: bool
     return done
 
 
-__all__ = ["clip_weights", "weight_axis", "weight_quantizer"]
+def per_channel_worth_it(model: onnx.ModelProto, nodes: Sequence[str], reduce_range: bool,
+                         min_gain_db: float) -> dict[str, int]:
+    """Weight initializer -> channel axis, for the named nodes whose int8 weight SQNR gains at least ``min_gain_db``
+    from one scale per channel over one per tensor (the rest are left per tensor: 4 bytes a channel less).
+
+    A layer whose channels have similar ranges gains little from per-channel scales; on a depthwise-heavy net the
+    scales are a large share of the int8 file (Paddle cls: 3346 channels for 124k weights, 13 KB of 175 KB).
+    """
+    inits = {init.name: init for init in model.graph.initializer}
+    wanted = set(nodes)
+    keep: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.name not in wanted or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        axis = weight_axis(node, True, weight.ndim)
+        if axis is None:
+            continue
+        gain = _sqnr_db(weight, weight_quantizer(True, reduce_range)(node, weight)) - _sqnr_db(
+            weight, weight_quantizer(False, reduce_range)(node, weight))
+        if gain >= min_gain_db:
+            keep[node.input[1]] = axis
+    return keep
+
+
+def _sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    noise = float(np.sum(np.square(reference.astype(np.float64) - approx)))
+    signal = float(np.sum(np.square(reference.astype(np.float64))))
+    return float("inf") if noise == 0.0 else 10.0 * np.log10(max(signal, 1e-30) / noise)
+
+
+__all__ = ["clip_weights", "per_channel_worth_it", "weight_axis", "weight_quantizer"]
