@@ -1,5 +1,3 @@
-import sys
+from onnxopt.cli import run
 
-from onnxopt.cli import main
-
-sys.exit(main())
+run()

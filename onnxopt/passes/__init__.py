@@ -1,5 +1,6 @@
 """Built-in passes. Light passes register on import; torch-based passes register lazily by name."""
 
+from onnxopt.passes.compress import CompressPass
 from onnxopt.passes.normalize import NormalizePass
 from onnxopt.pipeline.registry import register_lazy
 
@@ -7,4 +8,4 @@ register_lazy("quantize", "onnxopt.passes.quantize.pass_:QuantizePass")  # loads
 register_lazy("distill", "onnxopt.passes.distill.pass_:DistillPass")  # imports torch on use
 register_lazy("prune", "onnxopt.passes.prune.pass_:PrunePass")  # torch only for criterion=taylor
 
-__all__ = ["NormalizePass"]
+__all__ = ["CompressPass", "NormalizePass"]

@@ -1,7 +1,8 @@
 """End-to-end ``optimize``: candidate recipes, every stage measured, Pareto fronts, the stage that meets the budgets.
 
 The default end-to-end recipe (used when calibration data is given and no recipe is named) is normalize -> prune ->
-distill (the original model as teacher) -> quantize (mixed precision under the accuracy budget). Every stage of every
+distill (the original model as teacher) -> normalize -> compress (int8-stored weights that run at FP32 speed) ->
+quantize (mixed precision under the accuracy budget). Every stage of every
 candidate recipe is a point: after the runs, the input and all distinct stage models are timed round-robin in one
 benchmark, each point is judged against every budget, and the fastest (``target="latency"``) or smallest
 (``target="size"``) point that meets them all is kept - which may be an earlier stage than the last one, and the
@@ -47,6 +48,7 @@ END_TO_END_RECIPE: tuple[tuple[str, dict[str, Any]], ...] = (
     ("prune", {"macs_ratio": 0.5, "depth": 0.5}),
     ("distill", {"min_steps": 300}),
     ("normalize", {}),
+    ("compress", {}),
     ("quantize", {}),
 )
 END_TO_END_PASSES: tuple[str, ...] = tuple(dict.fromkeys(name for name, _ in END_TO_END_RECIPE))
@@ -56,7 +58,7 @@ DEFAULT_MAX_CANDIDATES = 8
 #: one file timed twice differ by about that much here); among them ``--target latency`` keeps the smallest.
 LATENCY_TIE = 0.03
 #: ``optimize --example`` without a recipe: the torch-free part of the end-to-end recipe.
-EXAMPLE_PASSES: tuple[str, ...] = ("normalize", "quantize")
+EXAMPLE_PASSES: tuple[str, ...] = ("normalize", "compress", "quantize")
 
 #: (pass, parameter, values to try): a value the pass does not accept is left out; a parameter annotated
 #: ``Literal[...]`` is searched over its own choices when ``values`` is empty.
@@ -115,7 +117,7 @@ def target_overrides(target: str) -> dict[str, dict[str, Any]] | None:
 def example_recipe() -> Recipe:
     """``optimize --example``: the end-to-end recipe without its training passes (prune, distill), so the README's
     first command runs in seconds and needs no torch; the budget-driven selection applies all the same."""
-    return Recipe([PassSpec(name) for name in EXAMPLE_PASSES], source="example (normalize -> quantize)")
+    return Recipe([PassSpec(name) for name in EXAMPLE_PASSES], source="example (normalize -> compress -> quantize)")
 
 
 def search_recipes(base: Recipe, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> list[Recipe]:

@@ -139,6 +139,11 @@ class QuantizePass(OnnxoptPass):
         if self.context.calib is None:
             raise DataError("quantize needs calibration data (--calib)")
         _refuse_quantized(model)
+        from onnxopt.passes.compress import expand_weights
+
+        expanded = expand_weights(model.graph)  # weights stored by `compress` must be initializers for ORT's quantizer
+        if expanded:
+            self.note(f"expanded {expanded} int8-stored weights (compress) to float before quantizing")
         opset_before = opset.default_opset(model)
         self._ensure_opset(model)
         reduce_range, why = self._reduce_range()
