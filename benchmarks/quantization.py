@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -331,7 +332,9 @@ def variants(case: dict, fp32: Path, quick: bool, onc_python: str | None, reduce
     return items
 
 
-def evaluate(path: Path, case: dict, reference: np.ndarray | None) -> tuple[float, float | None, np.ndarray]:
+def evaluate(path: Path, case: dict, reference: np.ndarray | None) -> tuple[float, float | None, np.ndarray, str]:
+    """Accuracy, top-1 agreement with ``reference``, the predictions, and per-sample correctness as a '0'/'1'
+    string (for the paired comparison of two quantizers on the same samples)."""
     from onnxopt.calib_data import open_data
     from onnxopt.fidelity import top1
     from onnxopt.modelio import input_specs, load_model
@@ -345,7 +348,7 @@ def evaluate(path: Path, case: dict, reference: np.ndarray | None) -> tuple[floa
         labels.append(batch.labels)
     pred, label = np.concatenate(preds), np.concatenate(labels)
     agree = float(np.mean(pred == reference)) if reference is not None else None
-    return float(np.mean(pred == label)), agree, pred
+    return float(np.mean(pred == label)), agree, pred, "".join("1" if ok else "0" for ok in pred == label)
 
 
 def model_bytes(path: Path) -> int:
@@ -406,12 +409,12 @@ def run_case(case: dict, workdir: Path, args: argparse.Namespace) -> dict:
         rows[item["label"]] = row
         print(f"  {case['key']}: {item['label']}: {json.dumps({k: v for k, v in row.items() if k != 'path'})}",
               file=sys.stderr, flush=True)
-    _, _, reference = evaluate(fp32, case, None)
+    _, _, reference, _ = evaluate(fp32, case, None)
     for label, row in rows.items():
         if "path" not in row:
             continue
         try:
-            row["accuracy"], row["agreement"], _ = evaluate(row["path"], case, reference)
+            row["accuracy"], row["agreement"], _, row["correct"] = evaluate(row["path"], case, reference)
             row["size"] = model_bytes(row["path"])
             row["int8_weights"], row["heavy_nodes"], counts = weight_coverage(row["path"])
             row["qdq_nodes"] = counts["QuantizeLinear"] + counts["DequantizeLinear"]
@@ -462,7 +465,7 @@ def targets(result: dict) -> list[dict]:
     if peers:
         best_label, best = max(peers.items(), key=lambda kv: kv[1]["accuracy"])
         add("accuracy >= every peer", ours["accuracy"] >= best["accuracy"] - 1e-9,
-            f"ours {ours['accuracy']:.2%}, best peer {best['accuracy']:.2%} ({best_label})")
+            f"ours {ours['accuracy']:.2%}, best peer {best['accuracy']:.2%} ({best_label}){_paired(ours, best)}")
     for key, what in (("speed", "median-based"), ("speed_min", "min-based")):
         speeds = ours.get(key, {})
         if speeds and ours.get("graph_sha256") and ours.get("graph_sha256") == fp32.get("graph_sha256"):
@@ -499,6 +502,20 @@ def targets(result: dict) -> list[dict]:
                 f"ours {row['seconds']:.1f} s ({what}) vs ORT {ort['seconds']:.1f} s (same raw input; "
                 f"{row['seconds'] / ort['seconds']:.1f}x)")
     return checks
+
+
+def _paired(ours: dict, peer: dict) -> str:
+    """'; samples only one of the two gets right: ours 2, peer 5 (exact McNemar p = 0.45)' - whether a difference
+    of a few images is more than chance (rows from older runs have no per-sample record: '')."""
+    a, b = ours.get("correct"), peer.get("correct")
+    if not a or not b or len(a) != len(b):
+        return ""
+    only_ours = sum(x == "1" and y == "0" for x, y in zip(a, b))
+    only_peer = sum(x == "0" and y == "1" for x, y in zip(a, b))
+    n = only_ours + only_peer
+    tail = sum(math.comb(n, k) for k in range(min(only_ours, only_peer) + 1)) / 2 ** n if n else 1.0
+    return (f"; samples only one of the two gets right: ours {only_ours}, peer {only_peer} "
+            f"(exact McNemar p = {min(1.0, 2 * tail):.2f})")
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:

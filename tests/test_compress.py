@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
@@ -110,3 +111,25 @@ def test_small_and_excluded_weights_stay_float(normalized):
         np.prod(next(i for i in normalized.graph.initializer if i.name == conv.input[1]).dims) >= 256)
     with pytest.raises(ValueError, match="op_types"):
         CompressPass(op_types=["Relu"])
+
+
+def test_a_model_left_fp32_by_quantize_keeps_its_stored_weights(normalized):
+    small = CompressPass().apply(normalized)
+    step = QuantizePass(placement="all", op_types=["MatMul"])  # the example has no MatMul: nothing to quantize
+    step.bind(PassContext(calib=open_data(str(examples.default_calib_path()))))
+    kept = step.apply(small)
+    assert Counter(n.op_type for n in kept.graph.node) == Counter(n.op_type for n in small.graph.node)
+    assert kept.ByteSize() == small.ByteSize()
+    assert any("stays FP32 with its int8-stored weights" in note for note in step.notes)
+
+
+def test_runtime_key_groups_models_that_onnx_runtime_runs_alike(normalized):
+    from onnxopt.pipeline.search import runtime_key
+
+    base = as_ir_model(normalized)
+    compressed = as_ir_model(CompressPass().apply(normalized))
+    retrained = as_ir_model(normalized)  # other weight values, same graph (what distillation changes)
+    for value in retrained.graph.initializers.values():
+        value.const_value = ir.tensor(value.const_value.numpy() * 2)
+    assert runtime_key(base) == runtime_key(compressed) == runtime_key(retrained)
+    assert runtime_key(base) != runtime_key(as_ir_model(load_model(examples.default_model_path())))  # BN unfolded

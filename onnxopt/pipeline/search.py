@@ -197,6 +197,8 @@ class StagePoint:
     same_as: list[str] = field(default_factory=list)
     latency_ms: float | None = None
     latency_p90_ms: float | None = None
+    #: The point whose timing this one shares: ONNX Runtime runs the same graph for both (see :func:`runtime_key`).
+    timed_as: str | None = None
     verdicts: list[BudgetVerdict] = field(default_factory=list)
 
     @property
@@ -222,7 +224,8 @@ class StagePoint:
         return {
             "label": self.label, "candidate": self.candidate, "stage": self.stage, "recipe": self.recipe,
             "same_as": self.same_as, "size_bytes": m.size_bytes, "params": m.params, "macs": m.macs,
-            "latency_ms": self.latency_ms, "latency_p90_ms": self.latency_p90_ms, "accuracy": m.accuracy,
+            "latency_ms": self.latency_ms, "latency_p90_ms": self.latency_p90_ms, "timed_as": self.timed_as,
+            "accuracy": m.accuracy,
             "quality": self.quality,
             "top1_agreement": (self.step.fidelity_vs_original or {}).get("top1_agreement"),
             "budgets": [v.to_dict() for v in self.verdicts], "passed": self.passed,
@@ -515,18 +518,53 @@ def _time_points(points: Sequence[StagePoint], context: PassContext, options: Ma
     config = BenchConfig(batch_sizes=(options.latency_batch_size,), threads=(context.threads,),
                          warmup=options.latency_warmup, repeats=2 * options.latency_repeats,
                          provider=context.provider, input_shapes=shapes, seed=context.seed)
-    models = [original] + [p.model for p in points[1:]]
+    # Stages ONNX Runtime runs as the same graph (weights aside) are timed once: their speed is the same by
+    # construction, and timing both would let noise pick between them.
+    first_of: dict[str, StagePoint] = {}
+    timed: list[StagePoint] = []
+    for point in points:
+        key = runtime_key(original if point.stage == "input" else point.model)  # type: ignore[arg-type]
+        if key in first_of:
+            point.timed_as = first_of[key].label
+        else:
+            first_of[key] = point
+            timed.append(point)
+    models = [original if p.stage == "input" else p.model for p in timed]
     try:
-        report = benchmark(models, config, labels=[p.label for p in points])  # type: ignore[arg-type]
+        report = benchmark(models, config, labels=[p.label for p in timed])  # type: ignore[arg-type]
     except BadInputError as exc:
         return {"note": f"not measured: {exc}"}
+    by_label = {p.label: p for p in points}
     for point in points:
-        item = report.result(point.label, options.latency_batch_size, context.threads)
+        item = report.result(point.timed_as or point.label, options.latency_batch_size, context.threads)
         if item is not None:
             point.latency_ms, point.latency_p90_ms = item.median_ms, item.p90_ms
+    shared = {p.label: p.timed_as for p in points if p.timed_as and p.timed_as in by_label}
     return {"batch_size": options.latency_batch_size, "threads": context.threads, "repeats": config.repeats,
             "warmup": config.warmup, "method": "input and every stage model interleaved round-robin, one run",
-            "skipped": [s._asdict() for s in report.skipped]}
+            "timed_as": shared, "skipped": [s._asdict() for s in report.skipped]}
+
+
+def runtime_key(model: ir.Model) -> str:
+    """A digest of the graph ONNX Runtime runs, weight values aside: `compress`'s Cast -> Mul folded (as ORT folds
+    it at load) and each initializer reduced to its name, dtype and shape. Two models with the same key run the same
+    kernels on the same shapes (a pruned model and its distilled weights; a model and its compressed file)."""
+    import hashlib
+
+    from onnxopt.modelio import to_proto
+    from onnxopt.passes.compress import expand_weights
+
+    if any(node.op_type == "Cast" for node in model.graph):
+        model = model.clone()
+        expand_weights(model.graph)
+    proto = to_proto(model)
+    graph = proto.graph
+    shapes = sorted((init.name, tuple(init.dims), init.data_type) for init in graph.initializer)
+    del graph.initializer[:]
+    del graph.value_info[:]
+    digest = hashlib.sha256(graph.SerializeToString())
+    digest.update(repr((shapes, sorted((o.domain, o.version) for o in proto.opset_import))).encode())
+    return digest.hexdigest()
 
 
 def _final_result(runs: Sequence[CandidateRun], points: Sequence[StagePoint], chosen: StagePoint, reason: str,
@@ -595,6 +633,7 @@ def _why_not(final: StagePoint, chosen: StagePoint, target: str) -> str:
 
 __all__ = [
     "END_TO_END_PASSES", "EXAMPLE_PASSES", "SEARCH_AXES", "TARGETS", "CandidateRun", "SearchOutcome", "StagePoint",
-    "choose", "end_to_end_recipe", "example_recipe", "judge_point", "pareto_front", "run_selection", "search_recipes",
+    "choose", "end_to_end_recipe", "example_recipe", "judge_point", "pareto_front", "run_selection", "runtime_key",
+    "search_recipes",
     "target_overrides",
 ]

@@ -141,9 +141,15 @@ class QuantizePass(OnnxoptPass):
         _refuse_quantized(model)
         from onnxopt.passes.compress import expand_weights
 
-        expanded = expand_weights(model.graph)  # weights stored by `compress` must be initializers for ORT's quantizer
+        # Weights stored by `compress` must be initializers for ORT's quantizer; a model that stays FP32 keeps them
+        # stored (the small file at FP32 speed is what compress is for).
+        stored = model.clone() if any(n.op_type == "Cast" for n in model.graph) else None
+        expanded = expand_weights(model.graph)
         if expanded:
             self.note(f"expanded {expanded} int8-stored weights (compress) to float before quantizing")
+        else:
+            stored = None
+        self._stored = stored
         opset_before = opset.default_opset(model)
         self._ensure_opset(model)
         reduce_range, why = self._reduce_range()
@@ -159,7 +165,7 @@ class QuantizePass(OnnxoptPass):
         tensors = tensors_to_calibrate(proto, op_types, exclude)
         if not tensors:
             self.note(f"nothing to quantize: no node of {', '.join(sorted(op_types))} has float activations")
-            return ir.passes.PassResult(model, modified=False)
+            return self._unquantized(model, modified=False)
         self._check_sample_count()
         specs = input_specs(model)
         fp32 = proto  # what the user gave (after shape inference): the reference for every accuracy and timing
@@ -201,7 +207,7 @@ class QuantizePass(OnnxoptPass):
             if chosen is None:
                 self.details.update(method=self.method, calib_samples=seen, ranges=len(ranges), quantized_nodes={})
                 # Still FP32, but a raised opset (per-channel needs 13) is a change of the model.
-                return ir.passes.PassResult(model, modified=opset.default_opset(model) != opset_before)
+                return self._unquantized(model, modified=opset.default_opset(model) != opset_before)
             quantized, per_channel, fmt = chosen
         else:
             per_channel, fmt = self.per_channel, self.format
@@ -230,6 +236,14 @@ class QuantizePass(OnnxoptPass):
         return ir.passes.PassResult(model, modified=True)
 
     # ------------------------------------------------------------------------------------------------------------
+    def _unquantized(self, model: ir.Model, modified: bool) -> ir.passes.PassResult:
+        """The result when the model stays FP32: with the weights stored as `compress` left them, if it had."""
+        if self._stored is not None:  # the input as it came: nothing changed
+            adopt(model, self._stored)
+            self.note("the model stays FP32 with its int8-stored weights (compress) as they were")
+            modified = False
+        return ir.passes.PassResult(model, modified=modified)
+
     def _check_sample_count(self) -> None:
         """Fail before any work when the data is known to be too small for the method."""
         assert self.context.calib is not None
