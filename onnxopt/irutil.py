@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 #: Ops that only appear in a model that is already quantized (QDQ, QOperator or integer-kernel form).
@@ -24,3 +25,18 @@ def adopt(model: ir.Model, new: ir.Model) -> None:
     model.opset_imports.update(imports)
     model.functions.clear()
     model.functions.update(new.functions)
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's data if it is an initializer the caller cannot override at run time (not a graph input)."""
+    if value is None or not value.is_initializer() or value.is_graph_input() or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer of ``graph`` called ``name`` (typed and shaped) and return its value."""
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value

@@ -23,6 +23,8 @@ from collections import Counter
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.irutil import constant_array
+
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _SIXTH = 1.0 / 6.0
 
@@ -57,7 +59,8 @@ def _fuse_clip_chain(graph: ir.Graph, clip: ir.Node, opset: int) -> str | None:
     chain = [add, clip, clipped]
     if _is_div_by_six(clipped):  # hard-sigmoid, maybe times x
         times_x = _sole_use(clipped.outputs[0])
-        if times_x is not None and times_x.op_type == "Mul" and _other_operand(times_x, lambda v: v is clipped.outputs[0]) is x:
+        gated = times_x is not None and times_x.op_type == "Mul"
+        if gated and _other_operand(times_x, lambda v: v is clipped.outputs[0]) is x:
             _replace(graph, [*chain, times_x], _hard_swish(x, opset))
             return "HardSwish"
         _replace(graph, chain, [_hard_sigmoid(x)])
@@ -158,10 +161,8 @@ def _sole_use(value: ir.Value) -> ir.Node | None:
 
 def _scalar(value: ir.Value | None) -> float | None:
     """A one-element float constant's value (an initializer the caller cannot override), else None."""
-    if value is None or not value.is_initializer() or value.is_graph_input() or value.const_value is None:
-        return None
-    array = value.const_value.numpy()
-    if array.size != 1 or array.dtype.kind != "f":
+    array = constant_array(value)
+    if array is None or array.size != 1 or array.dtype.kind != "f":
         return None
     return float(array.reshape(()))
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.irutil import constant_array, new_initializer
+
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -60,12 +62,12 @@ def _fold_one(graph: ir.Graph, bn: ir.Node, names: set[str], result: FoldResult)
         return "not after Conv/ConvTranspose/Gemm"
     if producer.graph is not graph or x.is_graph_output() or len(x.uses()) != 1:
         return "producer output has other consumers"
-    params = [_constant(v) for v in bn.inputs[1:5]]
+    params = [constant_array(v) for v in bn.inputs[1:5]]
     if any(p is None for p in params):
         return "statistics are not constant"
     gamma, beta, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)  # type: ignore[arg-type]
     weight_value = producer.inputs[1] if len(producer.inputs) > 1 else None
-    weight = _constant(weight_value)
+    weight = constant_array(weight_value)
     if weight is None or weight.dtype.kind != "f":
         return "weight is not a constant float tensor"
     scale = gamma / np.sqrt(var + bn.attributes.get_float("epsilon", 1e-5))
@@ -97,7 +99,7 @@ def _fold_arrays(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """New (weight, bias) for ``producer`` in float64, or None when the channel counts disagree."""
     w = weight.astype(np.float64)
-    bias = _constant(producer.inputs[2]) if len(producer.inputs) > 2 and producer.inputs[2] is not None else None
+    bias = constant_array(producer.inputs[2]) if len(producer.inputs) > 2 and producer.inputs[2] is not None else None
     if len(producer.inputs) > 2 and producer.inputs[2] is not None and bias is None:
         return None  # a bias computed at run time cannot absorb the shift
     if producer.op_type == "Conv":
@@ -138,13 +140,6 @@ def _sizes_match(channels: int, *arrays: np.ndarray) -> bool:
     return all(a.size == channels for a in arrays)
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    """The value's data if it is an initializer the caller cannot override at run time."""
-    if value is None or not value.is_initializer() or value.is_graph_input() or value.const_value is None:
-        return None
-    return value.const_value.numpy()
-
-
 def _set_weight(
     graph: ir.Graph, node: ir.Node, value: ir.Value, array: np.ndarray, names: set[str], result: FoldResult
 ) -> None:
@@ -153,7 +148,7 @@ def _set_weight(
         return
     # Shared with another node: this node gets its own folded copy.
     assert value.name is not None
-    copy = _new_initializer(graph, _unique(f"{value.name}_bn_folded", names), array)
+    copy = new_initializer(graph, _unique(f"{value.name}_bn_folded", names), array)
     node.replace_input_with(1, copy)
     result.renamed_shared_weights += 1
 
@@ -169,17 +164,10 @@ def _set_bias(graph: ir.Graph, node: ir.Node, weight: ir.Value, array: np.ndarra
         return
     weight_name = weight.name or node.name or node.op_type
     base = weight_name[: -len("weight")] + "bias" if weight_name.endswith("weight") else f"{weight_name}_bias"
-    bias = _new_initializer(graph, _unique(base, names), array)
+    bias = new_initializer(graph, _unique(base, names), array)
     if len(node.inputs) < 3:
         node.resize_inputs(3)
     node.replace_input_with(2, bias)
-
-
-def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
 
 
 def _used_names(graph: ir.Graph) -> set[str]:

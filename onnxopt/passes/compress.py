@@ -22,6 +22,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.irutil import constant_array, new_initializer
 from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.registry import register
 
@@ -102,8 +103,8 @@ def _compress(graph: ir.Graph, value: ir.Value, array: np.ndarray, axis: int) ->
     q = np.clip(np.round(array / scale), -127, 127).astype(np.int8)
     error = float(np.max(np.abs(q * scale.astype(np.float64) - array) / np.where(peak > 0, peak, 1.0)))
     name = value.name or "weight"
-    q_value = _initializer(graph, f"{name}{_INT8_SUFFIX}", q)
-    s_value = _initializer(graph, f"{name}{_SCALE_SUFFIX}", scale)
+    q_value = new_initializer(graph, f"{name}{_INT8_SUFFIX}", q)
+    s_value = new_initializer(graph, f"{name}{_SCALE_SUFFIX}", scale)
     cast = ir.node("Cast", [q_value], attributes={"to": ir.DataType.FLOAT}, name=f"{name}_cast")
     mul = ir.node("Mul", [cast.outputs[0], s_value], name=f"{name}_rescale")
     cast.outputs[0].name = f"{name}_float"
@@ -129,16 +130,15 @@ def expand_weights(graph: ir.Graph) -> int:
         if cast is None or cast.op_type != "Cast" or scale is None or len(mul.inputs[0].uses()) != 1:
             continue
         source = cast.inputs[0]
-        if (source is None or not source.is_initializer() or source.is_graph_input() or source.const_value is None
-                or source.const_value.dtype != ir.DataType.INT8
-                or cast.attributes.get_int("to", 0) != ir.DataType.FLOAT):
+        stored = constant_array(source)
+        if stored is None or stored.dtype != np.int8 or cast.attributes.get_int("to", 0) != ir.DataType.FLOAT:
             continue
-        weight = (source.const_value.numpy().astype(np.float32) * scale).astype(np.float32)
+        weight = (stored.astype(np.float32) * scale).astype(np.float32)
         sources += [source, mul.inputs[1]]
         out = mul.outputs[0]
         name = out.name
         out.name = None
-        restored = _initializer(graph, name or "weight", weight)
+        restored = new_initializer(graph, name or "weight", weight)
         out.replace_all_uses_with(restored, replace_graph_outputs=True)
         graph.remove([mul, cast], safe=True)
         folded += 1
@@ -149,18 +149,8 @@ def expand_weights(graph: ir.Graph) -> int:
 
 
 def _float_constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or not value.is_initializer() or value.is_graph_input() or value.const_value is None:
-        return None
-    if value.const_value.dtype != ir.DataType.FLOAT:
-        return None
-    return value.const_value.numpy()
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
+    array = constant_array(value)
+    return array if array is not None and array.dtype == np.float32 else None
 
 
 __all__ = ["CompressPass", "expand_weights"]
