@@ -12,6 +12,7 @@ import pytest
 
 from onnxopt import examples
 from onnxopt.calib_data import open_data
+from onnxopt.errors import RecipeError
 from onnxopt.modelio import as_ir_model, load_model, serialized_size, to_proto
 from onnxopt.passes import CompressPass, NormalizePass
 from onnxopt.passes.compress import expand_weights
@@ -111,6 +112,19 @@ def test_small_and_excluded_weights_stay_float(normalized):
         np.prod(next(i for i in normalized.graph.initializer if i.name == conv.input[1]).dims) >= 256)
     with pytest.raises(ValueError, match="op_types"):
         CompressPass(op_types=["Relu"])
+    with pytest.raises(RecipeError, match="not in the model: nope"):
+        CompressPass(exclude_nodes=["nope"]).apply(normalized)
+
+
+def test_cli_bad_compress_parameters_exit_2(tmp_path, capsys):
+    from onnxopt.cli import main
+
+    out = tmp_path / "o.onnx"
+    for spec in ("compress:op_types=[Relu]", "compress:exclude_nodes=[nope]"):
+        code = main(["optimize", str(examples.default_model_path()), "-o", str(out), "--pass", spec, "--no-latency",
+                     "--quiet"])
+        assert code == 2 and not out.exists()
+        assert "compress" in capsys.readouterr().err
 
 
 def test_a_model_left_fp32_by_quantize_keeps_its_stored_weights(normalized):

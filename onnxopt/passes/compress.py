@@ -22,6 +22,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.errors import RecipeError
 from onnxopt.irutil import constant_array, new_initializer
 from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.registry import register
@@ -62,6 +63,9 @@ class CompressPass(OnnxoptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         skipped = set(self.exclude_nodes)
+        unknown = sorted(skipped - {node.name for node in graph})
+        if unknown:
+            raise RecipeError(f"compress.exclude_nodes names node(s) not in the model: {', '.join(unknown)}")
         done: dict[str, tuple[int, int]] = {}  # weight name -> (float bytes, int8 + scale bytes)
         worst = 0.0
         for node in list(graph):
