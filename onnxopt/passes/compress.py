@@ -121,6 +121,14 @@ def _compress(graph: ir.Graph, value: ir.Value, array: np.ndarray, axis: int) ->
     return q.nbytes + scale.nbytes, error
 
 
+def has_stored_weights(graph: ir.Graph) -> bool:
+    """True when ``graph`` holds a weight stored by this pass (``Cast`` of an int8 constant): a cheap test before
+    cloning or expanding."""
+    return any(node.op_type == "Cast" and node.domain in _DEFAULT_DOMAINS and node.inputs
+               and (stored := constant_array(node.inputs[0])) is not None and stored.dtype == np.int8
+               for node in graph)
+
+
 def expand_weights(graph: ir.Graph) -> int:
     """Fold every ``Mul(Cast(int8 constant), float constant)`` back into a float initializer of the Mul output's
     name (what ONNX Runtime does at load); the number folded."""
@@ -157,4 +165,4 @@ def _float_constant(value: ir.Value | None) -> np.ndarray | None:
     return array if array is not None and array.dtype == np.float32 else None
 
 
-__all__ = ["CompressPass", "expand_weights"]
+__all__ = ["CompressPass", "expand_weights", "has_stored_weights"]

@@ -536,12 +536,11 @@ def _time_points(points: Sequence[StagePoint], context: PassContext, options: Ma
         report = benchmark(models, config, labels=[p.label for p in timed])  # type: ignore[arg-type]
     except BadInputError as exc:
         return {"note": f"not measured: {exc}"}
-    by_label = {p.label: p for p in points}
     for point in points:
         item = report.result(point.timed_as or point.label, options.latency_batch_size, context.threads)
         if item is not None:
             point.latency_ms, point.latency_p90_ms = item.median_ms, item.p90_ms
-    shared = {p.label: p.timed_as for p in points if p.timed_as and p.timed_as in by_label}
+    shared = {p.label: p.timed_as for p in points if p.timed_as}
     return {"batch_size": options.latency_batch_size, "threads": context.threads, "repeats": config.repeats,
             "warmup": config.warmup, "method": "input and every stage model interleaved round-robin, one run",
             "timed_as": shared, "skipped": [s._asdict() for s in report.skipped]}
@@ -554,9 +553,9 @@ def runtime_key(model: ir.Model) -> str:
     import hashlib
 
     from onnxopt.modelio import to_proto
-    from onnxopt.passes.compress import expand_weights
+    from onnxopt.passes.compress import expand_weights, has_stored_weights
 
-    if any(node.op_type == "Cast" for node in model.graph):
+    if has_stored_weights(model.graph):
         model = model.clone()
         expand_weights(model.graph)
     proto = to_proto(model)

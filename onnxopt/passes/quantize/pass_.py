@@ -139,17 +139,16 @@ class QuantizePass(OnnxoptPass):
         if self.context.calib is None:
             raise DataError("quantize needs calibration data (--calib)")
         _refuse_quantized(model)
-        from onnxopt.passes.compress import expand_weights
+        from onnxopt.passes.compress import expand_weights, has_stored_weights
 
         # Weights stored by `compress` must be initializers for ORT's quantizer; a model that stays FP32 keeps them
         # stored (the small file at FP32 speed is what compress is for).
-        stored = model.clone() if any(n.op_type == "Cast" for n in model.graph) else None
-        expanded = expand_weights(model.graph)
+        self._stored = model.clone() if has_stored_weights(model.graph) else None
+        expanded = expand_weights(model.graph) if self._stored is not None else 0
         if expanded:
             self.note(f"expanded {expanded} int8-stored weights (compress) to float before quantizing")
         else:
-            stored = None
-        self._stored = stored
+            self._stored = None
         opset_before = opset.default_opset(model)
         self._ensure_opset(model)
         reduce_range, why = self._reduce_range()
