@@ -17,6 +17,7 @@ from onnxopt.errors import BadInputError, DataError, RecipeError
 from onnxopt.modelio import load_model, to_proto
 from onnxopt.passes.normalize import NormalizePass
 from onnxopt.passes.prune.allocate import allocate
+from onnxopt.passes.prune.apply import apply_plan, keep_every_selection
 from onnxopt.passes.prune.depgraph import DepGraph, analyze, lift_constants
 from onnxopt.passes.prune.pass_ import PrunePass
 
@@ -26,7 +27,9 @@ def random_net(blocks: list[str], seed: int = 0, bn: bool = False, width: int = 
     """input [N,3,8,8] -> stem conv -> blocks -> GlobalAveragePool -> Flatten -> Gemm -> logits.
 
     Blocks: conv (conv [BN] relu, new width), res (conv relu conv + Add), cat (two convs concatenated), dw
-    (depthwise conv relu), se (squeeze-and-excitation Mul), split (Split into halves, each conv'd, concatenated).
+    (depthwise conv relu), se (squeeze-and-excitation Mul), split (Split into halves, each conv'd, concatenated),
+    shuffle (a ShuffleNetV2 unit: channel Slices into halves, the second conv'd, Concat, then the channel shuffle
+    Reshape -> Transpose -> Reshape as torch exports it).
     """
     b = GraphBuilder(seed=seed)
     x = b.input("input", ["N", 3, 8, 8])
@@ -62,6 +65,17 @@ def random_net(blocks: list[str], seed: int = 0, bn: bool = False, width: int = 
             h1, h2 = b.node("Split", [y], outputs=2, axis=1)
             x = b.node("Concat", [conv(h1, c, c), conv(h2, c, c)], axis=1)
             c = 2 * c
+        elif kind == "shuffle":
+            half = c // 2
+
+            def channels(start: int, stop: int) -> str:
+                bounds = [b.weight(b.fresh("slice"), np.array([v], dtype=np.int64)) for v in (start, stop, 1)]
+                return b.node("Slice", [x, *bounds])
+
+            y = b.node("Concat", [channels(0, half), conv(channels(half, c), c - half, c - half)], axis=1)
+            y = b.node("Reshape", [y, b.weight(b.fresh("shape"), np.array([-1, 2, c // 2, 8, 8], dtype=np.int64))])
+            y = b.node("Transpose", [y], perm=[0, 2, 1, 3, 4])
+            x = b.node("Reshape", [y, b.weight(b.fresh("shape"), np.array([-1, c, 8, 8], dtype=np.int64))])
     pooled = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
     b.node("Gemm", [pooled, b.weight("fc_w", (5, c)), b.weight("fc_b", (5,))], ["logits"], transB=1)
     b.output("logits", ["N", 5])
@@ -81,8 +95,7 @@ def kill_channels(model: onnx.ModelProto, graph: DepGraph, removed: dict[int, np
             if cut.kind == "consumer":
                 continue
             a = np.moveaxis(numpy_helper.to_array(inits[cut.init]).copy(), cut.axis, 0)
-            for i in idx:
-                a[cut.offset + i * cut.block: cut.offset + (i + 1) * cut.block] = 0
+            a[cut.positions(idx)] = 0
             inits[cut.init].CopyFrom(numpy_helper.from_array(np.moveaxis(a, 0, cut.axis), cut.init))
     return out
 
@@ -181,6 +194,46 @@ def test_dead_channels_are_removed_exactly(bn: bool) -> None:
     assert compare_models(dead, pruned, random_feeds(dead, batch=2, seed=1)) < 1e-5
 
 
+@pytest.mark.parametrize("seed", [0, 5])
+def test_dead_channels_are_removed_exactly_through_fused_shuffles(seed: int) -> None:
+    model = random_net(["conv", "shuffle", "shuffle", "cat", "shuffle", "split", "shuffle"], seed=seed)
+    assert run(model, random_feeds(model))  # the Reshape form itself is valid
+    normalized = NormalizePass().apply(model)
+    assert not any(n.op_type in ("Transpose", "Reshape") for n in normalized.graph.node)
+    graph = analyze(normalized)
+    assert not any("shuffle" in r for g in graph.groups for r in g.blocked)
+    branch_convs = {n.name for n in normalized.graph.node if n.op_type == "Conv"}
+    assert branch_convs <= {p for g in graph.prunable for p in g.producers}
+    dead = kill_channels(normalized, graph, uniform_plan(graph, 0.5))
+    pruned = PrunePass(ratio=0.5, allocation="uniform", round_to=1).apply(dead)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert channel_count(pruned) < channel_count(normalized)
+    assert compare_models(dead, pruned, random_feeds(dead, batch=2, seed=1)) < 1e-5
+
+
+def test_a_selection_never_loses_all_its_channels() -> None:
+    model = NormalizePass().apply(random_net(["conv", "shuffle", "shuffle"], seed=2))
+    graph = analyze(model)
+    selections = [r for r in graph.rewrites if r.kind in ("gather", "slice") and r.layouts[1].order is not None]
+    assert selections
+    target = selections[0].layouts[1]
+    removed: dict[int, set[int]] = {g.id: set() for g in graph.prunable}
+    for space, channel in target.order:  # a plan that empties the first selection
+        removed[graph.space_root[space]].add(channel)
+    plan = {gid: np.asarray(sorted(idx), dtype=np.int64) for gid, idx in removed.items()}
+    kept = keep_every_selection(graph, plan)
+    assert sum(len(v) for v in plan.values()) - sum(len(v) for v in kept.values()) == 1
+    pruned = apply_plan(model, graph, kept)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert run(pruned, random_feeds(pruned, batch=2))[0].shape == (2, 5)
+
+
+def test_unfused_shuffles_stay_blocked() -> None:
+    model = NormalizePass(fuse_shuffles=False).apply(random_net(["conv", "shuffle", "conv"]))
+    graph = analyze(model)
+    assert any("channel shuffle" in r for g in graph.groups for r in g.blocked)
+
+
 def test_ratio_zero_leaves_the_model_identical() -> None:
     model = random_net(["res", "dw"])
     step = PrunePass(ratio=0.0)
@@ -189,7 +242,7 @@ def test_ratio_zero_leaves_the_model_identical() -> None:
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(blocks=st.lists(st.sampled_from(["conv", "res", "cat", "dw", "se", "split"]), min_size=1, max_size=5),
+@given(blocks=st.lists(st.sampled_from(["conv", "res", "cat", "dw", "se", "split", "shuffle"]), min_size=1, max_size=5),
        ratio=st.sampled_from([0.1, 0.3, 0.5, 0.7]), allocation=st.sampled_from(["global", "uniform"]),
        seed=st.integers(0, 100))
 def test_random_nets_prune_to_valid_models_of_the_requested_size(blocks: list[str], ratio: float, allocation: str,
@@ -201,6 +254,9 @@ def test_random_nets_prune_to_valid_models_of_the_requested_size(blocks: list[st
     onnx.checker.check_model(pruned, full_check=True)
     outputs = run(pruned, random_feeds(pruned, batch=2))
     assert outputs[0].shape == (2, 5)
+    if not graph.prunable:  # e.g. a lone unfused shuffle blocks every channel it touches
+        assert "nothing prunable" in " ".join(step.notes)
+        return
     total = sum(g.size for g in graph.prunable)
     removed = step.details["channels_removed"] * total
     if allocation == "uniform":
@@ -282,9 +338,11 @@ def test_torch_exports_prune_to_valid_models(torch_models: dict[str, Path]) -> N
         onnx.checker.check_model(pruned)
         out = run(pruned, random_feeds(pruned, batch=2))
         assert out[0].shape == (2, 10), name
-        if name == "shufflenetv2":
+        if name == "shufflenetv2":  # normalize made its shuffles Gathers: the branch convs are prunable
             reasons = [r for b in step.details["blocked"] for r in b["reasons"]]  # type: ignore[union-attr]
-            assert any("shuffle" in r for r in reasons)
+            assert not any("shuffle" in r for r in reasons)
+            assert [b["producers"] for b in step.details["blocked"]] == [["/fc/Gemm"]]  # the head only
+            assert sum("right" in producer for producer in step.details["kept_channels"]) == 6
         if step.details.get("prunable_groups"):
             assert step.details["macs_after"] < step.details["macs_before"], name
 

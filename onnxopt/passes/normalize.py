@@ -12,7 +12,8 @@ without changing what the model computes (it is ``exact``):
 5. dynamic input dims are fixed from the user's shapes or the calibration data;
 6. onnxsim folds constants and removes redundant ops (its own check must pass, else the model is kept as it was);
 7. inference BatchNormalization is folded into the preceding Conv / ConvTranspose / Gemm;
-8. hard-swish / hard-sigmoid chains (``x * Clip(x + 3, 0, 6) / 6``) become HardSwish / HardSigmoid ops;
+8. hard-swish / hard-sigmoid chains (``x * Clip(x + 3, 0, 6) / 6``) become HardSwish / HardSigmoid ops, and
+   Reshape -> Transpose -> Reshape channel shuffles (and channel Slices of them) become Gathers;
 9. unused nodes and initializers are dropped, nodes sorted, shapes inferred.
 """
 
@@ -34,7 +35,7 @@ from onnx_ir.passes import common as ir_passes
 
 from onnxopt.irutil import adopt
 from onnxopt.modelio import PROTOBUF_LIMIT, input_specs, model_file, tensor_bytes, to_proto
-from onnxopt.passes import act_fusion, bn_fold, opset, shapes
+from onnxopt.passes import act_fusion, bn_fold, opset, shapes, shuffle_fusion
 from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.registry import register
 
@@ -59,6 +60,8 @@ class NormalizePass(OnnxoptPass):
         fix_shapes: fix dynamic input dims from ``context.input_shapes`` or, failing that, the calibration data.
         name_nodes: give unnamed nodes deterministic names.
         fuse_activations: replace hard-swish / hard-sigmoid chains of elementwise ops by the single ONNX op.
+        fuse_shuffles: replace Reshape/Transpose/Reshape channel shuffles by a channel Gather (faster, and
+            prunable: see :mod:`onnxopt.passes.shuffle_fusion`).
     """
 
     name: ClassVar[str] = "normalize"
@@ -71,6 +74,7 @@ class NormalizePass(OnnxoptPass):
     fix_shapes: bool = True
     name_nodes: bool = True
     fuse_activations: bool = True
+    fuse_shuffles: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,6 +98,8 @@ class NormalizePass(OnnxoptPass):
             changed |= self._fold_batchnorms(model)
         if self.fuse_activations:
             changed |= self._fuse_activations(model)
+        if self.fuse_shuffles:
+            changed |= self._fuse_shuffles(model)
         changed |= self._clean_up(model)
         self.details["nodes"] = _count_nodes(model)
         return ir.passes.PassResult(model, modified=changed)
@@ -277,6 +283,18 @@ class NormalizePass(OnnxoptPass):
             what = ", ".join(f"{n} {op}" for op, n in sorted(fused.items()))
             self.note(f"fused {total} elementwise activation chains into single ops ({what})")
         return total > 0
+
+    def _fuse_shuffles(self, model: ir.Model) -> bool:
+        if not any(node.op_type == "Transpose" for node in model.graph):
+            return False
+        with _silenced("onnx_ir.passes.common.shape_inference"):
+            ir_passes.ShapeInferencePass()(model)  # the match needs the channel count of each shuffle's input
+        counts = shuffle_fusion.fuse_channel_shuffles(model.graph)
+        self.details["fused_shuffles"] = counts
+        if counts["shuffles"]:
+            self.note(f"rewrote {counts['shuffles']} Reshape/Transpose/Reshape channel shuffles as channel Gathers "
+                      f"({counts['slices']} channel Slices of them became Gathers too)")
+        return counts["shuffles"] > 0
 
     # -- 9. clean-up ---------------------------------------------------------------------------------------------------
 

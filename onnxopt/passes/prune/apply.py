@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxopt.passes.prune.depgraph import DepGraph, Layout
+from onnxopt.passes.prune.depgraph import DepGraph, Layout, layout_entries
 
 
 def apply_plan(proto: onnx.ModelProto, graph: DepGraph, removed: Mapping[int, np.ndarray],
@@ -27,8 +27,7 @@ def apply_plan(proto: onnx.ModelProto, graph: DepGraph, removed: Mapping[int, np
         if idx.size == 0:
             continue
         for cut in graph.groups[gid].cuts:
-            pos = cut.offset + (idx[:, None] * cut.block + np.arange(cut.block)[None, :]).ravel()
-            drop[(cut.init, cut.axis)].update(int(p) for p in pos)
+            drop[(cut.init, cut.axis)].update(int(p) for p in cut.positions(idx))
     inits = {init.name: init for init in out.graph.initializer}
     if means:
         _compensate(out, graph, removed, means, inits)
@@ -41,7 +40,14 @@ def apply_plan(proto: onnx.ModelProto, graph: DepGraph, removed: Mapping[int, np
             array = np.delete(array, sorted(positions), axis=axis)
         inits[name].CopyFrom(numpy_helper.from_array(array, name))
 
+    gone = {gid: {int(i) for i in idx} for gid, idx in removed.items()}
+
+    def kept(entry: tuple[int, int]) -> bool:
+        return entry[1] not in gone.get(graph.space_root[entry[0]], ())
+
     def width(layout: Layout) -> int:
+        if layout.order is not None:
+            return sum(kept(e) for e in layout.order)
         total = 0
         for seg in layout.segs:
             gid = graph.space_root[seg.space]
@@ -72,6 +78,15 @@ def apply_plan(proto: onnx.ModelProto, graph: DepGraph, removed: Mapping[int, np
                 node.input[:] = [node.input[0], const]
             else:
                 node.attribute.append(onnx.helper.make_attribute("split", sizes))
+        elif rewrite.kind in ("gather", "slice"):
+            before, after = rewrite.layouts
+            survivors = [e for e in layout_entries(before, graph.space_size) if kept(e)]
+            where = {e: i for i, e in enumerate(survivors)}
+            indices = np.asarray([where[e] for e in layout_entries(after, graph.space_size) if kept(e)], dtype=np.int64)
+            if rewrite.kind == "gather":
+                node.input[1] = _new_const(out, f"{node.input[1]}_pruned", indices)
+            else:  # a run of the input stays a run of the pruned input
+                _set_slice_run(out, node, inits, before, int(indices[0]), int(indices[-1]) + 1)
         elif rewrite.kind == "reshape" and len(node.input) > 1:
             shape = numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
             if shape is not None and shape.size >= 2 and shape[1] > 0:
@@ -93,6 +108,48 @@ def apply_plan(proto: onnx.ModelProto, graph: DepGraph, removed: Mapping[int, np
     return out
 
 
+def keep_every_selection(graph: DepGraph, removed: Mapping[int, np.ndarray],
+                         scores: Mapping[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+    """``removed``, less the best-scored channel of every explicit channel selection (a Gather or Slice of
+    channels, a Split of reordered channels) that would otherwise lose all its channels: a tensor without channels
+    is no model. Canonical layouts need no care: every group keeps ``min_keep`` channels."""
+    gone = {gid: {int(i) for i in idx} for gid, idx in removed.items()}
+    for rewrite in graph.rewrites:
+        if rewrite.kind not in ("gather", "slice", "split"):
+            continue
+        for layout in rewrite.layouts if rewrite.kind == "split" else rewrite.layouts[1:]:
+            if layout.order is None:
+                continue
+            entries = [(graph.space_root[space], channel) for space, channel in layout.order]
+            if any(channel not in gone.get(gid, ()) for gid, channel in entries):
+                continue
+            gid, channel = max(entries, key=lambda e: float(scores[e[0]][e[1]]) if scores else 0.0)
+            gone[gid].discard(channel)
+    return {gid: np.asarray(sorted(idx), dtype=np.int64) for gid, idx in gone.items()}
+
+
+def _set_slice_run(model: onnx.ModelProto, node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
+                   layout: Layout, start: int, stop: int) -> None:
+    """Make the channel-axis bounds of Slice ``node`` ``[start, stop)`` (the other axes' bounds stay)."""
+    def channel_index(axes: list[int]) -> int:
+        return [a + layout.rank if a < 0 else a for a in axes].index(layout.axis)
+
+    if len(node.input) == 1:  # opset < 10: attributes
+        attrs = {a.name: a for a in node.attribute}
+        k = channel_index(list(attrs["axes"].ints) if "axes" in attrs else list(range(len(attrs["starts"].ints))))
+        attrs["starts"].ints[k], attrs["ends"].ints[k] = start, stop
+        return
+    starts = numpy_helper.to_array(inits[node.input[1]]).astype(np.int64).reshape(-1)
+    ends = numpy_helper.to_array(inits[node.input[2]]).astype(np.int64).reshape(-1)
+    axes = numpy_helper.to_array(inits[node.input[3]]).reshape(-1).tolist() if len(node.input) > 3 and node.input[3] \
+        else list(range(starts.size))
+    k = channel_index([int(a) for a in axes])
+    starts, ends = starts.copy(), ends.copy()
+    starts[k], ends[k] = start, stop
+    node.input[1] = _new_const(model, f"{node.input[1]}_pruned_{node.name}", starts)
+    node.input[2] = _new_const(model, f"{node.input[2]}_pruned_{node.name}", ends)
+
+
 def _compensate(model: onnx.ModelProto, graph: DepGraph, removed: Mapping[int, np.ndarray],
                 means: Mapping[str, np.ndarray], inits: dict[str, onnx.TensorProto]) -> None:
     nodes = {node.name: node for node in model.graph.node if node.name}
@@ -108,7 +165,9 @@ def _compensate(model: onnx.ModelProto, graph: DepGraph, removed: Mapping[int, n
                 continue
             if node.op_type == "Conv" and any(a.name == "group" and a.i != 1 for a in node.attribute):
                 continue
-            pos = cut.offset + (idx[:, None] * cut.block + np.arange(cut.block)[None, :]).ravel()
+            pos = cut.positions(idx)
+            if pos.size == 0:
+                continue
             mean = np.asarray(means[node.input[0]], dtype=np.float64)
             if pos.max() >= mean.size:
                 continue

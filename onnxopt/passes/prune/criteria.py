@@ -23,8 +23,14 @@ CRITERIA = ("l1", "l2", "bn_scale", "taylor")
 def _channel_view(array: np.ndarray, cut: Cut, size: int) -> np.ndarray:
     """[size, rest] rows of ``array`` for the channels of the cut's space."""
     moved = np.moveaxis(array, cut.axis, 0)
-    part = moved[cut.offset:cut.offset + size * cut.block]
-    return part.reshape(size, -1).astype(np.float64)
+    if cut.index is None:
+        part = moved[cut.offset:cut.offset + size * cut.block]
+        return part.reshape(size, -1).astype(np.float64)
+    rows = np.zeros((size, int(np.prod(moved.shape[1:]))))  # channels absent from this tensor score nothing here
+    for channel, slot in enumerate(cut.index):
+        if slot >= 0:
+            rows[channel] = moved[slot].reshape(-1)
+    return rows
 
 
 def weight_scores(proto: onnx.ModelProto, graph: DepGraph, criterion: str) -> dict[int, np.ndarray]:

@@ -6,15 +6,20 @@ stacks several; a Flatten turns each channel into a block of features). Ops that
 residual Add, the Mul of a squeeze-and-excitation block, a depthwise Conv) unite spaces; a group is one union of
 spaces, pruned with one index set everywhere it appears.
 
-The analysis is conservative: an op it does not understand, a Reshape/Transpose that moves channels (channel
-shuffle), a graph output, a shared weight or a protected node *blocks* every space it touches, with a reason. A
-blocked group is left whole and listed in the report.
+A Gather of constant channel indices (a channel shuffle after ``normalize``, see
+:mod:`onnxopt.passes.shuffle_fusion`) gives an *explicit* layout: the (space, channel) at each position. Split,
+Concat, depthwise Conv and the consumers' weights follow explicit layouts position by position, so channels keep
+their identity through any number of shuffles.
+
+The analysis is conservative: an op it does not understand, a Reshape/Transpose that moves channels (an unfused
+channel shuffle), a graph output, a shared weight or a protected node *blocks* every space it touches, with a
+reason. A blocked group is left whole and listed in the report.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -41,9 +46,22 @@ class Seg:
 
 @dataclass(frozen=True)
 class Layout:
+    """Which channel spaces make up a tensor's channel axis.
+
+    Canonical (``order`` None): the spaces of ``segs`` one after another, each whole. Explicit: ``order`` gives the
+    (space, channel) at each position (block 1), e.g. after a channel Gather; ``segs`` then lists the spaces met."""
+
     axis: int
     rank: int
     segs: tuple[Seg, ...]
+    order: tuple[tuple[int, int], ...] | None = None
+
+
+def layout_entries(layout: Layout, space_size: dict[int, int]) -> list[tuple[int, int]]:
+    """The (space, channel) at each channel position of ``layout`` (blocks not expanded)."""
+    if layout.order is not None:
+        return list(layout.order)
+    return [(seg.space, c) for seg in layout.segs for c in range(space_size[seg.space])]
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,16 @@ class Cut:
     block: int
     kind: str  # producer | consumer | param | bn_scale
     node: str = ""  # the node whose weight this is
+    #: explicit layouts: the position of each channel of the space (-1: not in this tensor); then ``offset`` is 0
+    index: tuple[int, ...] | None = None
+
+    def positions(self, channels: np.ndarray) -> np.ndarray:
+        """Indices along ``axis`` of ``init`` that hold ``channels`` of the space (absent channels skipped)."""
+        channels = np.asarray(channels, dtype=np.int64).reshape(-1)
+        if self.index is not None:
+            slots = np.asarray(self.index, dtype=np.int64)[channels]
+            channels = slots[slots >= 0]
+        return self.offset + (channels[:, None] * self.block + np.arange(self.block)[None, :]).ravel()
 
 
 @dataclass
@@ -78,7 +106,7 @@ class Group:
 class Rewrite:
     """An attribute or shape constant that depends on channel counts, recomputed after pruning."""
 
-    kind: str  # group (depthwise Conv), split, reshape
+    kind: str  # group (depthwise Conv), split, reshape, gather, slice
     node: str
     layouts: list[Layout]
 
@@ -205,12 +233,33 @@ class _Analysis:
         init = self.inits.get(name)
         return None if init is None else numpy_helper.to_array(init)
 
-    def cut(self, space: int, init: str, axis: int, offset: int, block: int, kind: str, node: str) -> None:
+    def cut(self, space: int, init: str, axis: int, offset: int, block: int, kind: str, node: str,
+            index: tuple[int, ...] | None = None) -> None:
         if self.uses[init] > 1:
             self.blocked[space].append(f"initializer {init} is shared by several nodes ({node})")
-        self.cuts[space].append(Cut(init, axis, offset, block, kind, node))
+        self.cuts[space].append(Cut(init, axis, offset, block, kind, node, index))
+
+    def width(self, layout: Layout) -> int:
+        """Features along the layout's axis."""
+        if layout.order is not None:
+            return len(layout.order)
+        return sum(self.size[s.space] * s.block for s in layout.segs)
+
+    def explicit(self, axis: int, rank: int, order: list[tuple[int, int]]) -> Layout:
+        """A layout for ``order``, canonical again when it is whole spaces in their own channel order."""
+        segs = tuple(Seg(space) for space in dict.fromkeys(space for space, _ in order))
+        canonical = [(seg.space, c) for seg in segs for c in range(self.size[seg.space])]
+        return Layout(axis, rank, segs, None if canonical == order else tuple(order))
 
     def seg_cuts(self, layout: Layout, init: str, axis: int, kind: str, node: str) -> None:
+        if layout.order is not None:
+            for seg in layout.segs:
+                index = [-1] * self.size[seg.space]
+                for pos, (space, channel) in enumerate(layout.order):
+                    if space == seg.space:
+                        index[channel] = pos
+                self.cut(seg.space, init, axis, 0, 1, kind, node, tuple(index))
+            return
         offset = 0
         for seg in layout.segs:
             self.cut(seg.space, init, axis, offset, seg.block, kind, node)
@@ -283,6 +332,8 @@ class _Analysis:
             return None
         if op in ("Flatten", "Reshape"):
             return self.reshape(node, name, layouts)
+        if op == "Gather":
+            return self.gather(node, name, layouts)
         if op in ("Squeeze", "Unsqueeze"):
             return self.squeeze(node, name, layouts)
         if op in REDUCE or op in ("Softmax", "LogSoftmax", "Slice", "Pad", "Resize", "Upsample"):
@@ -374,13 +425,19 @@ class _Analysis:
             for lay in layouts:
                 self.block(lay, f"{node.op_type} node {name} broadcasts to a higher rank")
             return None
-        width = sum(self.size[s.space] * s.block for s in ref.segs)
+        width = self.width(ref)
         ref_index = next(i for i, lay in enumerate(layouts) if lay is not None)
         for index, (inp, lay) in enumerate(zip(node.input, layouts)):
             if index == ref_index:
                 continue
             if lay is not None:
                 lay, ref = self.layouts_now(lay), self.layouts_now(ref)
+                if lay.order is not None or ref.order is not None:
+                    if lay.order == ref.order and lay.axis == ref.axis and lay.rank == ref.rank:
+                        continue  # the very same channels
+                    for other in layouts:
+                        self.block(other, f"{node.op_type} node {name} combines differently ordered channels")
+                    return None
                 if not self.same_layout(ref, lay):
                     refined = self.refine(ref, lay)
                     if refined is None:
@@ -406,7 +463,7 @@ class _Analysis:
         """Cut the spaces of two layouts of one width at each other's boundaries (e.g. the output of an SE block's
         last conv against a Concat), so they can be united segment by segment; None when a space that must be cut
         is already coupled to others, or the layouts differ otherwise."""
-        if a.axis != b.axis or a.rank != b.rank:
+        if a.axis != b.axis or a.rank != b.rank or a.order is not None or b.order is not None:
             return None
 
         def bounds(lay: Layout) -> list[int]:
@@ -444,8 +501,8 @@ class _Analysis:
             sid = self.new_space(n, self.producers[space][0])
             self.producers[sid] = list(self.producers[space])
             self.blocked[sid] = list(self.blocked[space])
-            self.cuts[sid] = [Cut(c.init, c.axis, c.offset + start * c.block, c.block, c.kind, c.node)
-                              for c in self.cuts[space]]
+            self.cuts[sid] = [replace(c, offset=c.offset + start * c.block) if c.index is None
+                              else replace(c, index=c.index[start:start + n]) for c in self.cuts[space]]
             subs.append(sid)
             start += n
         self.cuts[space] = []
@@ -453,6 +510,8 @@ class _Analysis:
         self.blocked[space] = []
         self.size[space] = 0
         self.subspaces[space] = subs
+        self.split_sizes = getattr(self, "split_sizes", {})
+        self.split_sizes[space] = list(sizes)
         for key, lay in list(self.layouts.items()):
             if lay is not None:
                 self.layouts[key] = self.layouts_now(lay)
@@ -463,6 +522,17 @@ class _Analysis:
         subs = getattr(self, "subspaces", {})
         if not any(seg.space in subs for seg in lay.segs):
             return lay
+        if lay.order is not None:
+            order = []
+            for space, channel in lay.order:
+                while space in subs:
+                    for sub, n in zip(subs[space], self.split_sizes[space]):
+                        if channel < n:
+                            space = sub
+                            break
+                        channel -= n
+                order.append((space, channel))
+            return Layout(lay.axis, lay.rank, tuple(Seg(s) for s in dict.fromkeys(s for s, _ in order)), tuple(order))
         segs: list[Seg] = []
         stack = list(reversed(lay.segs))
         while stack:
@@ -474,6 +544,8 @@ class _Analysis:
         return Layout(lay.axis, lay.rank, tuple(segs))
 
     def same_layout(self, a: Layout, b: Layout) -> bool:
+        if a.order is not None or b.order is not None:
+            return a.order == b.order and a.axis == b.axis and a.rank == b.rank
         return (a.axis == b.axis and a.rank == b.rank and len(a.segs) == len(b.segs)
                 and all(x.block == y.block and self.size[x.space] == self.size[y.space]
                         for x, y in zip(a.segs, b.segs)))
@@ -488,7 +560,43 @@ class _Analysis:
             for lay in layouts:
                 self.block(lay, f"Concat node {name} along another axis or with fixed inputs")
             return None
+        if any(lay.order is not None for lay in layouts):  # type: ignore[union-attr]
+            if any(seg.block != 1 for lay in layouts for seg in lay.segs):  # type: ignore[union-attr]
+                for lay in layouts:
+                    self.block(lay, f"Concat node {name} joins shuffled and flattened channels")
+                return None
+            order = [e for lay in layouts for e in layout_entries(lay, self.size_of())]  # type: ignore[arg-type]
+            return self.explicit(ref.axis, ref.rank, order)
         return Layout(ref.axis, ref.rank, tuple(seg for lay in layouts for seg in lay.segs))  # type: ignore[union-attr]
+
+    def size_of(self) -> dict[int, int]:
+        return dict(enumerate(self.size))
+
+    def gather(self, node: onnx.NodeProto, name: str, layouts: list[Layout | None]) -> Layout | None:
+        """A Gather of constant, distinct indices along the channel axis is a known reordering (a fused channel
+        shuffle, or a channel subset); along another axis it keeps the channels."""
+        lay0 = self.data_layout(layouts, f"Gather node {name}: channels in the indices input")
+        if lay0 is None:
+            return None
+        axis = int(_attr(node, "axis", 0))  # type: ignore[arg-type]
+        axis = axis + lay0.rank if axis < 0 else axis
+        indices = self.const(node.input[1])
+        if axis != lay0.axis:
+            if indices is None or indices.ndim != 1:
+                self.block(lay0, f"Gather node {name} changes the rank around the channel axis")
+                return None
+            return lay0
+        entries = layout_entries(lay0, self.size_of())
+        if indices is None or indices.ndim != 1 or any(seg.block != 1 for seg in lay0.segs):
+            self.block(lay0, f"Gather node {name} picks channels by non-constant or non-1-D indices")
+            return None
+        picked = [int(i) + len(entries) if int(i) < 0 else int(i) for i in indices]
+        if len(set(picked)) != len(picked) or any(not 0 <= i < len(entries) for i in picked):
+            self.block(lay0, f"Gather node {name} repeats channels or indexes out of range")
+            return None
+        out = self.explicit(lay0.axis, lay0.rank, [entries[i] for i in picked])
+        self.rewrites.append(Rewrite("gather", name, [lay0, out]))
+        return out
 
     def split(self, node: onnx.NodeProto, name: str, layouts: list[Layout | None]) -> Layout | None:
         lay0 = self.data_layout(layouts, f"Split node {name}: channels in the sizes input")
@@ -512,6 +620,16 @@ class _Analysis:
         if sizes is None:
             self.block(lay0, f"Split node {name}: unknown split sizes")
             return None
+        if lay0.order is not None:
+            if sum(sizes) != len(lay0.order):
+                self.block(lay0, f"Split node {name}: split sizes do not add up to the channels")
+                return None
+            starts = [0, *np.cumsum(sizes).tolist()]
+            result = [self.explicit(lay0.axis, lay0.rank, list(lay0.order[a:b])) for a, b in zip(starts, starts[1:])]
+            for out, lay in zip(node.output, result):
+                self.layouts[out] = lay
+            self.rewrites.append(Rewrite("split", name, result))
+            return result[0]
         bounds = list(np.cumsum(sizes))
         pos = 0
         for seg, w in zip(lay0.segs, width):
@@ -557,7 +675,10 @@ class _Analysis:
         inner = int(np.prod(din[2:])) if len(din) > 2 else 1
         if len(dout) == 2 and dout[1] == int(np.prod(din[1:])) and \
                 (node.op_type == "Reshape" or int(_attr(node, "axis", 1)) == 1):  # type: ignore[arg-type]
-            out = Layout(1, 2, tuple(Seg(s.space, s.block * inner) for s in lay0.segs))
+            if lay0.order is not None and inner != 1:
+                self.block(lay0, f"{node.op_type} node {name} flattens reordered channels")
+                return None
+            out = replace(lay0, axis=1, rank=2, segs=tuple(Seg(s.space, s.block * inner) for s in lay0.segs))
             if node.op_type == "Reshape":
                 self.rewrites.append(Rewrite("reshape", name, [out]))
             return out
@@ -579,11 +700,11 @@ class _Analysis:
             if lay0.axis in axes:
                 self.block(lay0, f"Squeeze node {name} removes the channel axis")
                 return None
-            return Layout(lay0.axis - sum(a < lay0.axis for a in axes), lay0.rank - len(axes), lay0.segs)
+            return replace(lay0, axis=lay0.axis - sum(a < lay0.axis for a in axes), rank=lay0.rank - len(axes))
         rank = lay0.rank + len(axes)
         axes = sorted(a + rank if a < 0 else a for a in axes)
         kept = [i for i in range(rank) if i not in axes]
-        return Layout(kept[lay0.axis], rank, lay0.segs)
+        return replace(lay0, axis=kept[lay0.axis], rank=rank)
 
     def axis_preserving(self, node: onnx.NodeProto, name: str, layouts: list[Layout | None]) -> Layout | None:
         """Ops that keep the channels unless they act on the channel axis (reductions, Softmax, Slice, Pad, Resize)."""
@@ -600,11 +721,17 @@ class _Analysis:
                 arr = self.const(node.input[1])
                 axes = None if arr is None else [int(v) for v in arr]
             keep = int(_attr(node, "keepdims", 1))  # type: ignore[arg-type]
-            on_channels = axes is None or lay0.axis in [a + lay0.rank if a < 0 else a for a in axes]
-            if on_channels or (op in REDUCE and not keep):
+            axes = None if axes is None else [a + lay0.rank if a < 0 else a for a in axes]
+            if axes is None or lay0.axis in axes:
                 self.block(lay0, f"{op} node {name} acts on the channel axis")
                 return None
+            if op in REDUCE and not keep:  # reduced axes vanish: the channel axis moves left past those before it
+                return replace(lay0, axis=lay0.axis - sum(a < lay0.axis for a in set(axes)),
+                               rank=lay0.rank - len(set(axes)))
             return lay0
+        if op == "Slice" and not (din is not None and dout is not None and len(din) == len(dout)
+                                  and din[lay0.axis] is not None and din[lay0.axis] == dout[lay0.axis]):
+            return self.channel_slice(node, name, lay0)
         # Slice, Pad, Resize, Upsample: fine when the channel dim is the same before and after.
         if din is None or dout is None or len(din) != len(dout) or din[lay0.axis] is None \
                 or din[lay0.axis] != dout[lay0.axis]:
@@ -617,6 +744,30 @@ class _Analysis:
             self.block(lay0, f"Pad node {name}: shapes unknown")
             return None
         return lay0
+
+    def channel_slice(self, node: onnx.NodeProto, name: str, lay0: Layout) -> Layout | None:
+        """A Slice with constant bounds and step 1 on the channel axis picks a known run of channels (torch's
+        ``chunk`` of a ShuffleNet unit): an explicit layout. After pruning, the kept channels of the run are still a
+        run of the pruned input, so only its bounds change."""
+        bounds = _slice_bounds(node, self.const)
+        why = f"Slice node {name} changes (or may change) the channel axis"
+        if bounds is None or any(seg.block != 1 for seg in lay0.segs):
+            self.block(lay0, why)
+            return None
+        starts, ends, axes, steps = bounds
+        axes = [a + lay0.rank if a < 0 else a for a in axes]
+        if axes.count(lay0.axis) != 1 or steps[axes.index(lay0.axis)] != 1:
+            self.block(lay0, why)
+            return None
+        k = axes.index(lay0.axis)
+        entries = layout_entries(lay0, self.size_of())
+        picked = entries[starts[k]:ends[k]]
+        if not picked:
+            self.block(lay0, f"Slice node {name} keeps no channel")
+            return None
+        out = self.explicit(lay0.axis, lay0.rank, picked)
+        self.rewrites.append(Rewrite("slice", name, [lay0, out]))
+        return out
 
     def result(self) -> DepGraph:
         members: dict[int, list[int]] = defaultdict(list)
@@ -637,6 +788,24 @@ class _Analysis:
                 groups[space_root[space]].cuts.extend(items)
         return DepGraph(groups=groups, rewrites=self.rewrites, space_root=space_root,
                         space_size={s: self.size[s] for s in range(len(self.parent))})
+
+
+def _slice_bounds(node: onnx.NodeProto, const) -> tuple[list[int], list[int], list[int], list[int]] | None:  # noqa: ANN001
+    """(starts, ends, axes, steps) of a Slice whose bounds are constants (inputs from opset 10, else attributes)."""
+    if len(node.input) == 1:  # opset < 10
+        starts, ends = _attr(node, "starts"), _attr(node, "ends")
+        if starts is None or ends is None:
+            return None
+        axes = _attr(node, "axes", list(range(len(starts))))  # type: ignore[arg-type]
+        return list(starts), list(ends), list(axes), [1] * len(starts)  # type: ignore[arg-type]
+    arrays = [const(v) if v else None for v in node.input[1:5]]
+    if arrays[0] is None or arrays[1] is None or any(v and a is None for v, a in zip(node.input[3:5], arrays[2:])):
+        return None
+    starts, ends = [int(v) for v in arrays[0].reshape(-1)], [int(v) for v in arrays[1].reshape(-1)]
+    axes = [int(v) for v in arrays[2].reshape(-1)] if len(arrays) > 2 and arrays[2] is not None \
+        else list(range(len(starts)))
+    steps = [int(v) for v in arrays[3].reshape(-1)] if len(arrays) > 3 and arrays[3] is not None else [1] * len(starts)
+    return starts, ends, axes, steps
 
 
 def _all_nodes(graph: onnx.GraphProto):  # noqa: ANN202 - generator of nodes

@@ -18,7 +18,7 @@ from onnxopt.errors import BadInputError, DataError, RecipeError
 from onnxopt.irutil import adopt
 from onnxopt.modelio import input_specs, to_proto
 from onnxopt.passes.prune import allocate as alloc
-from onnxopt.passes.prune.apply import apply_plan
+from onnxopt.passes.prune.apply import apply_plan, keep_every_selection
 from onnxopt.passes.prune.criteria import CRITERIA, weight_scores
 from onnxopt.passes.prune.depgraph import DepGraph, analyze, lift_constants
 from onnxopt.passes.prune.targets import macs, search_latency, search_macs
@@ -126,9 +126,12 @@ class PrunePass(OnnxoptPass):
 
         means = self._means(proto, graph)
 
+        def plan(r: float) -> dict[int, np.ndarray]:
+            return keep_every_selection(graph, alloc.allocate(scores, r, self.allocation, self.round_to,
+                                                              self.min_keep), scores)
+
         def build(r: float) -> onnx.ModelProto:
-            removed = alloc.allocate(scores, r, self.allocation, self.round_to, self.min_keep)
-            return apply_plan(proto, graph, removed, means)
+            return apply_plan(proto, graph, plan(r), means)
 
         if self.ratio is not None:
             ratio, pruned = self.ratio, build(self.ratio)
@@ -154,7 +157,7 @@ class PrunePass(OnnxoptPass):
             if not found.met:
                 self.note(f"latency_ratio {self.latency_ratio:.2f} not met in {len(found.trials)} measurements: "
                           f"best candidate removes {found.achieved:.1%} of the latency; returning it")
-        removed = alloc.allocate(scores, ratio, self.allocation, self.round_to, self.min_keep)
+        removed = plan(ratio)
         after_macs = macs(pruned, shapes)
         kept = {g.id: g.size - removed[g.id].size for g in graph.prunable}
         self.details.update(
