@@ -29,7 +29,8 @@ def random_net(blocks: list[str], seed: int = 0, bn: bool = False, width: int = 
     Blocks: conv (conv [BN] relu, new width), res (conv relu conv + Add), cat (two convs concatenated), dw
     (depthwise conv relu), se (squeeze-and-excitation Mul), split (Split into halves, each conv'd, concatenated),
     shuffle (a ShuffleNetV2 unit: channel Slices into halves, the second conv'd, Concat, then the channel shuffle
-    Reshape -> Transpose -> Reshape as torch exports it).
+    Reshape -> Transpose -> Reshape as torch exports it), dwcat (two depthwise convs of one tensor concatenated: after
+    a fused shuffle, each channel of it sits at two positions).
     """
     b = GraphBuilder(seed=seed)
     x = b.input("input", ["N", 3, 8, 8])
@@ -64,6 +65,9 @@ def random_net(blocks: list[str], seed: int = 0, bn: bool = False, width: int = 
             y = conv(x, c, 2 * c)
             h1, h2 = b.node("Split", [y], outputs=2, axis=1)
             x = b.node("Concat", [conv(h1, c, c), conv(h2, c, c)], axis=1)
+            c = 2 * c
+        elif kind == "dwcat":
+            x = b.node("Concat", [conv(x, c, c, groups=c), conv(x, c, c, groups=c)], axis=1)
             c = 2 * c
         elif kind == "shuffle":
             half = c // 2
@@ -196,13 +200,14 @@ def test_dead_channels_are_removed_exactly(bn: bool) -> None:
 
 @pytest.mark.parametrize("seed", [0, 5])
 def test_dead_channels_are_removed_exactly_through_fused_shuffles(seed: int) -> None:
-    model = random_net(["conv", "shuffle", "shuffle", "cat", "shuffle", "split", "shuffle"], seed=seed)
+    model = random_net(["conv", "shuffle", "dwcat", "shuffle", "cat", "shuffle", "split", "shuffle"], seed=seed)
     assert run(model, random_feeds(model))  # the Reshape form itself is valid
     normalized = NormalizePass().apply(model)
     assert not any(n.op_type in ("Transpose", "Reshape") for n in normalized.graph.node)
     graph = analyze(normalized)
     assert not any("shuffle" in r for g in graph.groups for r in g.blocked)
-    branch_convs = {n.name for n in normalized.graph.node if n.op_type == "Conv"}
+    branch_convs = {n.name for n in normalized.graph.node  # depthwise convs carry their input's channels
+                    if n.op_type == "Conv" and all(a.i == 1 for a in n.attribute if a.name == "group")}
     assert branch_convs <= {p for g in graph.prunable for p in g.producers}
     dead = kill_channels(normalized, graph, uniform_plan(graph, 0.5))
     pruned = PrunePass(ratio=0.5, allocation="uniform", round_to=1).apply(dead)
@@ -242,7 +247,8 @@ def test_ratio_zero_leaves_the_model_identical() -> None:
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(blocks=st.lists(st.sampled_from(["conv", "res", "cat", "dw", "se", "split", "shuffle"]), min_size=1, max_size=5),
+@given(blocks=st.lists(st.sampled_from(["conv", "res", "cat", "dw", "se", "split", "shuffle", "dwcat"]), min_size=1,
+                      max_size=5),
        ratio=st.sampled_from([0.1, 0.3, 0.5, 0.7]), allocation=st.sampled_from(["global", "uniform"]),
        seed=st.integers(0, 100))
 def test_random_nets_prune_to_valid_models_of_the_requested_size(blocks: list[str], ratio: float, allocation: str,

@@ -79,14 +79,17 @@ def apply_plan(proto: onnx.ModelProto, graph: DepGraph, removed: Mapping[int, np
             else:
                 node.attribute.append(onnx.helper.make_attribute("split", sizes))
         elif rewrite.kind in ("gather", "slice"):
-            before, after = rewrite.layouts
-            survivors = [e for e in layout_entries(before, graph.space_size) if kept(e)]
-            where = {e: i for i, e in enumerate(survivors)}
-            indices = np.asarray([where[e] for e in layout_entries(after, graph.space_size) if kept(e)], dtype=np.int64)
+            # by position, not by channel identity: one channel may sit at two positions (see depgraph.seg_cuts)
+            before = rewrite.layouts[0]
+            alive = np.asarray([kept(e) for e in layout_entries(before, graph.space_size)], dtype=bool)
+            new_position = np.cumsum(alive) - 1
             if rewrite.kind == "gather":
-                node.input[1] = _new_const(out, f"{node.input[1]}_pruned", indices)
+                picked = numpy_helper.to_array(inits[node.input[1]]).astype(np.int64)
+                picked = np.where(picked < 0, picked + alive.size, picked)
+                indices = new_position[picked[alive[picked]]]
+                node.input[1] = _new_const(out, f"{node.input[1]}_pruned", indices.astype(np.int64))
             else:  # a run of the input stays a run of the pruned input
-                _set_slice_run(out, node, inits, before, int(indices[0]), int(indices[-1]) + 1)
+                _set_slice_run(out, node, inits, before, alive)
         elif rewrite.kind == "reshape" and len(node.input) > 1:
             shape = numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
             if shape is not None and shape.size >= 2 and shape[1] > 0:
@@ -129,23 +132,27 @@ def keep_every_selection(graph: DepGraph, removed: Mapping[int, np.ndarray],
 
 
 def _set_slice_run(model: onnx.ModelProto, node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
-                   layout: Layout, start: int, stop: int) -> None:
-    """Make the channel-axis bounds of Slice ``node`` ``[start, stop)`` (the other axes' bounds stay)."""
+                   layout: Layout, alive: np.ndarray) -> None:
+    """Move the channel-axis bounds of Slice ``node`` (step 1) to the pruned input, whose positions ``alive`` are
+    the input's that survive; the other axes' bounds stay."""
+    def run(start: int, stop: int) -> tuple[int, int]:
+        start, stop = (int(np.clip(v + alive.size if v < 0 else v, 0, alive.size)) for v in (start, stop))
+        return int(alive[:start].sum()), int(alive[:stop].sum())
+
     def channel_index(axes: list[int]) -> int:
         return [a + layout.rank if a < 0 else a for a in axes].index(layout.axis)
 
     if len(node.input) == 1:  # opset < 10: attributes
         attrs = {a.name: a for a in node.attribute}
         k = channel_index(list(attrs["axes"].ints) if "axes" in attrs else list(range(len(attrs["starts"].ints))))
-        attrs["starts"].ints[k], attrs["ends"].ints[k] = start, stop
+        attrs["starts"].ints[k], attrs["ends"].ints[k] = run(attrs["starts"].ints[k], attrs["ends"].ints[k])
         return
-    starts = numpy_helper.to_array(inits[node.input[1]]).astype(np.int64).reshape(-1)
-    ends = numpy_helper.to_array(inits[node.input[2]]).astype(np.int64).reshape(-1)
+    starts = numpy_helper.to_array(inits[node.input[1]]).astype(np.int64).reshape(-1).copy()
+    ends = numpy_helper.to_array(inits[node.input[2]]).astype(np.int64).reshape(-1).copy()
     axes = numpy_helper.to_array(inits[node.input[3]]).reshape(-1).tolist() if len(node.input) > 3 and node.input[3] \
         else list(range(starts.size))
     k = channel_index([int(a) for a in axes])
-    starts, ends = starts.copy(), ends.copy()
-    starts[k], ends[k] = start, stop
+    starts[k], ends[k] = run(int(starts[k]), int(ends[k]))
     node.input[1] = _new_const(model, f"{node.input[1]}_pruned_{node.name}", starts)
     node.input[2] = _new_const(model, f"{node.input[2]}_pruned_{node.name}", ends)
 

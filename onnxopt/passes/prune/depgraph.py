@@ -252,13 +252,15 @@ class _Analysis:
         return Layout(axis, rank, segs, None if canonical == order else tuple(order))
 
     def seg_cuts(self, layout: Layout, init: str, axis: int, kind: str, node: str) -> None:
-        if layout.order is not None:
-            for seg in layout.segs:
-                index = [-1] * self.size[seg.space]
+        if layout.order is not None:  # one cut per occurrence: a channel may appear twice (Concat of two
+            for seg in layout.segs:     # depthwise convs of one tensor), and both positions go with it
+                where: dict[int, list[int]] = defaultdict(list)
                 for pos, (space, channel) in enumerate(layout.order):
                     if space == seg.space:
-                        index[channel] = pos
-                self.cut(seg.space, init, axis, 0, 1, kind, node, tuple(index))
+                        where[channel].append(pos)
+                for k in range(max(len(v) for v in where.values())):
+                    index = tuple(where[c][k] if len(where[c]) > k else -1 for c in range(self.size[seg.space]))
+                    self.cut(seg.space, init, axis, 0, 1, kind, node, index)
             return
         offset = 0
         for seg in layout.segs:
