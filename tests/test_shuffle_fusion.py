@@ -87,9 +87,48 @@ def test_normalize_fuses_shuffles_unless_told_not_to() -> None:
     model = _shuffle_net()
     step = NormalizePass()
     normalized = step.apply(model)
-    assert step.details["fused_shuffles"] == {"shuffles": 1, "slices": 2}
+    assert step.details["fused_shuffles"] == {"shuffles": 1, "slices": 2, "nodes_folded": 0}
     assert any("channel shuffles" in note for note in step.notes)
     assert not any(n.op_type == "Transpose" for n in normalized.graph.node)
     _assert_identical(model, normalized)
     kept = NormalizePass(fuse_shuffles=False).apply(model)
     assert sum(n.op_type == "Transpose" for n in kept.graph.node) == 1
+
+
+def _gather_chain(*, same_source: bool = True, identity: bool = False) -> onnx.ModelProto:
+    """What depth pruning leaves of a ShuffleNet unit without its branch: halves gathered, concatenated, gathered."""
+    b = GraphBuilder(seed=3)
+    x = b.node("Relu", [b.conv(b.input("input", ["N", 3, H, H]), 3, C)])
+    other = b.node("Relu", [b.conv("input", 3, C)])
+    perm = np.arange(C) if identity else np.arange(C).reshape(2, C // 2).T.reshape(-1)
+    halves = [b.node("Gather", [x if i == 0 or same_source else other,
+                                b.weight(b.fresh("idx"), perm[i * C // 2:(i + 1) * C // 2].astype(np.int64))], axis=1)
+              for i in range(2)]
+    y = b.node("Concat", halves, axis=1)
+    y = b.node("Gather", [y, b.weight("shuffle", perm.astype(np.int64))], axis=1)
+    b.node("Conv", [y, b.weight("w_out", (4, C, 1, 1))], ["out"])
+    b.output("out", ["N", 4, H, H])
+    return b.build()
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_gather_chains_compose_into_one_gather(identity: bool) -> None:
+    model = _gather_chain(identity=identity)
+    ir_model = ir.serde.deserialize_model(model)
+    ir.passes.common.ShapeInferencePass()(ir_model)
+    from onnxopt.passes.shuffle_fusion import fold_channel_gathers
+
+    saved = fold_channel_gathers(ir_model.graph)
+    folded = to_proto(ir_model)
+    onnx.checker.check_model(folded, full_check=True)
+    gathers = Counter(n.op_type for n in folded.graph.node)["Gather"]
+    assert (saved, gathers) == ((4, 0) if identity else (3, 1))
+    assert not any(n.op_type == "Concat" for n in folded.graph.node)
+    _assert_identical(model, folded)
+
+
+def test_gathers_of_different_tensors_are_not_folded() -> None:
+    model = _gather_chain(same_source=False)
+    normalized = NormalizePass().apply(model)
+    assert Counter(n.op_type for n in normalized.graph.node)["Gather"] == 3
+    _assert_identical(model, normalized)

@@ -13,7 +13,8 @@ without changing what the model computes (it is ``exact``):
 6. onnxsim folds constants and removes redundant ops (its own check must pass, else the model is kept as it was);
 7. inference BatchNormalization is folded into the preceding Conv / ConvTranspose / Gemm;
 8. hard-swish / hard-sigmoid chains (``x * Clip(x + 3, 0, 6) / 6``) become HardSwish / HardSigmoid ops, and
-   Reshape -> Transpose -> Reshape channel shuffles (and channel Slices of them) become Gathers;
+   Reshape -> Transpose -> Reshape channel shuffles (and channel Slices of them) become Gathers, and chains of
+   constant Gathers (Gather of Gather, Concat of Gathers of one tensor) become one;
 9. unused nodes and initializers are dropped, nodes sorted, shapes inferred.
 """
 
@@ -61,7 +62,7 @@ class NormalizePass(OnnxoptPass):
         name_nodes: give unnamed nodes deterministic names.
         fuse_activations: replace hard-swish / hard-sigmoid chains of elementwise ops by the single ONNX op.
         fuse_shuffles: replace Reshape/Transpose/Reshape channel shuffles by a channel Gather (faster, and
-            prunable: see :mod:`onnxopt.passes.shuffle_fusion`).
+            prunable: see :mod:`onnxopt.passes.shuffle_fusion`), and compose chains of constant Gathers into one.
     """
 
     name: ClassVar[str] = "normalize"
@@ -285,16 +286,20 @@ class NormalizePass(OnnxoptPass):
         return total > 0
 
     def _fuse_shuffles(self, model: ir.Model) -> bool:
-        if not any(node.op_type == "Transpose" for node in model.graph):
+        if not any(node.op_type in ("Transpose", "Gather") for node in model.graph):
             return False
         with _silenced("onnx_ir.passes.common.shape_inference"):
             ir_passes.ShapeInferencePass()(model)  # the match needs the channel count of each shuffle's input
         counts = shuffle_fusion.fuse_channel_shuffles(model.graph)
+        counts["nodes_folded"] = shuffle_fusion.fold_channel_gathers(model.graph)
         self.details["fused_shuffles"] = counts
         if counts["shuffles"]:
             self.note(f"rewrote {counts['shuffles']} Reshape/Transpose/Reshape channel shuffles as channel Gathers "
                       f"({counts['slices']} channel Slices of them became Gathers too)")
-        return counts["shuffles"] > 0
+        if counts["nodes_folded"]:
+            self.note(f"composed chains of channel Gathers/Concats into single Gathers: {counts['nodes_folded']} "
+                      "nodes fewer")
+        return counts["shuffles"] > 0 or counts["nodes_folded"] > 0
 
     # -- 9. clean-up ---------------------------------------------------------------------------------------------------
 

@@ -139,6 +139,99 @@ def _channel_slice(node: ir.Node, channels: int, rank: int) -> tuple[int, int] |
     return (start, stop) if stop > start else None
 
 
+def fold_channel_gathers(graph: ir.Graph) -> int:
+    """Compose constant Gathers into one Gather (main graph only); returns how many nodes it saved.
+
+    A Gather of a Gather along the same axis is one Gather of composed indices; a Concat of Gathers of one tensor
+    along their axis is one Gather of the concatenated indices; a Gather of every index in order is the tensor
+    itself. Such chains are what depth pruning leaves of a ShuffleNet unit whose branch it removed (two halves
+    gathered, concatenated and gathered again). Values are copied, never computed: the result is bit-identical."""
+    before = len(graph)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph):
+            if node.graph is not graph or node.domain not in _DEFAULT_DOMAINS:
+                continue
+            if node.op_type == "Gather":
+                changed |= _fold_gather(graph, node)
+            elif node.op_type == "Concat":
+                changed |= _fold_concat(graph, node)
+    return before - len(graph)
+
+
+def _gather_parts(node: ir.Node | None) -> tuple[ir.Value, int, np.ndarray] | None:
+    """``(data, axis, indices)`` of a Gather with constant, 1-D indices along a dim of known size."""
+    if node is None or node.op_type != "Gather" or node.domain not in _DEFAULT_DOMAINS or len(node.inputs) != 2:
+        return None
+    data, indices = node.inputs[0], constant_array(node.inputs[1])
+    if data is None or data.shape is None or indices is None or indices.ndim != 1:
+        return None
+    axis = node.attributes.get_int("axis", 0)
+    axis = axis + len(data.shape) if axis < 0 else axis
+    size = data.shape[axis] if 0 <= axis < len(data.shape) else None
+    if not isinstance(size, int) or indices.size and (indices.min() < -size or indices.max() >= size):
+        return None
+    return data, axis, np.where(indices < 0, indices + size, indices).astype(np.int64)
+
+
+def _replace(graph: ir.Graph, old: ir.Node, data: ir.Value, axis: int, indices: np.ndarray) -> None:
+    """Put a Gather of ``data`` (or ``data`` itself, for every index in order) in place of ``old``'s output."""
+    out = old.outputs[0]
+    if data.shape[axis] == len(indices) and np.array_equal(indices, np.arange(len(indices))) \
+            and not out.is_graph_output():  # type: ignore[index]
+        out.replace_all_uses_with(data)
+        graph.remove(old, safe=True)
+        return
+    node = _gather(graph, data, indices, f"{old.name or 'gather'}_folded")
+    node.attributes["axis"] = ir.AttrInt64("axis", axis)
+    node.outputs[0].type, node.outputs[0].shape = out.type, out.shape
+    graph.insert_before(old, [node])
+    name = out.name
+    out.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
+    graph.remove(old, safe=True)
+    node.outputs[0].name = name
+
+
+def _drop_if_unused(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    for node in dict.fromkeys(nodes):
+        if node.graph is graph and not any(out.uses() or out.is_graph_output() for out in node.outputs):
+            graph.remove(node, safe=True)
+
+
+def _fold_gather(graph: ir.Graph, node: ir.Node) -> bool:
+    outer = _gather_parts(node)
+    if outer is None:
+        return False
+    data, axis, indices = outer
+    inner_node = data.producer()
+    inner = _gather_parts(inner_node)
+    if inner is not None and inner[1] == axis:
+        _replace(graph, node, inner[0], axis, inner[2][indices])
+        _drop_if_unused(graph, [inner_node])  # type: ignore[list-item]
+        return True
+    if data.shape[axis] == len(indices) and np.array_equal(indices, np.arange(len(indices))) \
+            and not node.outputs[0].is_graph_output():  # type: ignore[index]
+        _replace(graph, node, data, axis, indices)
+        return True
+    return False
+
+
+def _fold_concat(graph: ir.Graph, node: ir.Node) -> bool:
+    if not node.inputs or node.outputs[0].shape is None:
+        return False
+    axis = node.attributes.get_int("axis", 0)
+    axis = axis + len(node.outputs[0].shape) if axis < 0 else axis
+    producers = [v.producer() if v is not None else None for v in node.inputs]
+    parts = [_gather_parts(p) for p in producers]
+    first = parts[0]
+    if first is None or any(p is None or p[1] != axis or p[0] is not first[0] for p in parts):
+        return False
+    _replace(graph, node, first[0], axis, np.concatenate([p[2] for p in parts]))  # type: ignore[index]
+    _drop_if_unused(graph, producers)  # type: ignore[arg-type]
+    return True
+
+
 def _sole_use(value: ir.Value) -> ir.Node | None:
     if value.is_graph_output() or len(value.uses()) != 1:
         return None
@@ -146,4 +239,4 @@ def _sole_use(value: ir.Value) -> ir.Node | None:
     return node if node.domain in _DEFAULT_DOMAINS else None
 
 
-__all__ = ["fuse_channel_shuffles"]
+__all__ = ["fold_channel_gathers", "fuse_channel_shuffles"]
