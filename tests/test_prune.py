@@ -17,7 +17,7 @@ from onnxopt.errors import BadInputError, DataError, RecipeError
 from onnxopt.modelio import load_model, to_proto
 from onnxopt.passes.normalize import NormalizePass
 from onnxopt.passes.prune.allocate import allocate
-from onnxopt.passes.prune.apply import apply_plan, keep_every_selection
+from onnxopt.passes.prune.apply import apply_plan, round_selections
 from onnxopt.passes.prune.depgraph import DepGraph, analyze, lift_constants
 from onnxopt.passes.prune.pass_ import PrunePass
 
@@ -226,11 +226,25 @@ def test_a_selection_never_loses_all_its_channels() -> None:
     for space, channel in target.order:  # a plan that empties the first selection
         removed[graph.space_root[space]].add(channel)
     plan = {gid: np.asarray(sorted(idx), dtype=np.int64) for gid, idx in removed.items()}
-    kept = keep_every_selection(graph, plan)
+    kept = round_selections(graph, plan)
     assert sum(len(v) for v in plan.values()) - sum(len(v) for v in kept.values()) == 1
     pruned = apply_plan(model, graph, kept)
     onnx.checker.check_model(pruned, full_check=True)
     assert run(pruned, random_feeds(pruned, batch=2))[0].shape == (2, 5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_channel_counts_through_shuffles_stay_multiples_of_round_to(seed: int) -> None:
+    model = NormalizePass().apply(random_net(["conv", "shuffle", "dwcat", "shuffle", "shuffle"], seed=seed, width=32))
+    step = PrunePass(ratio=0.5, round_to=8)
+    pruned = step.apply(model)
+    inits = {i.name: i for i in pruned.graph.initializer}
+    for node in pruned.graph.node:
+        if node.op_type == "Conv":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            out_channels, in_per_group = inits[node.input[1]].dims[:2]
+            assert out_channels % 8 == 0 and (in_per_group * group) % 8 == 0 or node is pruned.graph.node[0], node.name
+    assert step.details["macs_after"] < step.details["macs_before"]
 
 
 def test_unfused_shuffles_stay_blocked() -> None:

@@ -18,7 +18,7 @@ from onnxopt.errors import BadInputError, DataError, RecipeError
 from onnxopt.irutil import adopt
 from onnxopt.modelio import input_specs, to_proto
 from onnxopt.passes.prune import allocate as alloc
-from onnxopt.passes.prune.apply import apply_plan, keep_every_selection
+from onnxopt.passes.prune.apply import apply_plan, round_selections
 from onnxopt.passes.prune.criteria import CRITERIA, weight_scores
 from onnxopt.passes.prune.depgraph import DepGraph, analyze, lift_constants
 from onnxopt.passes.prune.targets import macs, search_latency, search_macs
@@ -127,8 +127,8 @@ class PrunePass(OnnxoptPass):
         means = self._means(proto, graph)
 
         def plan(r: float) -> dict[int, np.ndarray]:
-            return keep_every_selection(graph, alloc.allocate(scores, r, self.allocation, self.round_to,
-                                                              self.min_keep), scores)
+            return round_selections(graph, alloc.allocate(scores, r, self.allocation, self.round_to, self.min_keep),
+                                    scores, self.round_to)
 
         def build(r: float) -> onnx.ModelProto:
             return apply_plan(proto, graph, plan(r), means)
