@@ -208,13 +208,13 @@ def test_placement_auto_keeps_fp32_when_int8_is_slower(normalized, monkeypatch):
     info = step.details["placement"]
     assert info["chosen"] == "fp32"
     labels = [c["label"] for c in info["candidates"]]
-    assert labels[:3] == ["all", "conv_gemm_matmul", "conv_gemm_matmul_per_tensor"]
-    # regions left in FP32 and the other format are candidates too, at most max_candidates (10) in all
+    # the whole-model candidates first; as they are slower, regions left in FP32 next, at most max_candidates (10)
+    assert labels[:4] == ["all", "qoperator", "conv_gemm_matmul", "conv_gemm_matmul_per_tensor"]
     regions = {"conv_gemm_matmul_fp32_first", "conv_gemm_matmul_fp32_depthwise", "conv_gemm_matmul_fp32_head"}
-    assert regions <= set(labels)
-    assert "qoperator" in labels and len(labels) <= 10
+    assert regions <= set(labels) and len(labels) <= 10
     assert all(c["median_ms"] == 3.0 and c["agreement"] >= 0.98 for c in info["candidates"])
-    assert len(calls) == 1 and calls[0][0] == placement.FP32 and len(calls[0]) == len(labels) + 1  # one round-robin run
+    assert calls[0] == [placement.FP32, "all", "qoperator"]
+    assert len(calls) == 2 and calls[1][0] == placement.FP32 and len(calls[1]) == len(labels) + 1  # all in one run
 
 
 def test_placement_auto_keeps_int8_when_faster(normalized, monkeypatch):
@@ -224,8 +224,20 @@ def test_placement_auto_keeps_int8_when_faster(normalized, monkeypatch):
     info = step.details["placement"]
     assert info["chosen"] == "all"  # ties go to the first (the full quantization)
     assert info["fp32_ms"] == 2.0 and all(c["speedup"] == 2.0 for c in info["candidates"])
-    assert any("placement candidates" in note and "conv_gemm_matmul" in note for note in step.notes)
+    # the whole model is 2x FP32: a staged search builds no region candidate
+    assert [c["label"] for c in info["candidates"]] == ["all", "qoperator"] and info["search"].startswith("staged")
+    assert any("placement candidates" in note and "regions not tried" in note for note in step.notes)
     assert step.details["quantized_nodes"]["Conv"] > 0
+
+
+def test_placement_search_full_tries_regions_even_when_int8_is_faster(normalized, monkeypatch):
+    calls = _fake_timing(monkeypatch, int8_ms=1.0)
+    _, step = _quantize(normalized, placement="auto", placement_search="full", calib_samples=64)
+    labels = [c["label"] for c in step.details["placement"]["candidates"]]
+    assert "conv_gemm_matmul_fp32_first" in labels
+    assert calls[0][0] == placement.FP32 and len(calls[0]) == len(labels) + 1  # built first, timed in one run
+    with pytest.raises(ValueError, match="placement_search"):
+        QuantizePass(placement_search="some")
 
 
 def test_placement_needs_two_percent(normalized, monkeypatch):
@@ -264,7 +276,7 @@ def test_placement_winner_must_be_confirmed(normalized, monkeypatch):
     model, step = _quantize(normalized, placement="auto", calib_samples=32, max_candidates=3)
     info = step.details["placement"]
     assert info["chosen"] == "fp32" and len(info["confirmations"]) == placement.CONFIRMATIONS
-    assert [len(c) for c in calls] == [4, 2, 2]
+    assert [len(c) for c in calls] == [3, 2, 2]  # FP32 + the whole-model candidates (staged), then two confirmations
     assert "timed again" in info["verdict"]
     assert not any(node.op_type == "QuantizeLinear" for node in model.graph.node)
 

@@ -175,7 +175,7 @@ def test_placement_builds_identical_candidates_once(monkeypatch):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     monkeypatch.setattr(placement, "time_models", lambda models, threads, shapes: {
         label: (2.0 if label == placement.FP32 else 1.0) for label in models})
-    step = QuantizePass(placement="auto")
+    step = QuantizePass(placement="auto", placement_search="full")  # int8 faster: staged would try no region
     step.bind(PassContext(calib=ArraySource(rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32))))
     step.apply(model)
     labels = [c["label"] for c in step.details["placement"]["candidates"]]

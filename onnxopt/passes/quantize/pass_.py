@@ -69,6 +69,8 @@ class QuantizePass(OnnxoptPass):
             without measuring). Besides the whole-model candidates, auto also tries regions left in FP32 (the first
             conv, the depthwise convs, the classifier head, convs next to hard-swish), QOperator, and per-tensor
             weights: at most ``max_candidates`` models, timed in one round-robin run.
+        placement_search: staged (default: the region candidates are built only when the whole-model ones are less
+            than 1.10x faster than FP32; on CPUs where int8 pays, this skips most of the search) or full (always).
         weight_method: weight ranges: minmax (ORT's) or mse (per-channel MSE-optimal clipping, Lin et al. 2015; the
             weights handed to ORT are clipped to our range, so its min/max equals it).
         equalize: cross-layer equalization of Conv -> [Relu] -> Conv pairs before calibration (float-exact).
@@ -100,6 +102,7 @@ class QuantizePass(OnnxoptPass):
     percentile: float = 99.99
     inputs_minmax: bool = True
     placement: Literal["auto", "all"] = "auto"
+    placement_search: Literal["staged", "full"] = "staged"
     weight_method: Literal["minmax", "mse"] = "minmax"
     equalize: bool = False
     bias_correction: bool = False
@@ -124,6 +127,8 @@ class QuantizePass(OnnxoptPass):
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if self.placement not in _PLACEMENT_CHOICES:
             raise ValueError(f"placement must be one of {', '.join(_PLACEMENT_CHOICES)}, got {self.placement!r}")
+        if self.placement_search not in ("staged", "full"):
+            raise ValueError(f"placement_search must be staged or full, got {self.placement_search!r}")
         if self.weight_method not in ("minmax", "mse"):
             raise ValueError(f"weight_method must be minmax or mse, got {self.weight_method!r}")
         if self.accuracy_drop is not None and not 0.0 <= self.accuracy_drop < 1.0:
@@ -419,21 +424,20 @@ class QuantizePass(OnnxoptPass):
             candidates.append(pl.Candidate(label, built))
             settings[label] = (self.per_channel if per_channel is None else per_channel, fmt or self.format)
 
-        if heavy and set(heavy) != set(op_types):
-            add("conv_gemm_matmul", heavy, exclude)
-        if heavy and self.per_channel and self.format == "qdq":
-            add("conv_gemm_matmul_per_tensor", heavy, exclude, per_channel=False)
-        base, base_ops = ("conv_gemm_matmul", heavy) if set(heavy) != set(op_types) else ("all", op_types)
-        regions = {label: nodes for label, nodes in pl.regions(proto, heavy).items()
-                   if nodes and not set(nodes) <= set(exclude)}
-        for label, nodes in regions.items():
-            add(f"{base}_fp32_{label}", base_ops, sorted(set(exclude) | set(nodes)))
-        union = sorted(set(exclude).union(*regions.values())) if len(regions) > 1 else []
-        if union and len(union) < len([n for n in proto.graph.node if n.op_type in heavy]):
-            add(f"{base}_fp32_{'+'.join(regions)}", base_ops, union)
-        if self.format == "qdq" and heavy:
-            add("qoperator", op_types, exclude, fmt="qoperator")
-            if "depthwise" in regions:  # int8 depthwise kernels are the usual loss on x86
+        def add_regions() -> None:
+            if heavy and set(heavy) != set(op_types):
+                add("conv_gemm_matmul", heavy, exclude)
+            if heavy and self.per_channel and self.format == "qdq":
+                add("conv_gemm_matmul_per_tensor", heavy, exclude, per_channel=False)
+            base, base_ops = ("conv_gemm_matmul", heavy) if set(heavy) != set(op_types) else ("all", op_types)
+            regions = {label: nodes for label, nodes in pl.regions(proto, heavy).items()
+                       if nodes and not set(nodes) <= set(exclude)}
+            for label, nodes in regions.items():
+                add(f"{base}_fp32_{label}", base_ops, sorted(set(exclude) | set(nodes)))
+            union = sorted(set(exclude).union(*regions.values())) if len(regions) > 1 else []
+            if union and len(union) < len([n for n in proto.graph.node if n.op_type in heavy]):
+                add(f"{base}_fp32_{'+'.join(regions)}", base_ops, union)
+            if self.format == "qdq" and heavy and "depthwise" in regions:  # int8 depthwise: the usual x86 loss
                 add("qoperator_fp32_depthwise", op_types, sorted(set(exclude) | set(regions["depthwise"])),
                     fmt="qoperator")
 
@@ -445,34 +449,53 @@ class QuantizePass(OnnxoptPass):
                 break
         threads, provider = self.context.threads, self.context.provider
         reference = pl.first_outputs(fp32, feeds, threads, provider)
-        for cand in candidates:
-            if cand.rejected is not None or cand.model is None:
-                continue
-            try:
-                cand.agreement = pl.top1_agreement(reference, pl.first_outputs(cand.model, feeds, threads, provider))
-            except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot run is dropped, not fatal
-                cand.rejected = f"does not run: {exc}"[:200]
-                continue
-            if cand.agreement < pl.MIN_AGREEMENT:
-                cand.rejected = f"top-1 agreement {cand.agreement:.3f} < {pl.MIN_AGREEMENT}"
-            elif budget is not None and evaluator is not None:
-                cand.drop = evaluator.drop(cand.model)
-                if cand.drop > budget + 1e-12:
-                    cand.rejected = f"accuracy drop {cand.drop:.4f} > budget {budget}"
-
         shapes = dict(self.context.input_shapes) or (
             {name: tuple(shape) for name, shape in zip([s.name for s in specs], [feeds[0][s.name].shape for s in specs])}
             if feeds else {})
-        timed = [c for c in candidates if c.rejected is None]
-        models = {pl.FP32: fp32, **{c.label: c.model for c in timed}}
-        medians = pl.time_models(models, threads, shapes) if timed else {}
-        fp32_ms = medians.get(pl.FP32)
-        for cand in timed:
-            cand.median_ms = medians.get(cand.label)
-            if cand.median_ms is None:
-                cand.rejected = "could not be timed"
-            elif fp32_ms:
-                cand.speedup = fp32_ms / cand.median_ms
+
+        def check_and_time() -> float | None:
+            """Agreement (and budget) checks of the candidates not yet checked, then every candidate left and FP32
+            timed in one round-robin run; FP32's median."""
+            for cand in candidates:
+                if cand.rejected is not None or cand.model is None or cand.agreement is not None:
+                    continue
+                try:
+                    cand.agreement = pl.top1_agreement(reference,
+                                                       pl.first_outputs(cand.model, feeds, threads, provider))
+                except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot run is dropped, not fatal
+                    cand.rejected = f"does not run: {exc}"[:200]
+                    continue
+                if cand.agreement < pl.MIN_AGREEMENT:
+                    cand.rejected = f"top-1 agreement {cand.agreement:.3f} < {pl.MIN_AGREEMENT}"
+                elif budget is not None and evaluator is not None:
+                    cand.drop = evaluator.drop(cand.model)
+                    if cand.drop > budget + 1e-12:
+                        cand.rejected = f"accuracy drop {cand.drop:.4f} > budget {budget}"
+            timed = [c for c in candidates if c.rejected is None]
+            models = {pl.FP32: fp32, **{c.label: c.model for c in timed}}
+            medians = pl.time_models(models, threads, shapes) if timed else {}
+            fp32_ms = medians.get(pl.FP32)
+            for cand in timed:
+                cand.median_ms = medians.get(cand.label)
+                if cand.median_ms is None:
+                    cand.rejected = "could not be timed"
+                elif fp32_ms:
+                    cand.speedup = fp32_ms / cand.median_ms
+            return fp32_ms
+
+        # Whole-model candidates first; regions kept FP32 only when those are not clearly faster than FP32 (or
+        # always, with placement_search=full): on a CPU where int8 pays, the partial placements were slower than
+        # the whole model on every benchmark net, and building each one costs ORT's quantizer a full run.
+        if self.format == "qdq" and heavy:
+            add("qoperator", op_types, exclude, fmt="qoperator")
+        if self.placement_search == "full":
+            add_regions()
+        fp32_ms = check_and_time()
+        best = max((c.speedup for c in candidates if c.rejected is None and c.speedup), default=0.0)
+        staged = self.placement_search == "staged" and best >= pl.WHOLE_MODEL_ENOUGH
+        if self.placement_search == "staged" and not staged:
+            add_regions()
+            fp32_ms = check_and_time()  # every candidate timed again, together: one round-robin run decides
         chosen = pl.choose(candidates, fp32_ms) if fp32_ms else None
         confirmations = []
         while chosen is not None:
@@ -494,6 +517,8 @@ class QuantizePass(OnnxoptPass):
 
         self.details["placement"] = {
             "fp32_ms": fp32_ms, "chosen": chosen.label if chosen else pl.FP32,
+            "search": (f"staged: the whole-model candidates were {best:.2f}x FP32 (>= {pl.WHOLE_MODEL_ENOUGH}x), so "
+                       "no region was kept FP32" if staged else self.placement_search),
             "candidates": [c.to_dict() for c in candidates], "agreement_samples": len(feeds),
             "confirmations": confirmations,
         }
@@ -506,7 +531,8 @@ class QuantizePass(OnnxoptPass):
             text += f", top-1 {cand.agreement:.3f}" if cand.agreement is not None else ""
             text += f", dropped: {cand.rejected}" if cand.rejected else ""
             parts.append(text.replace("(, ", "(") + ")")
-        self.note("placement candidates (batch 1, median): " + "; ".join(parts))
+        self.note("placement candidates (batch 1, median): " + "; ".join(parts)
+                  + (f" (staged search: regions not tried, whole model {best:.2f}x FP32)" if staged else ""))
         if chosen is None:
             ratios = [c.speedup for c in candidates if c.rejected is None and c.speedup is not None]
             if confirmations:

@@ -43,6 +43,8 @@ CONFIRMATIONS = 2
 #: FP32 there (ratio >= MIN_RATIO_OTHER): int8 that pays at batch 1 can lose at batch 8 or on one thread.
 CONFIRM_BATCH = 8
 MIN_RATIO_OTHER = 0.98
+#: A whole-model int8 candidate this many times faster than FP32 ends a staged search (no region candidates).
+WHOLE_MODEL_ENOUGH = 1.10
 #: Untimed runs per model first: the first runs after session creation allocate and are slow.
 WARMUP = 3
 REPEATS = 30
