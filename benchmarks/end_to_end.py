@@ -48,7 +48,7 @@ MIN_TIME_S = 1.0
 
 
 # ------------------------------------------------------------------------------------------------------ cases
-def cases(workdir: Path, only: set[str] | None) -> list[dict[str, Any]]:
+def cases(workdir: Path, only: set[str] | None, paddle_train: int = 0) -> list[dict[str, Any]]:
     """Each case: ``calib`` (calibration and distillation training data), ``val`` (what optimize judges budgets
     and distillation picks epochs on) and ``eval`` (held out from both: every accuracy in the report)."""
     items = []
@@ -63,7 +63,7 @@ def cases(workdir: Path, only: set[str] | None) -> list[dict[str, Any]]:
         from onnxopt.datasets import render_textlines
 
         model = Path(rapidocr_onnxruntime.__file__).parent / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
-        if only is None or "paddle_cls" in only:
+        if only is None or "paddle_cls" in only or f"paddle_cls_{paddle_train}" in only:
             for file, count, seed in (("text_eval.npz", 400, 0), ("text_calib.npz", PADDLE_CALIB, 1),
                                       ("text_val.npz", 300, 2)):
                 x, y = render_textlines(count, seed=seed)
@@ -71,6 +71,12 @@ def cases(workdir: Path, only: set[str] | None) -> list[dict[str, Any]]:
         items.append({"name": "paddle_cls", "model": model, "calib": workdir / "text_calib.npz",
                       "val": workdir / "text_val.npz", "eval": workdir / "text_eval.npz",
                       "shapes": {"x": (1, 3, 48, 192)}})
+        if paddle_train and (only is None or f"paddle_cls_{paddle_train}" in only):
+            # The same model and held-out sets, with more rendered lines to calibrate and distil on: the
+            # 500-line case is the wall-time target; recovery from pruning needs more text than that.
+            x, y = render_textlines(paddle_train, seed=3)
+            np.savez(workdir / "text_train.npz", x=x, y=y)
+            items.append({**items[-1], "name": f"paddle_cls_{paddle_train}", "calib": workdir / "text_train.npz"})
     except ImportError:
         print("rapidocr-onnxruntime not installed: Paddle model skipped", file=sys.stderr)
     return [c for c in items if only is None or c["name"] in only]
@@ -448,6 +454,9 @@ def main() -> None:
                         help="Override the distill pass's epochs in the default recipe (said in the report).")
     parser.add_argument("--target", choices=("latency", "size"), default="latency",
                         help="optimize --target (size: the quantize pass quantizes everything the budget allows)")
+    parser.add_argument("--paddle-train", type=int, default=0, metavar="N",
+                        help="Also run the Paddle model with N rendered lines as calibration/distillation data (case "
+                             "paddle_cls_N; the 500-line case stays the wall-time target).")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="Only combine the rows of earlier runs' JSON.")
     parser.add_argument("--unfinished", default="", help="With --merge: models whose run was stopped before the end.")
     args = parser.parse_args()
@@ -469,7 +478,7 @@ def main() -> None:
                "wall_s": 0.0, "rows": []}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
-        for case in cases(Path(tmp), only):
+        for case in cases(Path(tmp), only, args.paddle_train):
             print(f"== {case['name']}", file=sys.stderr, flush=True)
             try:
                 row = run_case(case, Path(tmp), args.repeats, args.search, args.distill_epochs, args.target)

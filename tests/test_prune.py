@@ -367,6 +367,25 @@ def test_torch_exports_prune_to_valid_models(torch_models: dict[str, Path]) -> N
             assert step.details["macs_after"] < step.details["macs_before"], name
 
 
+@pytest.mark.parametrize("depth", [0.0, 0.5])
+def test_zoo_shufflenetv2_prunes_through_its_shuffles_to_blocked_widths(depth: float) -> None:
+    from onnxopt import zoo
+
+    model = NormalizePass(fold_batchnorm=False).apply(onnx.load(str(zoo.model_path("shufflenetv2"))))
+    step = PrunePass(macs_ratio=0.5, depth=depth)
+    pruned = NormalizePass().apply(step.apply(model))
+    onnx.checker.check_model(pruned)
+    assert step.details["macs_before"] / step.details["macs_after"] >= 2.0
+    inits = {i.name: i for i in pruned.graph.initializer}
+    for node in pruned.graph.node[1:]:  # every conv but the stem (3 input channels) works on whole blocks of 8
+        if node.op_type == "Conv":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            out_channels, in_per_group = inits[node.input[1]].dims[:2]
+            assert out_channels % 8 == 0 and in_per_group * group % 8 == 0, node.name
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert run(pruned, {"input": x})[0].shape == (2, 10)
+
+
 def test_paddle_cls_model_prunes_to_a_valid_model(paddle_cls_path: Path) -> None:
     model = load_model(paddle_cls_path)
     NormalizePass(fold_batchnorm=False).apply(model)

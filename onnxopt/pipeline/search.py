@@ -67,8 +67,10 @@ EXAMPLE_PASSES: tuple[str, ...] = ("normalize", "compress", "quantize")
 SEARCH_AXES: tuple[tuple[str, str, tuple[Any, ...]], ...] = (
     ("prune", "depth", (1.0, 0.0, 0.5)),
     ("prune", "macs_ratio", (0.7, 0.3, 0.5)),
-    ("quantize", "method", ("minmax", "entropy", "mse", "percentile")),
+    # before the calibration method: Taylor importance gave the digits MobileNetV2 1.90x at 2x fewer MACs where
+    # L1 gave 1.55x, both recovered within a point (reports/pruning.md)
     ("prune", "criterion", ("l1", "taylor", "l2")),
+    ("quantize", "method", ("minmax", "entropy", "mse", "percentile")),
     ("quantize", "per_channel", (True, False)),
     ("quantize", "max_fp32_layers", (0, 2, 4)),
     ("quantize", "keep_fp32", ()),

@@ -115,33 +115,39 @@ def round_selections(graph: DepGraph, removed: Mapping[int, np.ndarray],
                      scores: Mapping[int, np.ndarray] | None = None, round_to: int = 1) -> dict[int, np.ndarray]:
     """``removed``, less the best-scored removed channels of every explicit channel selection (a Gather or Slice of
     channels, a Split or depthwise Conv of reordered channels) that would otherwise keep no channel, or a count
-    that is not a multiple of ``round_to``.
+    that is not a multiple of ``round_to`` (nor the selection's full width).
 
     Groups are rounded by the allocation, but a selection takes parts of several groups (a ShuffleNet unit's half
     is half of each of two convs' outputs), so its width is rounded here: ONNX Runtime's blocked (NCHWc) conv
     kernels refuse odd channel counts, and a depthwise conv of 89 channels ran 3x slower than one of 96 on the
-    digits ShuffleNetV2. Restoring a channel widens other selections too, so this repeats until every selection
-    holds (at worst every channel is back: the original widths)."""
+    digits ShuffleNetV2. Restoring a channel widens its group and other selections too, so groups are held to the
+    same rule and this repeats until all hold (at worst every channel is back: the original widths)."""
     gone = {gid: {int(i) for i in idx} for gid, idx in removed.items()}
-    layouts = [lay for rw in graph.rewrites if rw.kind in ("gather", "slice", "split", "group")
-               for lay in (rw.layouts if rw.kind in ("split", "group") else rw.layouts[1:]) if lay.order is not None]
+    constraints = [[(graph.space_root[space], channel) for space, channel in lay.order]
+                   for rw in graph.rewrites if rw.kind in ("gather", "slice", "split", "group")
+                   for lay in (rw.layouts if rw.kind in ("split", "group") else rw.layouts[1:]) if lay.order is not None]
+    if constraints:  # groups only need the care when a selection may have changed them
+        constraints += [[(gid, c) for c in range(graph.groups[gid].size)] for gid in removed]
+    step = max(round_to, 1)
 
     def score(entry: tuple[int, int]) -> float:
         return float(scores[entry[0]][entry[1]]) if scores else 0.0
 
+    def holds(width: int, full: int) -> bool:
+        return width > 0 and (width % step == 0 or width == full or full <= step)
+
     changed = True
     while changed:
         changed = False
-        for layout in layouts:
-            entries = [(graph.space_root[space], channel) for space, channel in layout.order]  # type: ignore[union-attr]
+        for entries in constraints:
             width = sum(channel not in gone.get(gid, ()) for gid, channel in entries)
-            if width and width % max(round_to, 1) == 0:
+            if holds(width, len(entries)):
                 continue
             for gid, channel in sorted({e for e in entries if e[1] in gone.get(e[0], ())}, key=score, reverse=True):
                 gone[gid].discard(channel)
                 width += entries.count((gid, channel))
                 changed = True
-                if width % max(round_to, 1) == 0:
+                if holds(width, len(entries)):
                     break
     return {gid: np.asarray(sorted(idx), dtype=np.int64) for gid, idx in gone.items()}
 
