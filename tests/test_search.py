@@ -13,6 +13,7 @@ import pytest
 
 import onnxopt
 from onnxopt.budgets import parse_budgets
+from onnxopt.errors import BadInputError
 from onnxopt.cli import main
 from onnxopt.pipeline import registry
 from onnxopt.pipeline.base import OnnxoptPass
@@ -171,6 +172,16 @@ def test_search_recipes_are_bounded_valid_and_start_with_the_base():
     assert len(search_recipes(base, max_candidates=100)) < 100  # the grid is finite
 
 
+def test_search_direction_orders_the_cut_axes():
+    base = end_to_end_recipe()[0]
+    first = {r.source.split(": ", 1)[1] for r in search_recipes(base, 3, "aggressive")[1:]}
+    assert first == {"prune.depth=1.0", "prune.macs_ratio=0.7"}  # cut more than the base's 0.5 / 0.5
+    first = {r.source.split(": ", 1)[1] for r in search_recipes(base, 3, "conservative")[1:]}
+    assert first == {"prune.depth=0.0", "prune.macs_ratio=0.3"}  # cut less
+    with pytest.raises(BadInputError, match="prefer"):
+        search_recipes(base, 3, "sideways")
+
+
 # ------------------------------------------------------------------------------------------------ runs
 def test_fallback_to_an_earlier_stage_when_the_last_misses(model_path: Path, data_path: Path, tmp_path: Path):
     out = tmp_path / "out.onnx"
@@ -187,6 +198,25 @@ def test_fallback_to_an_earlier_stage_when_the_last_misses(model_path: Path, dat
     np.testing.assert_allclose(run(onnx.load(str(out)), feeds)[0], run(onnx.load(str(model_path)), feeds)[0],
                                rtol=1e-4, atol=1e-5)
     assert report["latency_comparison"]["method"].startswith("round-robin")
+
+
+@pytest.mark.parametrize("lossy", [False, True])
+def test_search_backs_off_when_the_base_recipe_misses(model_path: Path, data_path: Path, lossy: bool, monkeypatch):
+    from onnxopt.pipeline import search as search_module
+
+    seen: list[str] = []
+    real = search_module.search_recipes
+
+    def spy(base: Recipe, max_candidates: int = 8, prefer: str = "aggressive") -> list[Recipe]:
+        seen.append(prefer)
+        return real(base, max_candidates, prefer)
+
+    monkeypatch.setattr(search_module, "search_recipes", spy)
+    recipe = ["normalize", *(["test_e2e_lossy"] if lossy else []), {"quantize": {"placement": "all"}}]
+    result = onnxopt.optimize(model_path, recipe, calib=data_path, eval=data_path, budgets=["accuracy_drop=0.01"],
+                              search=True, max_candidates=2)
+    assert seen[-1] == ("conservative" if lossy else "aggressive")
+    assert any("tries smaller cuts first" in n for n in result.search.notes) == lossy
 
 
 def test_search_writes_a_valid_pareto_front_and_reuses_prefixes(model_path: Path, data_path: Path, tmp_path: Path):

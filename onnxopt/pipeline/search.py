@@ -124,10 +124,21 @@ def example_recipe() -> Recipe:
     return Recipe([PassSpec(name) for name in EXAMPLE_PASSES], source="example (normalize -> compress -> quantize)")
 
 
-def search_recipes(base: Recipe, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> list[Recipe]:
-    """``base`` first, then one-parameter variations of it, axes interleaved so a small budget spans all of them."""
+#: Axes along which a larger value cuts more (and risks more accuracy): their variations are ordered by the
+#: search's direction (:func:`search_recipes`).
+CUT_AXES = frozenset({("prune", "depth"), ("prune", "macs_ratio")})
+
+
+def search_recipes(base: Recipe, max_candidates: int = DEFAULT_MAX_CANDIDATES,
+                   prefer: str = "aggressive") -> list[Recipe]:
+    """``base`` first, then one-parameter variations of it, axes interleaved so a small budget spans all of them.
+
+    ``prefer``: on the axes of :data:`CUT_AXES`, "aggressive" tries values that cut more than ``base`` first,
+    "conservative" those that cut less (what to try when ``base`` already missed a budget, as NetAdapt backs off)."""
     if max_candidates < 1:
         raise BadInputError(f"max_candidates must be >= 1, got {max_candidates}")
+    if prefer not in ("aggressive", "conservative"):
+        raise BadInputError(f"prefer must be aggressive or conservative, got {prefer!r}")
     names = [spec.name for spec in base.passes]
     per_axis: list[list[tuple[str, str, Any]]] = []
     for pass_name, param, values in SEARCH_AXES:
@@ -136,6 +147,10 @@ def search_recipes(base: Recipe, max_candidates: int = DEFAULT_MAX_CANDIDATES) -
         current = _effective_param(base, pass_name, param)
         choices = values or _literal_choices(pass_name, param)
         options = [(pass_name, param, v) for v in choices if v != current and _accepts(pass_name, param, v)]
+        if (pass_name, param) in CUT_AXES and isinstance(current, (int, float)):
+            more = [o for o in options if o[2] > current]
+            less = [o for o in options if o[2] < current]
+            options = less + more if prefer == "conservative" else more + less
         if options and _has_param(pass_name, param):
             per_axis.append(options)
     variations: list[tuple[str, str, Any]] = []
@@ -397,7 +412,6 @@ def run_selection(
         if context.calib is None:
             raise BadInputError("the end-to-end recipe needs calibration data (--calib)")
         recipe, notes = end_to_end_recipe(target_overrides(target))
-    recipes = search_recipes(recipe, max_candidates) if search else [recipe]
     if context.original is None:
         context.original = model.clone()
     run_options = replace(options, keep_stage_models=True)
@@ -405,9 +419,18 @@ def run_selection(
         if (search or default) and run_options.cache_dir is None:
             # shared prefixes (and the prefix of a recipe re-run without a failed pass) are computed once
             run_options.cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxopt-search-"))
-        runs = [_run_candidate(index, candidate, model, context, run_options, budgets, input_info,
-                               drop_failing=default or search, default=default)
-                for index, candidate in enumerate(recipes)]
+        base = search_recipes(recipe, 1)[0] if search else recipe
+        runs = [_run_candidate(0, base, model, context, run_options, budgets, input_info,
+                               drop_failing=default or search, default=default)]
+        if search and max_candidates > 1:
+            # The base recipe first: when it missed a budget, the variations that cut less go before those that
+            # cut more (a 2-point drop of the pruned Paddle model is not mended by pruning deeper).
+            prefer = "conservative" if _missed(runs[0]) else "aggressive"
+            if prefer == "conservative":
+                notes.append("the base recipe missed a budget: the search tries smaller cuts first")
+            for index, candidate in enumerate(search_recipes(recipe, max_candidates, prefer)[1:], start=1):
+                runs.append(_run_candidate(index, candidate, model, context, run_options, budgets, input_info,
+                                           drop_failing=True, default=default))
         fallback = _fallback_recipe(runs[0], budgets) if default and not search else None
         if fallback is not None:
             notes.append("the pruned chain missed a budget: also tried " + describe_recipe(
@@ -431,6 +454,11 @@ def run_selection(
             notes.append(f"candidate {run.index} failed: {run.error}")
     result = _final_result(finished, points, chosen, reason, target, search, notes, options, start)
     return SearchOutcome(result, target, search, runs, points, chosen, reason, notes, config, list(budgets))
+
+
+def _missed(run: CandidateRun) -> bool:
+    """Whether a candidate failed or its final model missed a budget."""
+    return run.result is None or not run.result.report.verdict.get("passed", True)
 
 
 def _fallback_recipe(run: CandidateRun, budgets: Sequence[Budget]) -> Recipe | None:
