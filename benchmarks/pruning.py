@@ -310,8 +310,9 @@ def recover_model(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, A
                     notes.append("Torch-Pruning: no torch source model for this ONNX model")
                     continue
                 pruned_bn = normalized(torch_pruning(spec, 0.5, shape), False)
-            elif method == "onnxsim":
-                pruned_bn, reached = onnxsim_at_macs(base, 2.0, shapes)  # BN-free: it cuts no Conv followed by BN
+            elif method.startswith("onnxsim"):  # onnxsim, or onnxsim@R: bisected to R times fewer MACs (default 2)
+                target = float(method.partition("@")[2] or 2.0)
+                pruned_bn, reached = onnxsim_at_macs(base, target, shapes)  # BN-free: it cuts no Conv followed by BN
                 if not reached:
                     notes.append("onnxsim: no sparsity up to 95% removes half the MACs; its 95% model is recovered "
                                  "(fewer MACs removed than ours: the comparison favours it)")
@@ -362,10 +363,12 @@ def target_rows(results: list[dict[str, Any]], recoveries: dict[str, dict[str, A
     out = []
     for res in results:
         rec = recoveries.get(res["model"])
-        sim_rec = next((r for r in (rec or {}).get("rows", []) if r["method"] == "onnxsim"), None)
+        sims = [r for r in (rec or {}).get("rows", []) if r["method"].startswith("onnxsim")]
         for row in (rec or {}).get("rows", []):
-            if row["method"] == "onnxsim":
+            if row["method"].startswith("onnxsim"):
                 continue
+            # onnxsim recovered at the MACs ratio nearest ours: "at equal MACs" (onnxsim@R rows add ratios)
+            sim_rec = min(sims, key=lambda r: abs(r["macs_ratio"] - row["macs_ratio"]), default=None)
             sim, how = onnxsim_accuracy_at(res, row["macs_ratio"])
             beats = None if sim_rec is None else (
                 "pass" if row["accuracy_recovered"] > sim_rec["accuracy_recovered"] else
@@ -461,12 +464,12 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"- **{model}**: all targets met by " + ", ".join(ok) if ok else
                          f"- **{model}**: every target met but 'better than onnxsim', a tie at the ceiling: "
                          + "; ".join(ties) if ties else f"- **{model}**: no method meets all targets")
-        sims = [r for rec in recoveries.values() for r in rec.get("rows", []) if r["method"] == "onnxsim"]
+        sims = [r for rec in recoveries.values() for r in rec.get("rows", []) if r["method"].startswith("onnxsim")]
         if sims:
             lines += ["", "onnxsim rows (recovered the same way, BN-free): " + "; ".join(
                 f"{m}: {r['macs_ratio']:.2f}x MACs, {r['speedup_pruned']:.2f}x faster, {r['accuracy_pruned']:.1%} -> "
                 f"{r['accuracy_recovered']:.2%}{_lr_note(r)}" for m, rec in recoveries.items() for r in rec.get("rows", [])
-                if r["method"] == "onnxsim"), ""]
+                if r["method"].startswith("onnxsim")), ""]
         for model, rec in recoveries.items():
             lines += [f"- {model}: {n}" for n in rec.get("notes", [])]
         lines.append("")
@@ -527,26 +530,22 @@ def main() -> None:
     if args.render:
         doc = json.loads(out.with_suffix(".json").read_text())
         found = sorted(parts.glob("*.json"))
-        if found:  # rebuilt from the parts, so that a re-render does not double count; none: keep the JSON's
-            doc["recovery"] = {}
+        # merged into the full run's rows: a part's row replaces the row of the same method and epochs, so a
+        # re-render does not double count
         for part in found:
             rec = json.loads(part.read_text())
             have = doc["recovery"].setdefault(rec["model"], {**rec, "rows": [], "notes": [], "finished": []})
-            have["finished"] = sorted({*have["finished"], rec["finished"]})
+            have["finished"] = sorted({*have.get("finished", []), rec["finished"]})
             keys = {(r["method"], r.get("epochs")) for r in rec["rows"]}
             have["rows"] = [r for r in have["rows"] if (r["method"], r.get("epochs")) not in keys] + rec["rows"]
             have["notes"] = list(dict.fromkeys(have["notes"] + rec["notes"]))
-        doc["provenance"] = [
-            "Provenance: the sweep tables come from the full run recorded in `pruning.json` "
-            f"({doc['seconds'] / 60:.1f} "
-            f"min). The targets table comes from `--recovery-only` runs (finished "
-            f"{', '.join(sorted({f for r in doc['recovery'].values() for f in r['finished']}))}), which re-prune at "
-            "50% with BN kept, distill, fold, and time the original, pruned and recovered models round-robin "
-            "themselves; its MACs/latency/accuracy figures are its own.",
-            *doc.get("sweep_caveats", [
-                "Caveat: that sweep run predates this version of the script: l1/l2/taylor pruned the BN-FOLDED model "
-                "(bn_scale the BN-kept one); all were measured BN-folded as now. Its 2-epoch 'distilled' figures "
-                "(fine-tuning BN-free nets on the 300-image calibration split: 16%/20% on MobileNetV2) are dropped."])]
+        base = [line for line in doc.get("provenance", []) if not line.startswith("Added by --recovery-only")]
+        added = [f"{part.stem}" for part in found]
+        doc["provenance"] = base + ([
+            "Added by --recovery-only runs (rows replace the full run's of the same method and epochs; each run "
+            "re-prunes, distils and times the original, pruned and recovered models round-robin itself), finished "
+            f"{', '.join(sorted({f for r in doc['recovery'].values() for f in r.get('finished', [])}))}: "
+            + "; ".join(added) + "."] if found else [])
     else:
         results = []
         recovery = {}
