@@ -200,6 +200,36 @@ def test_fallback_to_an_earlier_stage_when_the_last_misses(model_path: Path, dat
     assert report["latency_comparison"]["method"].startswith("round-robin")
 
 
+def test_passing_cuts_are_combined_into_one_candidate():
+    from types import SimpleNamespace
+
+    from onnxopt.pipeline.search import CandidateRun, _combined_recipe
+
+    base = end_to_end_recipe()[0]
+
+    def run(source: str, passed: bool) -> CandidateRun:
+        recipe = next(r for r in search_recipes(base, 8, "aggressive") if r.source.endswith(source))
+        result = SimpleNamespace(report=SimpleNamespace(verdict={"passed": passed}))
+        return CandidateRun(1, recipe, result)  # type: ignore[arg-type]
+
+    combined = _combined_recipe(base, [run("prune.depth=1.0", True), run("prune.macs_ratio=0.7", True),
+                                       run("prune.criterion=taylor", True)])
+    assert combined is not None and "combined" in combined.source
+    prune = next(spec for spec in combined.passes if spec.name == "prune")
+    assert prune.params["depth"] == 1.0 and prune.params["macs_ratio"] == 0.7  # only the cut axes are combined
+    assert prune.params.get("criterion", "l1") == "l1"
+    # a cut that missed a budget is not combined; one passing cut alone is no combination
+    assert _combined_recipe(base, [run("prune.depth=1.0", True), run("prune.macs_ratio=0.7", False)]) is None
+
+
+def test_search_of_four_spends_the_last_on_the_combined_cuts(model_path: Path, data_path: Path):
+    recipe = ["normalize", {"prune": {"macs_ratio": 0.5, "depth": 0.5, "round_to": 1}}]
+    result = onnxopt.optimize(model_path, recipe, calib=data_path, eval=data_path, search=True, max_candidates=4)
+    sources = [run.recipe.source for run in result.search.candidates]
+    assert len(sources) == 4 and "combined" in sources[-1]
+    assert "prune.depth=1.0" in sources[-1] and "prune.macs_ratio=0.7" in sources[-1]
+
+
 @pytest.mark.parametrize("lossy", [False, True])
 def test_search_backs_off_when_the_base_recipe_misses(model_path: Path, data_path: Path, lossy: bool, monkeypatch):
     from onnxopt.pipeline import search as search_module

@@ -428,9 +428,17 @@ def run_selection(
             prefer = "conservative" if _missed(runs[0]) else "aggressive"
             if prefer == "conservative":
                 notes.append("the base recipe missed a budget: the search tries smaller cuts first")
-            for index, candidate in enumerate(search_recipes(recipe, max_candidates, prefer)[1:], start=1):
-                runs.append(_run_candidate(index, candidate, model, context, run_options, budgets, input_info,
+            variations = search_recipes(recipe, max_candidates, prefer)[1:]
+            # From 4 candidates on, the last goes to the passing cuts combined (each alone met the budgets).
+            combine = prefer == "aggressive" and max_candidates >= 4
+            for candidate in variations[:len(variations) - combine]:
+                runs.append(_run_candidate(len(runs), candidate, model, context, run_options, budgets, input_info,
                                            drop_failing=True, default=default))
+            if combine:
+                combined = _combined_recipe(base, runs[1:]) or (variations[-1] if variations else None)
+                if combined is not None:
+                    runs.append(_run_candidate(len(runs), combined, model, context, run_options, budgets,
+                                               input_info, drop_failing=True, default=default))
         fallback = _fallback_recipe(runs[0], budgets) if default and not search else None
         if fallback is not None:
             notes.append("the pruned chain missed a budget: also tried " + describe_recipe(
@@ -454,6 +462,27 @@ def run_selection(
             notes.append(f"candidate {run.index} failed: {run.error}")
     result = _final_result(finished, points, chosen, reason, target, search, notes, options, start)
     return SearchOutcome(result, target, search, runs, points, chosen, reason, notes, config, list(budgets))
+
+
+def _combined_recipe(base: Recipe, runs: Sequence[CandidateRun]) -> Recipe | None:
+    """``base`` with the cut-axis changes (:data:`CUT_AXES`) of every variation that met all budgets, when there are
+    two or more; None otherwise. Each cut alone kept the accuracy: together they may too, and cut more (the greedy
+    step of a coordinate search)."""
+    changes: dict[tuple[int, str], Any] = {}
+    for run in runs:
+        if _missed(run) or len(run.recipe.passes) != len(base.passes):
+            continue
+        for i, (mine, theirs) in enumerate(zip(base.passes, run.recipe.passes)):
+            for param, value in theirs.params.items():
+                if (mine.name, param) in CUT_AXES and mine.params.get(param) != value:
+                    changes.setdefault((i, param), value)
+    if len(changes) < 2:
+        return None
+    specs = [PassSpec(spec.name, {**spec.params, **{p: v for (i, p), v in changes.items() if i == index}})
+             for index, spec in enumerate(base.passes)]
+    what = ", ".join(f"{base.passes[i].name}.{p}={v}" for (i, p), v in sorted(changes.items()))
+    return Recipe(specs, base.seed, dict(base.input_shapes), dict(base.budgets),
+                  f"search candidate (combined): {what}")
 
 
 def _missed(run: CandidateRun) -> bool:
