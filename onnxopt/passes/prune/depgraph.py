@@ -197,6 +197,9 @@ class _Analysis:
         self.blocked: dict[int, list[str]] = defaultdict(list)
         self.rewrites: list[Rewrite] = []
         self.layouts: dict[str, Layout | None] = {}
+        #: a space cut into sub-spaces (``split_space``): its sub-spaces and their sizes, in channel order
+        self.subspaces: dict[int, list[int]] = {}
+        self.split_sizes: dict[int, list[int]] = {}
 
     # ---------------------------------------------------------------------------------------------- union-find
     def new_space(self, size: int, producer: str) -> int:
@@ -498,7 +501,6 @@ class _Analysis:
     def split_space(self, space: int, sizes: list[int]) -> None:
         """Replace ``space`` by consecutive sub-spaces of ``sizes`` everywhere (cuts, layouts, rewrites)."""
         subs, start = [], 0
-        self.subspaces = getattr(self, "subspaces", {})
         for n in sizes:
             sid = self.new_space(n, self.producers[space][0])
             self.producers[sid] = list(self.producers[space])
@@ -512,7 +514,6 @@ class _Analysis:
         self.blocked[space] = []
         self.size[space] = 0
         self.subspaces[space] = subs
-        self.split_sizes = getattr(self, "split_sizes", {})
         self.split_sizes[space] = list(sizes)
         for key, lay in list(self.layouts.items()):
             if lay is not None:
@@ -521,7 +522,7 @@ class _Analysis:
             rewrite.layouts[:] = [self.layouts_now(lay) for lay in rewrite.layouts]
 
     def layouts_now(self, lay: Layout) -> Layout:
-        subs = getattr(self, "subspaces", {})
+        subs = self.subspaces
         if not any(seg.space in subs for seg in lay.segs):
             return lay
         if lay.order is not None:
