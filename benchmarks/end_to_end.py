@@ -196,7 +196,8 @@ def run_case(case: dict[str, Any], workdir: Path, repeats: int, candidates: int 
     row["optimize"] = {"chosen": outcome.chosen.label, "reason": outcome.reason, "notes": outcome.notes,
                        "verdict": result.report.verdict,
                        "steps": [{"name": s.name, "wall_s": s.wall_s, "notes": s.notes}
-                                 for s in result.report.steps]}
+                                 for s in result.report.steps],
+                       "candidates": _candidate_summaries(outcome)}
     for stage in STAGES:
         point = _stage_point(outcome, stage)
         if point is None:
@@ -248,6 +249,19 @@ def run_case(case: dict[str, Any], workdir: Path, repeats: int, candidates: int 
             item["path"] = str(item["path"].name)
     row["targets"] = _targets(variants)
     return row
+
+
+def _candidate_summaries(outcome: Any) -> list[dict[str, Any]]:
+    """Each candidate recipe and its last stage as `optimize` measured it (validation accuracy, batch-1 latency of
+    its own timing run, budgets): the points off the Pareto front are otherwise not in the report."""
+    out = []
+    for run in outcome.candidates:
+        mine = [p for p in outcome.points if p.candidate == run.index and p.stage != "input"]
+        last = max(mine, key=lambda p: p.step_index, default=None)
+        out.append({"index": run.index, "source": run.recipe.source, "error": run.error,
+                    "final": None if last is None else {"label": last.label, "latency_ms": last.latency_ms,
+                                                        "quality": last.quality, "passed": last.passed}})
+    return out
 
 
 def _stage_point(outcome: Any, stage: str) -> Any:
@@ -403,6 +417,12 @@ def render(payload: dict[str, Any]) -> str:
         lines += ["", f"`optimize` kept **{row['optimize']['chosen']}**: {row['optimize']['reason']}."]
         select = next((s for s in row["optimize"]["steps"] if s["name"] == "select"), {"notes": []})
         lines += [f"- {n}" for n in dict.fromkeys(select["notes"][1:] + row["optimize"]["notes"])]
+        for cand in row["optimize"].get("candidates", []):
+            final = cand["final"]
+            lines.append(f"- candidate {cand['index']} ({cand['source'].split(': ', 1)[-1]}): " + (
+                f"failed: {cand['error']}" if final is None else
+                f"last stage {final['label']}, {final['latency_ms'] or 0:.3f} ms, validation "
+                f"{_pct(final['quality'])}, budgets {'met' if final['passed'] else 'missed'}"))
         lines += _noise_notes(row["variants"])
         peers = {k: v for k, v in row["variants"].items() if v.get("stages")}
         for label, item in peers.items():
