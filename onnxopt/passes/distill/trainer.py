@@ -10,8 +10,10 @@ launched by ``torchrun`` (one shard of every epoch per process, gradients all-re
 
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
+import gc
 import math
 import os
 from collections.abc import Sequence
@@ -242,9 +244,25 @@ def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("ONNXOPT_DDP_NCCL") else "gloo")
+        atexit.register(_destroy_process_group)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _destroy_process_group() -> None:
+    """Tear the group down while the interpreter is still whole: gloo's worker threads that outlive finalization
+    abort the process ("terminate called without an active exception") after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _release_ddp_references() -> None:
+    """Free the dropped DDP wrapper now: its reducer holds autograd hooks and the process group, and left to the
+    cyclic collector it may only be freed at interpreter exit, when gloo's threads can no longer shut down cleanly."""
+    gc.collect()
 
 
 def _device(name: str) -> torch.device:
@@ -535,6 +553,9 @@ def train(student: nn.Module, teacher: Any, data: TrainData, eval_data: TrainDat
             break
     if bar is not None:
         bar.close()
+    if train_module is not module:
+        train_module = module
+        _release_ddp_references()
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()
