@@ -222,6 +222,27 @@ def test_passing_cuts_are_combined_into_one_candidate():
     assert _combined_recipe(base, [run("prune.depth=1.0", True), run("prune.macs_ratio=0.7", False)]) is None
 
 
+def test_the_deepest_passing_cut_is_pushed_halfway_deeper():
+    from types import SimpleNamespace
+
+    from onnxopt.pipeline.search import MAX_PUSHED_MACS_RATIO, CandidateRun, _pushed_recipe
+
+    base = end_to_end_recipe()[0]
+
+    def run(index: int, macs_ratio: float, passed: bool) -> CandidateRun:
+        specs = [PassSpec(s.name, {**s.params, "macs_ratio": macs_ratio} if s.name == "prune" else dict(s.params))
+                 for s in base.passes]
+        result = SimpleNamespace(report=SimpleNamespace(verdict={"passed": passed}))
+        return CandidateRun(index, Recipe(specs, base.seed), result)  # type: ignore[arg-type]
+
+    pushed = _pushed_recipe([run(0, 0.5, True), run(1, 0.7, True), run(2, 0.8, False)])
+    assert pushed is not None and "candidate 1" in pushed.source
+    assert next(s for s in pushed.passes if s.name == "prune").params["macs_ratio"] == 0.85
+    assert [s.name for s in pushed.passes] == [s.name for s in base.passes]  # nothing else changes
+    assert _pushed_recipe([run(0, 0.5, False)]) is None  # nothing passed: nothing to push
+    assert _pushed_recipe([run(0, MAX_PUSHED_MACS_RATIO, True)]) is None  # already at the cap
+
+
 def test_search_of_four_spends_the_last_on_the_combined_cuts(model_path: Path, data_path: Path):
     recipe = ["normalize", {"prune": {"macs_ratio": 0.5, "depth": 0.5, "round_to": 1}}]
     result = onnxopt.optimize(model_path, recipe, calib=data_path, eval=data_path, search=True, max_candidates=4)

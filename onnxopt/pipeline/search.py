@@ -429,15 +429,21 @@ def run_selection(
             if prefer == "conservative":
                 notes.append("the base recipe missed a budget: the search tries smaller cuts first")
             variations = search_recipes(recipe, max_candidates, prefer)[1:]
-            # From 4 candidates on, the last goes to the passing cuts combined (each alone met the budgets).
+            # From 4 candidates on, one goes to the passing cuts combined (each alone met the budgets); from 6 on,
+            # the last cuts deeper than the deepest cut that met them (NetAdapt's next step).
             combine = prefer == "aggressive" and max_candidates >= 4
-            for candidate in variations[:len(variations) - combine]:
+            push = prefer == "aggressive" and max_candidates >= 6
+            reserved = int(combine) + int(push)
+            for candidate in variations[:len(variations) - reserved]:
                 runs.append(_run_candidate(len(runs), candidate, model, context, run_options, budgets, input_info,
                                            drop_failing=True, default=default))
-            if combine:
-                combined = _combined_recipe(base, runs[1:]) or (variations[-1] if variations else None)
-                if combined is not None:
-                    runs.append(_run_candidate(len(runs), combined, model, context, run_options, budgets,
+            spare = list(variations[len(variations) - reserved:]) if reserved else []
+            steps = ([lambda: _combined_recipe(base, runs[1:])] if combine else []) + \
+                ([lambda: _pushed_recipe(runs)] if push else [])
+            for step in steps:
+                candidate = step() or (spare.pop(0) if spare else None)
+                if candidate is not None:
+                    runs.append(_run_candidate(len(runs), candidate, model, context, run_options, budgets,
                                                input_info, drop_failing=True, default=default))
         fallback = _fallback_recipe(runs[0], budgets) if default and not search else None
         if fallback is not None:
@@ -483,6 +489,33 @@ def _combined_recipe(base: Recipe, runs: Sequence[CandidateRun]) -> Recipe | Non
     what = ", ".join(f"{base.passes[i].name}.{p}={v}" for (i, p), v in sorted(changes.items()))
     return Recipe(specs, base.seed, dict(base.input_shapes), dict(base.budgets),
                   f"search candidate (combined): {what}")
+
+
+#: The deepest MACs cut :func:`_pushed_recipe` proposes.
+MAX_PUSHED_MACS_RATIO = 0.9
+
+
+def _pushed_recipe(runs: Sequence[CandidateRun]) -> Recipe | None:
+    """The candidate with the deepest MACs cut that met every budget, cut halfway deeper towards all MACs
+    (0.7 -> 0.85, capped at :data:`MAX_PUSHED_MACS_RATIO`); None when no pruned candidate met the budgets or the
+    deepest is at the cap. Latency of the tiny digits nets falls slower than their MACs (fixed per-node cost), so
+    the 3x target needs cuts that MAC counts alone would call excessive: measured accuracy decides."""
+    best: tuple[float, CandidateRun, int] | None = None
+    for run in runs:
+        if _missed(run):
+            continue
+        for index, spec in enumerate(run.recipe.passes):
+            value = spec.params.get("macs_ratio") if spec.name == "prune" else None
+            if isinstance(value, (int, float)) and (best is None or value >= best[0]):
+                best = (float(value), run, index)
+    if best is None or best[0] >= MAX_PUSHED_MACS_RATIO:
+        return None
+    value, run, index = best
+    pushed = round(min(MAX_PUSHED_MACS_RATIO, (1.0 + value) / 2), 3)
+    specs = [PassSpec(spec.name, {**spec.params, "macs_ratio": pushed} if i == index else dict(spec.params))
+             for i, spec in enumerate(run.recipe.passes)]
+    return Recipe(specs, run.recipe.seed, dict(run.recipe.input_shapes), dict(run.recipe.budgets),
+                  f"search candidate (pushed): candidate {run.index} with prune.macs_ratio={pushed}")
 
 
 def _missed(run: CandidateRun) -> bool:
