@@ -477,7 +477,9 @@ def main() -> None:
     parser.add_argument("--paddle-train", type=int, default=0, metavar="N",
                         help="Also run the Paddle model with N rendered lines as calibration/distillation data (case "
                              "paddle_cls_N; the 500-line case stays the wall-time target).")
-    parser.add_argument("--merge", nargs="+", metavar="JSON", help="Only combine the rows of earlier runs' JSON.")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="Only combine the rows of earlier runs' JSON (a later file's row replaces an earlier "
+                             "one of the same model).")
     parser.add_argument("--unfinished", default="", help="With --merge: models whose run was stopped before the end.")
     args = parser.parse_args()
     out = Path(args.out)
@@ -485,10 +487,14 @@ def main() -> None:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         stopped = [{"name": name, "error": "not measured: the run was stopped before this model finished (time limit)"}
                    for name in args.unfinished.split(",") if name]
-        payload = {**parts[0], "rows": [row for part in parts for row in part["rows"]] + stopped,
+        rows: dict[str, dict[str, Any]] = {}
+        for part in parts:  # a later run's row replaces an earlier run's row of the same model
+            rows.update({row["name"]: row for row in part["rows"]})
+        payload = {**parts[0], "rows": list(rows.values()) + stopped,
                    "wall_s": max(part["wall_s"] for part in parts),
                    "runs": [{**{k: part.get(k) for k in ("wall_s", "search_candidates", "distill_epochs", "target")},
-                             "models": [row["name"] for row in part["rows"]]} for part in parts]}
+                             "models": [row["name"] for row in part["rows"] if rows[row["name"]] is row]}
+                            for part in parts]}
         write(out, payload)
         return
     only = set(args.models.split(",")) if args.models else None

@@ -235,10 +235,15 @@ def test_the_deepest_passing_cut_is_pushed_halfway_deeper():
         result = SimpleNamespace(report=SimpleNamespace(verdict={"passed": passed}))
         return CandidateRun(index, Recipe(specs, base.seed), result)  # type: ignore[arg-type]
 
-    pushed = _pushed_recipe([run(0, 0.5, True), run(1, 0.7, True), run(2, 0.8, False)])
+    pushed = _pushed_recipe([run(0, 0.5, True), run(1, 0.7, True), run(2, 0.3, False)])
     assert pushed is not None and "candidate 1" in pushed.source
     assert next(s for s in pushed.passes if s.name == "prune").params["macs_ratio"] == 0.85
     assert [s.name for s in pushed.passes] == [s.name for s in base.passes]  # nothing else changes
+    # a deeper cut that missed bounds the next push: bisect between the deepest pass and the shallowest miss
+    bisected = _pushed_recipe([run(0, 0.5, True), run(1, 0.7, True), run(2, 0.85, False)])
+    assert bisected is not None
+    assert next(s for s in bisected.passes if s.name == "prune").params["macs_ratio"] == 0.775
+    assert _pushed_recipe([run(0, 0.7, True), run(1, 0.705, False)]) is None  # no step left
     assert _pushed_recipe([run(0, 0.5, False)]) is None  # nothing passed: nothing to push
     assert _pushed_recipe([run(0, MAX_PUSHED_MACS_RATIO, True)]) is None  # already at the cap
 

@@ -430,16 +430,17 @@ def run_selection(
                 notes.append("the base recipe missed a budget: the search tries smaller cuts first")
             variations = search_recipes(recipe, max_candidates, prefer)[1:]
             # From 4 candidates on, one goes to the passing cuts combined (each alone met the budgets); from 6 on,
-            # the last cuts deeper than the deepest cut that met them (NetAdapt's next step).
+            # the last (from 7 on, the last two) cut deeper than the deepest cut that met them, bisecting towards
+            # the shallowest that missed (NetAdapt's next step).
             combine = prefer == "aggressive" and max_candidates >= 4
-            push = prefer == "aggressive" and max_candidates >= 6
-            reserved = int(combine) + int(push)
+            pushes = min(MAX_PUSHES, max(0, max_candidates - 5)) if prefer == "aggressive" else 0
+            reserved = int(combine) + pushes
             for candidate in variations[:len(variations) - reserved]:
                 runs.append(_run_candidate(len(runs), candidate, model, context, run_options, budgets, input_info,
                                            drop_failing=True, default=default))
             spare = list(variations[len(variations) - reserved:]) if reserved else []
             steps = ([lambda: _combined_recipe(base, runs[1:])] if combine else []) + \
-                ([lambda: _pushed_recipe(runs)] if push else [])
+                [lambda: _pushed_recipe(runs)] * pushes
             for step in steps:
                 candidate = step() or (spare.pop(0) if spare else None)
                 if candidate is not None:
@@ -491,31 +492,41 @@ def _combined_recipe(base: Recipe, runs: Sequence[CandidateRun]) -> Recipe | Non
                   f"search candidate (combined): {what}")
 
 
-#: The deepest MACs cut :func:`_pushed_recipe` proposes.
+#: The deepest MACs cut :func:`_pushed_recipe` proposes, and how many pushed candidates a search spends at most.
 MAX_PUSHED_MACS_RATIO = 0.9
+MAX_PUSHES = 2
 
 
 def _pushed_recipe(runs: Sequence[CandidateRun]) -> Recipe | None:
-    """The candidate with the deepest MACs cut that met every budget, cut halfway deeper towards all MACs
-    (0.7 -> 0.85, capped at :data:`MAX_PUSHED_MACS_RATIO`); None when no pruned candidate met the budgets or the
-    deepest is at the cap. Latency of the tiny digits nets falls slower than their MACs (fixed per-node cost), so
-    the 3x target needs cuts that MAC counts alone would call excessive: measured accuracy decides."""
+    """The candidate with the deepest MACs cut that met every budget, cut halfway towards the shallowest deeper cut
+    that missed one (towards all MACs when none did: 0.7 -> 0.85; capped at :data:`MAX_PUSHED_MACS_RATIO`), a
+    bisection over the cut; None when no pruned candidate met the budgets or no step is left. Latency of the tiny
+    digits nets falls slower than their MACs (fixed per-node cost), so the 3x target needs cuts that MAC counts
+    alone would call excessive: measured accuracy decides."""
     best: tuple[float, CandidateRun, int] | None = None
     for run in runs:
         if _missed(run):
             continue
         for index, spec in enumerate(run.recipe.passes):
-            value = spec.params.get("macs_ratio") if spec.name == "prune" else None
-            if isinstance(value, (int, float)) and (best is None or value >= best[0]):
-                best = (float(value), run, index)
-    if best is None or best[0] >= MAX_PUSHED_MACS_RATIO:
+            value = _macs_ratio(spec)
+            if value is not None and (best is None or value >= best[0]):
+                best = (value, run, index)
+    if best is None:
         return None
     value, run, index = best
-    pushed = round(min(MAX_PUSHED_MACS_RATIO, (1.0 + value) / 2), 3)
+    missed = [v for r in runs if _missed(r) for v in map(_macs_ratio, r.recipe.passes) if v is not None and v > value]
+    pushed = round(min(MAX_PUSHED_MACS_RATIO, (value + min(missed, default=1.0)) / 2), 3)
+    if pushed - value < 0.01:
+        return None
     specs = [PassSpec(spec.name, {**spec.params, "macs_ratio": pushed} if i == index else dict(spec.params))
              for i, spec in enumerate(run.recipe.passes)]
     return Recipe(specs, run.recipe.seed, dict(run.recipe.input_shapes), dict(run.recipe.budgets),
                   f"search candidate (pushed): candidate {run.index} with prune.macs_ratio={pushed}")
+
+
+def _macs_ratio(spec: PassSpec) -> float | None:
+    value = spec.params.get("macs_ratio") if spec.name == "prune" else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _missed(run: CandidateRun) -> bool:
