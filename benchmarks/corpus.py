@@ -505,9 +505,19 @@ def merge(paths: list[str]) -> dict[str, Any]:
                                                           r["recipe"]))
     result["wall_s"] = max(p["wall_s"] for p in parts)
     result["merged_wall_s"] = [p["wall_s"] for p in parts]
-    result["notes"] = sorted({n for p in parts for n in p["notes"]})
+    result["notes"] = sorted({n for p in parts for n in p["notes"] if not _covered(n, result["rows"])})
     result["cases"] = [c for c in max(parts, key=lambda p: len(p["cases"]))["cases"]]
     return result
+
+
+#: (fragment of a "left out" note, fragment of the model labels it is about): a partial sweep that did not build a
+#: family says so, and that note is stale once another merged sweep has rows of the family.
+_FAMILY_NOTES = (("Keras/TensorFlow via tf2onnx: not run", "keras/"), ("dynamo exporter: left out", "_dynamo_"),
+                 ("Paddle models left out", "paddle/"), ("torch exports left out", "torch/"))
+
+
+def _covered(note: str, rows: list[dict[str, Any]]) -> bool:
+    return any(fragment in note and any(label in r["model"] for r in rows) for fragment, label in _FAMILY_NOTES)
 
 
 # ------------------------------------------------------------------------------------------------------- the report
