@@ -438,7 +438,7 @@ def run_selection(
             for candidate in variations[:len(variations) - reserved]:
                 runs.append(_run_candidate(len(runs), candidate, model, context, run_options, budgets, input_info,
                                            drop_failing=True, default=default))
-            spare = list(variations[len(variations) - reserved:]) if reserved else []
+            spare = variations[len(variations) - reserved:]
             steps = ([lambda: _combined_recipe(base, runs[1:])] if combine else []) + \
                 [lambda: _pushed_recipe(runs)] * pushes
             for step in steps:

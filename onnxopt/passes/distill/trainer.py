@@ -259,12 +259,6 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _release_ddp_references() -> None:
-    """Free the dropped DDP wrapper now: its reducer holds autograd hooks and the process group, and left to the
-    cyclic collector it may only be freed at interpreter exit, when gloo's threads can no longer shut down cleanly."""
-    gc.collect()
-
-
 def _device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BadInputError(f"device '{name}' requested but torch sees no CUDA GPU (torch {torch.__version__})")
@@ -554,8 +548,10 @@ def train(student: nn.Module, teacher: Any, data: TrainData, eval_data: TrainDat
     if bar is not None:
         bar.close()
     if train_module is not module:
-        train_module = module
-        _release_ddp_references()
+        # Free the DDP wrapper now: its reducer holds autograd hooks and the process group, and left to the cyclic
+        # collector it may only be freed at interpreter exit, when gloo's threads can no longer shut down cleanly.
+        del train_module
+        gc.collect()
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()
