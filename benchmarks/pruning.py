@@ -294,9 +294,10 @@ def run_model(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def recover_model(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """At 2x fewer MACs, for each of ``args.distill_methods``: prune with BN kept, distill on the train split
-    (teacher = the original), fold BN; accuracy before/after and ORT latency of the original, the pruned and the
-    recovered model timed round-robin in one run (batch 1, 1 thread)."""
+    """For each of ``args.recovery_targets`` (fractions of MACs removed; default 0.5, i.e. 2x fewer) and each of
+    ``args.distill_methods``: prune with BN kept, distill on the train split (teacher = the original), fold BN;
+    accuracy before/after and ORT latency of the original, the pruned and the recovered model timed round-robin in
+    one run (batch 1, 1 thread)."""
     name, input_name = spec["name"], spec["input"]
     x_ev, y_ev = spec["eval"]
     raw = onnx.load(str(spec["path"]))
@@ -310,35 +311,35 @@ def recover_model(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, A
     epochs = args.paddle_epochs if name == "paddle_cls" else args.distill_epochs
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    for method in args.distill_methods:
+    for target, method in [(t, m) for t in args.recovery_targets for m in args.distill_methods]:
         started = time.perf_counter()
         try:
             if method == "torch-pruning":
                 if not spec.get("torch"):
                     notes.append("Torch-Pruning: no torch source model for this ONNX model")
                     continue
-                pruned_bn = normalized(torch_pruning(spec, 0.5, shape), False)
+                pruned_bn = normalized(torch_pruning(spec, target, shape), False)
             elif method.startswith("onnxsim"):  # onnxsim, or onnxsim@R: bisected to R times fewer MACs (default 2)
-                target = float(method.partition("@")[2] or 2.0)
-                pruned_bn, reached = onnxsim_at_macs(base, target, shapes)  # BN-free: it cuts no Conv followed by BN
+                times = float(method.partition("@")[2] or 1.0 / (1.0 - target))
+                pruned_bn, reached = onnxsim_at_macs(base, times, shapes)  # BN-free: it cuts no Conv followed by BN
                 if not reached:
                     notes.append("onnxsim: no sparsity up to 95% removes half the MACs; its 95% model is recovered "
                                  "(fewer MACs removed than ours: the comparison favours it)")
             else:
                 criterion, _, depth = method.removeprefix("onnxopt-").partition("+depth")
-                pruned_bn = prune_bn_kept(base_bn, criterion, 0.5, context, float(depth or 0.0))[0]
+                pruned_bn = prune_bn_kept(base_bn, criterion, target, context, float(depth or 0.0))[0]
             prune_s = time.perf_counter() - started
             pruned = normalized(pruned_bn, True)
             recovered, lr = distill_recover(pruned_bn, base, spec, epochs, both_lrs=method.startswith("onnxsim"))
         except Exception as exc:  # noqa: BLE001 - recorded in the report
-            notes.append(f"recovery {method}: {type(exc).__name__}: {str(exc)[:300]}")
+            notes.append(f"recovery {method} at -{target:.0%} MACs: {type(exc).__name__}: {str(exc)[:300]}")
             continue
         stats = model_stats(pruned, input_shapes=shapes)
         config = BenchConfig(batch_sizes=(1,), threads=(1,), warmup=10, repeats=args.repeats,
                              input_shapes=shapes)
         report = benchmark([as_ir_model(m) for m in (base, pruned, recovered)], config, labels=["o", "p", "r"])
         ms = {k: report.result(k, 1, 1).median_ms for k in "opr"}  # type: ignore[union-attr]
-        row = {"method": method, "epochs": epochs, "lr": lr, "train_samples": int(len(spec["train"][1])),
+        row = {"method": method, "target": target, "epochs": epochs, "lr": lr, "train_samples": int(len(spec["train"][1])),
                "macs": stats.macs, "params": stats.params,
                "macs_ratio": round(base_stats.macs / stats.macs, 3),
                "accuracy_original": base_acc, "accuracy_pruned": accuracy(pruned, x_ev, y_ev, input_name),
@@ -348,7 +349,7 @@ def recover_model(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, A
                "speedup_recovered": round(ms["o"] / ms["r"], 3), "prune_s": round(prune_s, 1),
                "total_s": round(time.perf_counter() - started, 1)}
         rows.append(row)
-        print(f"  {name} {method}: {row}", flush=True)
+        print(f"  {name} {method} -{target:.0%} MACs: {row}", flush=True)
     return {"model": name, "rows": rows, "notes": notes, "epochs": epochs,
             "train_samples": int(len(spec["train"][1])), "eval_samples": int(len(y_ev))}
 
@@ -366,13 +367,19 @@ def onnxsim_accuracy_at(result: dict[str, Any], macs_ratio: float) -> tuple[floa
     return pts[-1][1], f"onnxsim reached only {pts[-1][0]:.2f}x: its most-pruned point"
 
 
+def _recovery_target(row: dict[str, Any]) -> float:
+    """The fraction of MACs a recovery row's prune removed (rows from before ``--recovery-targets``: 0.5)."""
+    return float(row.get("target", 0.5))
+
+
 def target_rows(results: list[dict[str, Any]], recoveries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets at 2x fewer MACs, per model and recovered method, computed (not typed in)."""
     out = []
     for res in results:
         rec = recoveries.get(res["model"])
-        sims = [r for r in (rec or {}).get("rows", []) if r["method"].startswith("onnxsim")]
-        for row in (rec or {}).get("rows", []):
+        at_half = [r for r in (rec or {}).get("rows", []) if _recovery_target(r) == 0.5]
+        sims = [r for r in at_half if r["method"].startswith("onnxsim")]
+        for row in at_half:
             if row["method"].startswith("onnxsim"):
                 continue
             # onnxsim recovered at the MACs ratio nearest ours: "at equal MACs" (onnxsim@R rows add ratios)
@@ -481,6 +488,7 @@ def markdown(doc: dict[str, Any]) -> str:
         for model, rec in recoveries.items():
             lines += [f"- {model}: {n}" for n in rec.get("notes", [])]
         lines.append("")
+    lines += criterion_table(recoveries)
     for res in results:
         lines += [f"## {res['model']}: sweep without recovery", "",
                   "| variant | MACs | MACs ratio | params | latency ms | speed-up | accuracy |",
@@ -496,6 +504,42 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def criterion_table(recoveries: dict[str, dict[str, Any]]) -> list[str]:
+    """Accuracy before -> after recovery at every MACs cut that was recovered, one line per model, onnxopt method
+    and training setting (epochs, training samples), so rows trained differently are never mixed."""
+    settings: dict[tuple[str, str, int, int], dict[float, dict[str, Any]]] = {}
+    for model, rec in recoveries.items():
+        for row in rec.get("rows", []):
+            if row["method"].startswith("onnxopt-"):
+                key = (model, row["method"], row["epochs"], row.get("train_samples", 0))
+                settings.setdefault(key, {})[_recovery_target(row)] = row
+    cuts = sorted({t for by_cut in settings.values() for t in by_cut})
+    if len(cuts) < 2:
+        return []
+    lines = ["## Accuracy before -> after recovery at each MACs cut, per criterion", "",
+             "Each cell: accuracy of the pruned model (BN folded) -> after KD recovery, and its measured ORT speed-up "
+             "(batch 1, 1 thread, timed round-robin with the original in the same recovery run). Same recipe as "
+             "the targets table; a row's epochs and training samples apply to all its cuts.", "",
+             "| model | method | epochs (train samples) | original acc | "
+             + " | ".join(f"-{c:.0%} MACs" for c in cuts) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(cuts)]
+    order = {c: i for i, c in enumerate(CRITERIA)}
+
+    def sort_key(key: tuple[str, str, int, int]) -> tuple[Any, ...]:
+        criterion, _, depth = key[1].removeprefix("onnxopt-").partition("+depth")
+        return (list(recoveries).index(key[0]), depth != "", order.get(criterion, 99), depth, -len(settings[key]))
+
+    for key in sorted(settings, key=sort_key):
+        by_cut = settings[key]
+        first = next(iter(by_cut.values()))
+        cells = [("-" if c not in by_cut else
+                  f"{by_cut[c]['accuracy_pruned']:.1%} -> **{by_cut[c]['accuracy_recovered']:.2%}** "
+                  f"({by_cut[c]['speedup_pruned']:.2f}x{_lr_note(by_cut[c])})") for c in cuts]
+        lines.append(f"| {key[0]} | {key[1].removeprefix('onnxopt-')} | {key[2]} ({key[3]}) | "
+                     f"{first['accuracy_original']:.2%} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", help="model names (default: all found)")
@@ -507,7 +551,10 @@ def main() -> None:
                                  "torch-pruning", "onnxsim"],
                         help="onnxopt-CRITERION[+depthD] (prune with depth=D), torch-pruning, onnxsim")
     parser.add_argument("--recovery-only", action="store_true",
-                        help="only the recovery rows at 2x fewer MACs; written to --parts-dir, merged by --render")
+                        help="only the recovery rows (at --recovery-targets); written to --parts-dir, merged by --render")
+    parser.add_argument("--recovery-targets", type=float, nargs="*", default=[0.5],
+                        help="fractions of MACs removed before recovery (default 0.5: 2x fewer MACs); the targets "
+                             "table uses 0.5, the per-criterion table every fraction")
     parser.add_argument("--render", action="store_true",
                         help="merge --parts-dir into <out>.json (sweep figures kept from it) and rewrite <out>.md")
     parser.add_argument("--parts-dir", default="/tmp/onnxopt_pruning_parts",
@@ -531,7 +578,9 @@ def main() -> None:
             rec = recover_model(spec, args)
             rec.update(host=dataclasses.asdict(host_info()),
                        finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-            part = f"{spec['name'].split(' ')[0]}.{'_'.join(args.distill_methods)}.e{args.distill_epochs}.json"
+            targets = "" if args.recovery_targets == [0.5] else ".t" + "_".join(f"{t:g}" for t in args.recovery_targets)
+            part = (f"{spec['name'].split(' ')[0]}.{'_'.join(args.distill_methods)}.e{args.distill_epochs}"
+                    f"{targets}.json")
             atomic_write_text(parts / part, json.dumps(rec, indent=1, default=str))
         print(f"recovery done in {(time.perf_counter() - started) / 60:.1f} min")
         return
@@ -544,8 +593,9 @@ def main() -> None:
             rec = json.loads(part.read_text())
             have = doc["recovery"].setdefault(rec["model"], {**rec, "rows": [], "notes": [], "finished": []})
             have["finished"] = sorted({*have.get("finished", []), rec["finished"]})
-            keys = {(r["method"], r.get("epochs")) for r in rec["rows"]}
-            have["rows"] = [r for r in have["rows"] if (r["method"], r.get("epochs")) not in keys] + rec["rows"]
+            keys = {(r["method"], r.get("epochs"), _recovery_target(r)) for r in rec["rows"]}
+            have["rows"] = [r for r in have["rows"]
+                            if (r["method"], r.get("epochs"), _recovery_target(r)) not in keys] + rec["rows"]
             have["notes"] = list(dict.fromkeys(have["notes"] + rec["notes"]))
         base = [line for line in doc.get("provenance", []) if not line.startswith("Added by --recovery-only")]
         added = [f"{part.stem}" for part in found]

@@ -464,3 +464,46 @@ def test_min_steps_adds_epochs_until_enough_optimizer_steps(pair):
         cfg = DistillConfig(method="kd", epochs=2, lr=0.05, batch_size=32, seed=0, threads=1, min_steps=min_steps)
         result = train(_module(pair["student"]), teacher, _arrays(pair["data"]), None, cfg, input_names=["input"])
         assert len(result.history) == epochs
+
+
+def test_split_holdout_is_seeded_stratified_and_disjoint():
+    from onnxopt.passes.distill.data import split_holdout
+
+    labels = np.repeat(np.arange(4), [40, 30, 20, 1])  # the class with one sample stays in training
+    data = TrainData({"input": np.arange(len(labels), dtype=np.float32)[:, None]}, labels)
+    train_part, held = split_holdout(data, 0.1, seed=3)
+    assert sorted(np.bincount(held.labels, minlength=4)) == [0, 2, 3, 4]
+    assert len(train_part) + len(held) == len(data)
+    assert not set(train_part.inputs["input"][:, 0]) & set(held.inputs["input"][:, 0])
+    again = split_holdout(data, 0.1, seed=3)[1]
+    assert np.array_equal(again.inputs["input"], held.inputs["input"])
+    with pytest.raises(DataError, match="too few"):
+        split_holdout(TrainData({"input": np.zeros((1, 1), np.float32)}, np.zeros(1)), 0.1, seed=0)
+
+
+@pytest.mark.parametrize("select_on", ["eval", "holdout", "last"])
+def test_what_picks_the_kept_epoch(pair, monkeypatch, select_on):
+    """holdout picks the epoch on a slice of the training data and never loads the eval data (which optimize then
+    judges the budgets on); eval picks on the eval data; last keeps the final epoch."""
+    from onnxopt.api import optimize
+    from onnxopt.passes.distill import data as data_mod
+    from onnxopt.passes.distill.pass_ import DistillPass
+
+    loaded: list[str] = []
+    real_load = data_mod.load
+
+    def spy(source, specs, **kwargs):
+        loaded.append(kwargs.get("what", ""))
+        return real_load(source, specs, **kwargs)
+
+    monkeypatch.setattr(data_mod, "load", spy)
+    step = DistillPass(teacher=str(pair["teacher"]), epochs=3, lr=0.05, select_on=select_on, holdout_fraction=0.25)
+    result = optimize(str(pair["student"]), [step], str(pair["data"]), str(pair["eval"]), measure_latency=False)
+    details, notes = result.report.steps[-1].details, " ".join(result.report.steps[-1].notes)
+    assert ("distill evaluation data" in loaded) == (select_on == "eval")
+    if select_on == "last":
+        assert details["best_epoch"] is None and "kept epoch" not in notes
+    else:
+        assert details["best_epoch"] in (1, 2, 3)
+        assert ("held-out 24 training samples accuracy" in notes) == (select_on == "holdout")
+    assert f"on {72 if select_on == 'holdout' else 96} samples (labelled)" in notes  # the holdout is not trained on

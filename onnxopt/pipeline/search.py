@@ -44,11 +44,15 @@ TARGETS: tuple[str, ...] = ("latency", "size")
 #: the example, 30% pruning then 5 epochs of KD recovered 10% -> 96% with BN and stayed at 10% with BN folded); the
 #: second normalize folds it before quantization. Distillation runs at least 1000 optimizer steps: in
 #: reports/end_to_end.md the digits ResNet's depth=1.0 candidate recovered to 97.5% (test) after 300 steps and to
-#: 99.0%, the original's accuracy, after 1000.
+#: 99.0%, the original's accuracy, after 1000. Distillation keeps its last epoch (the cosine schedule has ended at
+#: lr 0) and never looks at the eval data the budgets are judged on: selecting the epoch on it made the judged
+#: accuracy of every distilled stage optimistic (a digits MnasNet stage kept at 100% validation tested 97.5%). A
+#: held-out 10% of the training data picked early epochs instead (digits MobileNetV2 at 10x fewer MACs: test 95.0%
+#: vs 99.5% with the last epoch; 110 held-out images, near 100% from early on).
 END_TO_END_RECIPE: tuple[tuple[str, dict[str, Any]], ...] = (
     ("normalize", {"fold_batchnorm": False}),
     ("prune", {"macs_ratio": 0.5, "depth": 0.5}),
-    ("distill", {"min_steps": 1000}),
+    ("distill", {"min_steps": 1000, "select_on": "last"}),
     ("normalize", {}),
     ("compress", {}),
     ("quantize", {}),
@@ -493,7 +497,9 @@ def _combined_recipe(base: Recipe, runs: Sequence[CandidateRun]) -> Recipe | Non
 
 
 #: The deepest MACs cut :func:`_pushed_recipe` proposes, and how many pushed candidates a search spends at most.
-MAX_PUSHED_MACS_RATIO = 0.9
+#: At 0.9 the digits VGG ran 2.85x and MobileNetV2 2.95x faster within a point: the tiny nets' fixed per-node cost
+#: needs cuts that MAC counts would call excessive, and measured accuracy, not the cap, is what should stop them.
+MAX_PUSHED_MACS_RATIO = 0.95
 MAX_PUSHES = 2
 
 

@@ -52,6 +52,26 @@ class TrainData:
         return f"{len(self)} samples ({what})"
 
 
+def split_holdout(data: TrainData, fraction: float, seed: int) -> tuple[TrainData, TrainData]:
+    """``(train, holdout)``: a seeded slice of ``fraction`` of the samples, stratified by label where there are
+    labels (each class keeps its share, at least one sample of a class with two or more), for picking the kept epoch
+    without touching the data a pipeline judges its budgets on."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"holdout fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    labels = data.labels if data.labels is not None else np.full(len(data), -1, dtype=np.int64)
+    held: list[np.ndarray] = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        if len(members) >= 2:
+            held.append(members[:max(1, int(round(fraction * len(members))))])
+    hold = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    if len(hold) == 0 or len(hold) == len(data):
+        raise DataError(f"{len(data)} training samples are too few to hold out {fraction:.0%} for epoch selection")
+    keep = np.setdiff1d(np.arange(len(data)), hold)
+    return data.take(keep), data.take(hold)
+
+
 def load(source: object, specs: Sequence[InputSpec], *, max_samples: int | None = None,
          what: str = "training data") -> TrainData:
     """Read a :class:`onnxopt.calib_data.DataSource` (or anything ``open_data`` accepts) into a :class:`TrainData`;

@@ -47,7 +47,11 @@ class DistillPass(OnnxoptPass):
         epochs, lr, batch_size, optimizer (sgd/adam/adamw), schedule (cosine/step/constant), weight_decay.
         temperature: softmax temperature of the logit losses. alpha: (1 - alpha) CE + alpha distillation.
         feature_weight: weight of the feature loss (default per method).
-        patience: stop after this many epochs without improvement on the eval data (0 = run every epoch).
+        patience: stop after this many epochs without improvement on the selection data (0 = run every epoch).
+        select_on: what picks the kept epoch (and drives ``patience``): ``eval`` (the run's eval data, default),
+            ``holdout`` (a seeded, label-stratified ``holdout_fraction`` of the training data, not trained on: the
+            eval data stays unseen, so a pipeline that judges budgets on it, such as optimize, gets an unbiased
+            estimate) or ``last`` (the final epoch, no selection).
         min_steps: train more epochs when needed so that at least this many optimizer steps run (recovery after
             pruning on a few hundred calibration samples needs it; the end-to-end recipe sets 300).
         augment: shift[:PIXELS], flip[:P], shift+flip or none; a callable from Python.
@@ -75,6 +79,8 @@ class DistillPass(OnnxoptPass):
     alpha: float = 0.9
     feature_weight: float | None = None
     patience: int = 0
+    select_on: Literal["eval", "holdout", "last"] = "eval"
+    holdout_fraction: float = 0.1
     min_steps: int = 0
     augment: Any = None
     device: str = "cpu"
@@ -92,6 +98,10 @@ class DistillPass(OnnxoptPass):
         super().__post_init__()
         if self.teacher_runtime not in ("ort", "torch"):
             raise ValueError(f"teacher_runtime must be ort or torch, got {self.teacher_runtime!r}")
+        if self.select_on not in ("eval", "holdout", "last"):
+            raise ValueError(f"select_on must be eval, holdout or last, got {self.select_on!r}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.qat not in ("auto", "on", "off"):
             raise ValueError(f"qat must be auto, on or off, got {self.qat!r}")
         # Python objects (a teacher model, an augmentation callable) are replaced by string handles, so that the
@@ -141,7 +151,7 @@ class DistillPass(OnnxoptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from onnxopt.passes.distill import qat as qat_mod
-        from onnxopt.passes.distill.data import load, merge
+        from onnxopt.passes.distill.data import load, merge, split_holdout
         from onnxopt.passes.distill.teacher import OrtTeacher, TorchTeacher, logits_value
         from onnxopt.passes.distill.trainer import train
 
@@ -151,13 +161,17 @@ class DistillPass(OnnxoptPass):
         student = to_proto(model)
         specs = input_specs(model)
         data = load(self.context.calib, specs, max_samples=self.max_samples, what="distill training data")
+        eval_data = None
+        if self.select_on == "holdout":  # before the unlabelled pool joins: hold out the user's own samples
+            data, eval_data = split_holdout(data, self.holdout_fraction, cfg.seed)
+        elif self.select_on == "eval" and self.context.eval:
+            eval_data = load(self.context.eval, specs, what="distill evaluation data")
         if self.unlabelled:
             from onnxopt.calib_data import open_data
 
             pool = load(open_data(self.unlabelled, seed=self.context.seed, input_shapes=self.context.input_shapes),
                         specs, max_samples=self.max_samples, what="distill unlabelled data")
             data = merge(data, pool)
-        eval_data = load(self.context.eval, specs, what="distill evaluation data") if self.context.eval else None
         quantized = qat_mod.is_qdq(student)
         use_qat = self.qat == "on" or (self.qat == "auto" and quantized)
         if self.qat == "on" and not quantized:
@@ -187,7 +201,9 @@ class DistillPass(OnnxoptPass):
                   f"{result.epochs_run} epoch(s){' (stopped early)' if result.stopped_early else ''}")
         if result.metric_name:
             first = "n/a" if result.initial_metric is None else f"{result.initial_metric:.4f}"
-            self.note(f"eval {result.metric_name}: {first} -> {result.best_metric:.4f} (kept epoch "
+            where = (f"held-out {len(eval_data)} training samples" if self.select_on == "holdout"
+                     else "eval")
+            self.note(f"{where} {result.metric_name}: {first} -> {result.best_metric:.4f} (kept epoch "
                       f"{result.best_epoch})" + (f"; teacher {result.teacher_metric:.4f}"
                                                  if result.teacher_metric is not None else ""))
         if result.pairs:
