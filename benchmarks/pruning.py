@@ -23,6 +23,15 @@ sweep's ``pruning.json`` (the report says which run each table comes from).
     nice -n 5 python benchmarks/pruning.py            # writes reports/pruning.md and reports/pruning.json
     nice -n 5 python benchmarks/pruning.py --recovery-only --models resnet vgg   # recovery rows of some models
     python benchmarks/pruning.py --render              # report from reports/pruning.json + recovery parts
+
+The per-criterion recovery table (30/50/70% fewer MACs, every criterion) came from these ``--recovery-only`` runs:
+
+    nice -n 5 python benchmarks/pruning.py --recovery-only --models mobilenetv2 shufflenetv2 resnet vgg \
+        --recovery-targets 0.3 0.7 --distill-methods onnxopt-l1 onnxopt-l2 onnxopt-bn_scale onnxopt-taylor
+    nice -n 5 python benchmarks/pruning.py --recovery-only --models mobilenetv2 shufflenetv2 resnet vgg \
+        --recovery-targets 0.5 --distill-methods onnxopt-l2 onnxopt-bn_scale onnxopt-taylor
+    nice -n 5 python benchmarks/pruning.py --recovery-only --models paddle_cls --paddle-train 3000 --paddle-epochs 8 \
+        --recovery-targets 0.3 0.5 0.7 --distill-methods onnxopt-l1 onnxopt-l2 onnxopt-bn_scale onnxopt-taylor
 """
 
 from __future__ import annotations
@@ -600,7 +609,7 @@ def main() -> None:
         base = [line for line in doc.get("provenance", []) if not line.startswith("Added by --recovery-only")]
         added = [f"{part.stem}" for part in found]
         doc["provenance"] = base + ([
-            "Added by --recovery-only runs (rows replace the full run's of the same method and epochs; each run "
+            "Added by --recovery-only runs (rows replace the full run's of the same method, epochs and MACs cut; each run "
             "re-prunes, distils and times the original, pruned and recovered models round-robin itself), finished "
             f"{', '.join(sorted({f for r in doc['recovery'].values() for f in r.get('finished', [])}))}: "
             + "; ".join(added) + "."] if found else [])
