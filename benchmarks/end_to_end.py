@@ -263,9 +263,18 @@ def _candidate_summaries(outcome: Any) -> list[dict[str, Any]]:
     for run in outcome.candidates:
         mine = [p for p in outcome.points if p.candidate == run.index and p.stage != "input"]
         last = max(mine, key=lambda p: p.step_index, default=None)
+        # A candidate whose every stage model equals an earlier candidate's has no point of its own (the points
+        # are deduplicated): its last stage is that earlier point, named as such.
+        same = None
+        if last is None and run.result is not None:
+            mine = [p for p in outcome.points if any(label.startswith(f"c{run.index}:") for label in p.same_as)]
+            last = max(mine, key=lambda p: p.step_index, default=None)
+            same = None if last is None else next(label for label in reversed(last.same_as)
+                                                  if label.startswith(f"c{run.index}:"))
         out.append({"index": run.index, "source": run.recipe.source, "error": run.error,
-                    "final": None if last is None else {"label": last.label, "latency_ms": last.latency_ms,
-                                                        "quality": last.quality, "passed": last.passed}})
+                    "final": None if last is None else {"label": same or last.label, "latency_ms": last.latency_ms,
+                                                        "quality": last.quality, "passed": last.passed,
+                                                        "same_as": last.label if same else None}})
     return out
 
 
@@ -427,8 +436,11 @@ def render(payload: dict[str, Any]) -> str:
         for cand in row["optimize"].get("candidates", []):
             final = cand["final"]
             lines.append(f"- candidate {cand['index']} ({cand['source'].split(': ', 1)[-1]}): " + (
-                f"failed: {cand['error']}" if final is None else
-                f"last stage {final['label']}, {final['latency_ms'] or 0:.3f} ms, validation "
+                f"failed: {cand['error']}" if final is None and cand["error"] else
+                "every stage model the same as an earlier candidate's (no point of its own)" if final is None else
+                f"last stage {final['label']}"
+                + (f" (the same model as {final['same_as']})" if final.get("same_as") else "")
+                + f", {final['latency_ms'] or 0:.3f} ms, validation "
                 f"{_pct(final['quality'])}, budgets {'met' if final['passed'] else 'missed'}"))
         lines += _noise_notes(row["variants"])
         peers = {k: v for k, v in row["variants"].items() if v.get("stages")}
