@@ -308,7 +308,35 @@ def section_pruning(data: Any) -> list[str]:
             text += (f"; recovery fell short at {worst['macs_ratio']:.2f}x with {worst['method']} "
                      f"({pct(worst['accuracy_recovered'])} vs {pct(worst['accuracy_original'])})")
         verdicts.append(text + ".")
-    return lines + ["", "How far it went:", ""] + verdicts
+    return lines + ["", "How far it went:", ""] + verdicts + _per_criterion(data)
+
+
+def _per_criterion(data: Any) -> list[str]:
+    """Recovered accuracy minus the original's at each MACs cut, per criterion (channels only), from the recovery
+    rows that carry a ``target`` (``--recovery-targets`` runs): how far each criterion can go."""
+    cells: dict[tuple[str, str, int, int], dict[float, dict[str, Any]]] = {}
+    for model, rec in data.get("recovery", {}).items():
+        for row in rec.get("rows", []):
+            method = str(row.get("method", ""))
+            if method.startswith("onnxopt-") and "+" not in method:
+                key = (model, method.removeprefix("onnxopt-"), row.get("epochs", 0), row.get("train_samples", 0))
+                cells.setdefault(key, {})[float(row.get("target", 0.5))] = row
+    cuts = sorted({c for by_cut in cells.values() for c in by_cut})
+    keys = [k for k in cells if len(cells[k]) == len(cuts)]
+    if len(cuts) < 2 or not keys:
+        return []
+    lines = ["", "Per criterion, channels only: recovered accuracy minus the original's, in points, at each "
+             "MACs cut (epochs, training samples as listed):", "",
+             "| model | criterion | epochs (samples) | " + " | ".join(f"-{c:.0%} MACs" for c in cuts) +
+             " | deepest cut within 1 point |", "|---|---|---|" + "---|" * (len(cuts) + 1)]
+    for key in keys:
+        rows = cells[key]
+        deltas = {c: (rows[c]["accuracy_recovered"] - rows[c]["accuracy_original"]) * 100 for c in cuts}
+        held = [c for c in cuts if deltas[c] >= -1.0 - 1e-6]  # exactly 1 point lower is within 1 point
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} ({key[3]}) | "
+                     + " | ".join(f"{deltas[c]:+.2f}" for c in cuts)
+                     + f" | {f'-{max(held):.0%}' if held else 'none'} |")
+    return lines
 
 
 def section_generic(data: Any, name: str, keys: tuple[str, ...]) -> list[str]:
