@@ -86,7 +86,8 @@ def markdown(doc: dict[str, Any]) -> str:
              "| model | MACs cut | kept epoch from | kept epoch / epochs | validation | test | validation - test |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for row in doc["rows"]:
-        kept = "-" if row["select_on"] == "original" else f"{row.get('kept_epoch') or row.get('epochs')} / {row.get('epochs')}"
+        epochs = row.get("epochs")
+        kept = "-" if row["select_on"] == "original" else f"{row.get('kept_epoch') or epochs} / {epochs}"
         lines.append(f"| {row['model']} | {row['cut']:.0%} | {row['select_on']} | {kept} | {row['val']:.2%} | "
                      f"{row['test']:.2%} | {(row['val'] - row['test']) * 100:+.2f} pt |")
     return "\n".join(lines + [""])

@@ -340,7 +340,8 @@ def quantize(model: str, output: str, calib: str, eval_: str | None, method: str
 @_run_options
 def distill(student: str, teacher: str, output: str, data: str, eval_: str | None, unlabelled: str | None,
             method: str, epochs: int, lr: float, batch_size: int, optimizer: str, schedule: str, temperature: float,
-            alpha: float, patience: int, select_on: str, holdout_fraction: float, augment: str, device: str, teacher_runtime: str, max_samples: int | None,
+            alpha: float, patience: int, select_on: str, holdout_fraction: float, augment: str, device: str,
+            teacher_runtime: str, max_samples: int | None,
             checkpoint_dir: str | None, resume: bool, qat: str, stochastic_rounding: bool, preprocess: str | None,
             input_shapes: tuple[str, ...], budgets: tuple[str, ...], report: str | None, seed: int | None,
             threads: int | None, no_latency: bool, quiet: bool) -> None:
@@ -353,7 +354,8 @@ def distill(student: str, teacher: str, output: str, data: str, eval_: str | Non
             preprocess=preprocess, threads=threads, input_shapes=parse_input_shapes(input_shapes),
             measure_latency=not no_latency, quiet=quiet, unlabelled=unlabelled, method=method, epochs=epochs, lr=lr,
             batch_size=batch_size, optimizer=optimizer, schedule=schedule, temperature=temperature, alpha=alpha,
-            patience=patience, select_on=select_on, holdout_fraction=holdout_fraction, augment=augment, device=device, teacher_runtime=teacher_runtime, max_samples=max_samples,
+            patience=patience, select_on=select_on, holdout_fraction=holdout_fraction, augment=augment,
+            device=device, teacher_runtime=teacher_runtime, max_samples=max_samples,
             checkpoint_dir=checkpoint_dir, resume=resume, qat=qat, stochastic_rounding=stochastic_rounding)
     except ValueError as exc:
         raise BadInputError(f"distill: {exc}") from None
