@@ -228,7 +228,7 @@ def cases(workdir: Path, quick: bool, wanted: set[str] | None) -> Iterator[dict]
 
     n_eval = 150 if quick else 400
     n_calib = 64 if quick else 200
-    n_text_eval = 150 if quick else 1000  # rendered lines are free: a larger set makes 1-image differences smaller
+    n_text_eval = 150 if quick else 3000  # rendered lines are free: a larger set makes 1-image differences smaller
     digits_calib = subset(examples.default_calib_path(), workdir / "digits_calib.npz", n_calib)
     digits_eval = subset(examples.default_eval_path(), workdir / "digits_eval.npz", n_eval)
     digits = [("example", "example digits_cnn (MobileNetV2-style)", examples.default_model_path())]

@@ -354,6 +354,14 @@ def test_qat_on_a_quantized_model_keeps_qdq_and_int8_weights(pair):
                and i.data_type == before[i.name].data_type
                and not np.array_equal(onnx.numpy_helper.to_array(i), onnx.numpy_helper.to_array(before[i.name]))]
     assert changed, "no int8 weight changed"
+    # the float16-packed biases were trained as float32 parameters and packed again
+    def halves(model):
+        return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer
+                if i.data_type == TensorProto.FLOAT16}
+
+    halves, after = halves(qdq), halves(tuned)
+    assert halves and sorted(a.size for a in halves.values()) == sorted(a.size for a in after.values())
+    assert not all(any(np.array_equal(a, b) for b in halves.values()) for a in after.values())
     d = np.load(pair["eval"])
     assert np.isfinite(run(tuned, {"input": d["input"]})[0]).all()
 

@@ -181,3 +181,44 @@ def test_placement_builds_identical_candidates_once(monkeypatch):
     labels = [c["label"] for c in step.details["placement"]["candidates"]]
     assert "conv_gemm_matmul_fp32_first" in labels and "conv_gemm_matmul_fp32_head" not in labels
     assert len(labels) == len(set(labels))
+
+
+# ---------------------------------------------------------------- per-channel weight scales
+@pytest.mark.parametrize("params", [{}, {"reduce_range": "on"}, {"per_channel_min_gain_db": 1.0}])
+def test_our_per_channel_scales_give_ort_the_model_it_would_write_itself(monkeypatch, params):
+    """The vectorized scales handed to ORT as TensorQuantOverrides change nothing in its output (byte-identical)."""
+    model = load_model(examples.default_model_path())
+    NormalizePass().apply(model)
+
+    def quantize() -> bytes:
+        step = QuantizePass(placement="all", calib_samples=32, **params)
+        step.bind(PassContext(calib=open_data(str(examples.default_calib_path()))))
+        return step.apply(to_proto(model)).SerializeToString()
+
+    ours = quantize()
+    # ORT's own path: no scale overrides (only the per-channel axes that per_channel_min_gain_db needs)
+    monkeypatch.setattr(QuantizePass, "_scale_overrides",
+                        lambda self, proto, axes, reduce_range: {name: [{"axis": axis}] for name, axis in axes.items()}
+                        if self.per_channel_min_gain_db > 0 else {})
+    assert ours == quantize()
+
+
+def test_per_channel_scales_follow_ort_for_zero_and_tiny_channels():
+    from onnxruntime.quantization.quant_utils import compute_data_quant_params
+    from onnxruntime.quantization.quant_utils import QuantType
+
+    from onnxopt.passes.quantize.weights_prep import per_channel_scale_overrides
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)
+    weight[1] = 0.0
+    weight[2] *= 1e-39  # below float32's smallest normal: ORT falls back to scale 1
+    weight[3] = np.abs(weight[3])  # one-signed channel
+    model = helper.make_model(helper.make_graph([], "g", [], [], [onnx.numpy_helper.from_array(weight, "w")]))
+    for reduce_range in (False, True):
+        rows = per_channel_scale_overrides(model, {"w": 0}, reduce_range)["w"]
+        assert rows[0]["axis"] == 0 and len(rows) == 5
+        for c, row in enumerate(rows):
+            zero, scale = compute_data_quant_params(weight[c].ravel(), QuantType.QInt8.tensor_type, True,
+                                                    reduce_range=reduce_range)
+            assert row["scale"].dtype == np.float32 and row["scale"] == scale and row["zero_point"] == zero

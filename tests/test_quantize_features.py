@@ -44,18 +44,61 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 # ---- file size ------------------------------------------------------------------------------------------------------
 def test_compact_qdq_is_under_030x_and_computes_the_same(normalized):
-    small, _ = _quantize(normalized)
+    small, _ = _quantize(normalized, half_constants=False)
     large, _ = _quantize(normalized, compact=False)
     fp32 = serialized_size(normalized)
     assert small.ByteSize() / fp32 <= 0.30 < large.ByteSize() / fp32
     x = np.load(examples.default_eval_path())["input"][:64]
     np.testing.assert_allclose(_run(small, x), _run(large, x), rtol=0, atol=1e-5)
     onnx.checker.check_model(small)
+    assert not any(n.name for n in small.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    convs = {n.name for n in normalized.graph if n.op_type == "Conv"}
+    assert convs and convs <= {n.name for n in small.graph.node}  # the user's nodes keep their names
+
+
+def _ort_optimized(model: onnx.ModelProto, path) -> onnx.ModelProto:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(path))
+
+
+def test_half_constants_fold_at_load_into_the_same_int8_kernels(normalized, tmp_path):
+    half, _ = _quantize(normalized)  # the default: scales and biases stored as float16
+    full, _ = _quantize(normalized, half_constants=False)
+    assert half.ByteSize() < full.ByteSize() - 2000
+    packed = [i for i in half.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert packed and {n.op_type for n in half.graph.node} >= {"Cast", "Split"}
+    onnx.checker.check_model(half, full_check=True)
+
+    def kernels(model, name):
+        ops = [n.op_type for n in _ort_optimized(model, tmp_path / name).graph.node]
+        return sorted(ops)
+
+    from onnxopt.passes.quantize.compact import unpack_half_constants
+
+    unpacked = unpack_half_constants(onnx.ModelProto.FromString(half.SerializeToString()))
+    assert not any(n.op_type in ("Cast", "Split") for n in unpacked.graph.node)
+    np.testing.assert_array_equal(_run(unpacked, np.load(examples.default_eval_path())["input"][:8]),
+                                  _run(half, np.load(examples.default_eval_path())["input"][:8]))
+    ops = kernels(half, "half.onnx")
+    assert "Cast" not in ops and "Split" not in ops  # folded away at load
+    assert ops.count("QLinearConv") > 0 and ops == kernels(full, "full.onnx")
+    x = np.load(examples.default_eval_path())["input"][:128]
+    a, b = _run(half, x), _run(full, x)
+    assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.98
+    assert np.max(np.abs(a - b)) < 0.05 * np.max(np.abs(b))  # a few output steps at most, on a few samples
 
 
 # ---- weight ranges --------------------------------------------------------------------------------------------------
 def _weight_scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Scale of each DequantizeLinear that reads an int8 initializer, keyed by its consumer's name."""
+    from onnxopt.passes.quantize.compact import unpack_half_constants
+
+    model = unpack_half_constants(onnx.ModelProto.FromString(model.SerializeToString()))
     inits = {i.name: i for i in model.graph.initializer}
     consumer = {name: n.name for n in model.graph.node for name in n.input}
     out = {}

@@ -159,6 +159,12 @@ class DistillPass(OnnxoptPass):
             raise DataError("distill needs training data (--data / calib)")
         cfg = self._config(self.context.seed)
         student = to_proto(model)
+        from onnxopt.passes.quantize.compact import pack_half_constants, unpack_half_constants
+
+        # float16-packed scales and biases (the quantize pass's compact file) train as float32 initializers
+        packed = sum(n.op_type == "Cast" for n in student.graph.node)
+        student = unpack_half_constants(student)
+        packed -= sum(n.op_type == "Cast" for n in student.graph.node)
         specs = input_specs(model)
         data = load(self.context.calib, specs, max_samples=self.max_samples, what="distill training data")
         eval_data = None
@@ -192,6 +198,8 @@ class DistillPass(OnnxoptPass):
         from onnxopt.bridge import write_back
 
         trained = write_back(module, student)
+        if packed:
+            pack_half_constants(trained)
         adopt(model, ir.serde.deserialize_model(trained))
         self.details.update(result.to_dict())
         self.details.update(qat=use_qat, stochastic_rounding=use_qat and self.stochastic_rounding,

@@ -8,21 +8,25 @@ the range. Values beyond it would have been clipped by the int8 grid anyway, so 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxopt.passes.quantize.qparams import fake_quantize
+from onnxopt.passes.quantize.qparams import fake_quantize, qrange
 from onnxopt.passes.quantize.weights import weight_quant_params, weight_range
 
 
 def weight_axis(node: onnx.NodeProto, per_channel: bool, ndim: int) -> int | None:
-    """The channel axis ORT quantizes a weight along: Conv out-channels, Gemm rows of B (or columns), MatMul last."""
+    """The channel axis ORT quantizes a weight along: Conv out-channels (ConvTranspose: axis 1), Gemm rows of B (or
+    columns), MatMul last."""
     if not per_channel or ndim < 2:
         return None
     if node.op_type == "Conv":
         return 0
+    if node.op_type == "ConvTranspose":
+        return 1
     if node.op_type == "Gemm":
         return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
     return ndim - 1
@@ -90,10 +94,42 @@ def per_channel_worth_it(model: onnx.ModelProto, nodes: Sequence[str], reduce_ra
     return keep
 
 
+def per_channel_scale_overrides(model: onnx.ModelProto, axes: dict[str, int],
+                                reduce_range: bool) -> dict[str, list[dict[str, Any]]]:
+    """ORT ``TensorQuantOverrides`` that hand its QDQ quantizer the symmetric int8 scale of every channel of the weight
+    initializers in ``axes`` (name -> channel axis), computed here in one vectorized pass.
+
+    The numbers are ORT's own (``compute_scale_zp``: absmax over the channel, float64 division by ``qmax - qmin``,
+    stored as float32, 1.0 for an all-zero channel), so the model it writes is byte-identical; ORT computes them one
+    channel at a time in Python, which was half of its rewrite time on the zoo nets (0.26 s for MnasNet's 3300
+    channels) and is paid again for every placement candidate.
+    """
+    qmin, qmax = qrange("int8", symmetric=True, reduce_range=reduce_range)
+    tiny = np.finfo(np.float32).tiny
+    inits = {init.name: init for init in model.graph.initializer}
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for name, axis in axes.items():
+        init = inits.get(name)
+        if init is None or init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2:
+            continue
+        weight = numpy_helper.to_array(init)
+        channels = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+        low = np.minimum(channels.min(axis=1), np.float32(0))
+        high = np.maximum(channels.max(axis=1), np.float32(0))
+        absmax = np.maximum(np.abs(low), np.abs(high)).astype(np.float64)
+        scale = (2.0 * absmax) / float(qmax - qmin)
+        stored = np.where(scale < tiny, 1.0, scale).astype(np.float32)
+        zero = np.int8(0)
+        rows = [{"scale": s, "zero_point": zero} for s in stored]
+        rows[0]["axis"] = axis  # ORT reads the axis from the first channel's entry
+        overrides[name] = rows
+    return overrides
+
+
 def _sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     noise = float(np.sum(np.square(reference.astype(np.float64) - approx)))
     signal = float(np.sum(np.square(reference.astype(np.float64))))
     return float("inf") if noise == 0.0 else 10.0 * np.log10(max(signal, 1e-30) / noise)
 
 
-__all__ = ["clip_weights", "per_channel_worth_it", "weight_axis", "weight_quantizer"]
+__all__ = ["clip_weights", "per_channel_scale_overrides", "per_channel_worth_it", "weight_axis", "weight_quantizer"]
