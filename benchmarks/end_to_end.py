@@ -32,9 +32,10 @@ sys.path.insert(0, str(REPO))
 import onnxopt  # noqa: E402
 from onnxopt.bench import BenchConfig, benchmark  # noqa: E402
 from onnxopt.calib_data import open_data  # noqa: E402
-from onnxopt.hostinfo import host_info  # noqa: E402
+from onnxopt.hostinfo import channel_block, host_info  # noqa: E402
 from onnxopt.modelio import file_sha256, input_specs, load_model, save_model  # noqa: E402
 from onnxopt.pipeline import registry  # noqa: E402
+from onnxopt.pipeline.search import PUSHED_DISTILL_STEPS  # noqa: E402
 from onnxopt.pipeline.evaluation import collect_outputs  # noqa: E402
 
 STAGES = ("prune", "distill", "quantize")
@@ -382,6 +383,8 @@ def render(payload: dict[str, Any]) -> str:
              + f" `--target {payload.get('target', 'latency')}`."
              + ("".join(f" Merged run {i + 1} ({', '.join(r.get('models') or [])}): "
                         f"{'--search ' + str(r['search_candidates']) if (r.get('search_candidates') or 0) > 1 else 'default recipe, no search'}"
+                        f", prune round_to {r.get('prune_round_to') or 8}"  # runs before 2026-12-06 rounded to 8
+                        f", pushed cuts distilled >= {r.get('pushed_distill_steps') or 1000} steps"
                         f", {r['wall_s'] / 60:.1f} min." for i, r in enumerate(payload.get("runs", [])))),
              f"Whole run: {payload['wall_s'] / 60:.1f} min.", ""]
     summary = ["| model | >=3x faster (b1, 1 and 2 thr) and >=8x smaller within 1 pt | best speed-up within 1 pt "
@@ -511,7 +514,8 @@ def main() -> None:
             rows.update({row["name"]: row for row in part["rows"]})
         payload = {**parts[0], "rows": list(rows.values()) + stopped,
                    "wall_s": max(part["wall_s"] for part in parts),
-                   "runs": [{**{k: part.get(k) for k in ("wall_s", "search_candidates", "distill_epochs", "target")},
+                   "runs": [{**{k: part.get(k) for k in ("wall_s", "search_candidates", "distill_epochs", "target",
+                                                          "prune_round_to", "pushed_distill_steps")},
                              "models": [row["name"] for row in part["rows"] if rows[row["name"]] is row]}
                             for part in parts]}
         write(out, payload)
@@ -520,6 +524,8 @@ def main() -> None:
     info = host_info()
     payload = {"host": info.to_dict(), "host_line": info.describe(), "passes": registry.available(),
                "search_candidates": args.search, "distill_epochs": args.distill_epochs, "target": args.target,
+               "prune_round_to": channel_block(info),  # what the prune pass's round_to=auto picks on this host
+               "pushed_distill_steps": PUSHED_DISTILL_STEPS,
                "wall_s": 0.0, "rows": []}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:

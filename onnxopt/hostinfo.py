@@ -100,6 +100,17 @@ class HostInfo:
                 f"onnxruntime {self.onnxruntime_version}")
 
 
+def channel_block(info: HostInfo) -> int:
+    """The channel block of ONNX Runtime's CPU conv kernels (MLAS NCHWc) on this CPU: 16 floats with AVX-512F, 8
+    otherwise (AVX2; other CPUs get 8 too, a multiple of every NEON/SSE width).
+
+    A pruned layer whose channel count is not a multiple of it falls off the blocked path: on this 2-core AVX-512
+    host, a MobileNetV2 cut to about 1.2M MACs ran 1.5x slower with counts rounded to 8 than to 16 (one run,
+    ``benchmarks/round_to.py``).
+    """
+    return 16 if info.is_x86 and info.has_avx512 else 8
+
+
 def suggest_reduce_range(info: HostInfo) -> bool:
     """Whether u8s8 int8 weights should use 7 bits on this CPU.
 

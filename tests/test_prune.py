@@ -296,6 +296,32 @@ def test_round_to_keeps_multiples_of_8() -> None:
     assert len(kept) == len(graph.prunable)
 
 
+@pytest.mark.parametrize("block", [8, 16])
+def test_round_to_auto_follows_the_hosts_conv_channel_block(monkeypatch, block: int) -> None:
+    from onnxopt import hostinfo
+
+    flags = {"avx2": True, "avx512f": block == 16}
+    fake = hostinfo.HostInfo(cpu_model="test", machine="x86_64", logical_cores=2, usable_cores=2, flags=flags)
+    assert hostinfo.channel_block(fake) == block
+    monkeypatch.setattr(hostinfo, "host_info", lambda: fake)
+    model = random_net(["conv", "conv", "conv"], width=64)
+    step = PrunePass(ratio=0.4)  # round_to="auto" is the default
+    step.apply(model)
+    kept = [int(v.split("/")[0]) for v in step.details["kept_channels"].values()]
+    assert kept and all(k % block == 0 for k in kept) and step.details["round_to"] == block
+    assert any(f"multiples of {block}" in note for note in step.notes)
+
+
+def test_round_to_auto_on_arm_and_bad_values() -> None:
+    from onnxopt import hostinfo
+
+    arm = hostinfo.HostInfo(cpu_model="test", machine="aarch64", logical_cores=4, usable_cores=4, flags={})
+    assert hostinfo.channel_block(arm) == 8
+    for bad in (0, -8, "sixteen", 2.5):
+        with pytest.raises(ValueError, match="round_to"):
+            PrunePass(ratio=0.4, round_to=bad)
+
+
 def test_macs_target_and_impossible_target() -> None:
     model = random_net(["conv", "res", "conv"], width=16)
     step = PrunePass(macs_ratio=0.5, round_to=1)

@@ -184,7 +184,8 @@ def test_placement_builds_identical_candidates_once(monkeypatch):
 
 
 # ---------------------------------------------------------------- per-channel weight scales
-@pytest.mark.parametrize("params", [{}, {"reduce_range": "on"}, {"per_channel_min_gain_db": 1.0}])
+@pytest.mark.parametrize("params", [{}, {"reduce_range": "on"}, {"per_channel_min_gain_db": 1.0},
+                                    {"format": "qoperator"}])
 def test_our_per_channel_scales_give_ort_the_model_it_would_write_itself(monkeypatch, params):
     """The vectorized scales handed to ORT as TensorQuantOverrides change nothing in its output (byte-identical)."""
     model = load_model(examples.default_model_path())

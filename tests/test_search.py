@@ -238,7 +238,14 @@ def test_the_deepest_passing_cut_is_pushed_halfway_deeper():
     pushed = _pushed_recipe([run(0, 0.5, True), run(1, 0.7, True), run(2, 0.3, False)])
     assert pushed is not None and "candidate 1" in pushed.source
     assert next(s for s in pushed.passes if s.name == "prune").params["macs_ratio"] == 0.85
-    assert [s.name for s in pushed.passes] == [s.name for s in base.passes]  # nothing else changes
+    assert [s.name for s in pushed.passes] == [s.name for s in base.passes]  # no pass added or removed
+    # a deeper cut gets a longer recovery; nothing else changes
+    from onnxopt.pipeline.search import PUSHED_DISTILL_STEPS
+
+    distill = next(s for s in pushed.passes if s.name == "distill")
+    assert distill.params["min_steps"] == PUSHED_DISTILL_STEPS and "distill.min_steps" in pushed.source
+    assert {k: v for k, v in distill.params.items() if k != "min_steps"} == {
+        k: v for k, v in next(s for s in base.passes if s.name == "distill").params.items() if k != "min_steps"}
     # a deeper cut that missed bounds the next push: bisect between the deepest pass and the shallowest miss
     bisected = _pushed_recipe([run(0, 0.5, True), run(1, 0.7, True), run(2, 0.85, False)])
     assert bisected is not None

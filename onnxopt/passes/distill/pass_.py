@@ -161,10 +161,12 @@ class DistillPass(OnnxoptPass):
         student = to_proto(model)
         from onnxopt.passes.quantize.compact import pack_half_constants, unpack_half_constants
 
-        # float16-packed scales and biases (the quantize pass's compact file) train as float32 initializers
-        packed = sum(n.op_type == "Cast" for n in student.graph.node)
-        student = unpack_half_constants(student)
-        packed -= sum(n.op_type == "Cast" for n in student.graph.node)
+        # float16-packed scales and biases (the quantize pass's compact QDQ file) train as float32 initializers
+        packed = 0
+        if qat_mod.is_qdq(student):
+            packed = sum(n.op_type == "Cast" for n in student.graph.node)
+            student = unpack_half_constants(student)
+            packed -= sum(n.op_type == "Cast" for n in student.graph.node)
         specs = input_specs(model)
         data = load(self.context.calib, specs, max_samples=self.max_samples, what="distill training data")
         eval_data = None

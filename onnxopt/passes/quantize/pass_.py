@@ -634,6 +634,10 @@ class QuantizePass(OnnxoptPass):
             if self.per_channel_min_gain_db > 0:
                 per_channel = False  # ORT takes a per-channel axis per weight as an override of a per-tensor run
             extra["TensorQuantOverrides"] = self._scale_overrides(proto, axes, reduce_range)
+        elif per_channel:  # QOperator: only QLinearConv and QGemm weights are per channel (MatMul's per tensor)
+            axes = self._per_channel_axes(proto, [op for op in op_types if op in ("Conv", "Gemm")], exclude,
+                                          reduce_range)
+            extra["TensorQuantOverrides"] = self._scale_overrides(proto, axes, reduce_range)
         common = dict(per_channel=per_channel, reduce_range=reduce_range, weight_qType=QuantType.QInt8,
                       activation_qType=QuantType.QUInt8, tensors_range=tensors_range, nodes_to_quantize=[],
                       nodes_to_exclude=exclude, op_types_to_quantize=op_types, extra_options=extra)
