@@ -58,6 +58,8 @@ OURS = "onnxopt quantize (defaults: minmax, placement auto)"
 OURS_ALL = "onnxopt quantize (minmax, placement all)"
 OURS_PASSES = "onnxopt quantize, per-pass API (minmax, placement all)"
 ORT_DEFAULT = "ORT quantize_static defaults (raw export, QDQ per-tensor MinMax)"
+#: The quantizers the wall-time target compares: each is timed ``--time-repeats`` times, the fastest run kept.
+WALL_TIME_COMPARED = (OURS, OURS_ALL, OURS_PASSES, ORT_DEFAULT)
 
 
 # ---------------------------------------------------------------- worker: one quantizer in this process
@@ -403,6 +405,15 @@ def run_case(case: dict, workdir: Path, args: argparse.Namespace) -> dict:
             result = run_child(argv, log)
         else:
             result = run_worker({**item["spec"], "out": str(out)}, log)
+            # The wall-time target compares sub-second runs on a shared machine: time each of its quantizers
+            # (ours and ORT's alike) several times and keep the fastest run.
+            runs = [result.get("seconds")]
+            for _ in range(args.time_repeats - 1 if item["label"] in WALL_TIME_COMPARED else 0):
+                again = run_worker({**item["spec"], "out": str(out)}, log)
+                runs.append(again.get("seconds"))
+                result["peak_mb"] = max(result.get("peak_mb", 0.0), again.get("peak_mb", 0.0))
+            if len(runs) > 1 and None not in runs:
+                result["seconds"], result["seconds_runs"] = min(runs), runs
         row = {"family": item["family"], **result}
         if "error" not in result:
             row["path"] = out
@@ -544,7 +555,9 @@ def render(results: list[dict], args: argparse.Namespace, seconds: float) -> str
              f"'median-based (min-based)': the machine is shared (1-minute load average {load} after each model's "
              "timing), so run times are "
              "bimodal and a median can flip between the modes while the ratio of minimum latencies stays steadier; the "
-             "latency target is checked on both. time = the quantizer's wall time until its model is saved (imports "
+             "latency target is checked on both. time = the quantizer's wall time until its model is saved (the "
+             f"fastest of {getattr(args, 'time_repeats', 1)} runs for our three MinMax rows and ORT's defaults, the "
+             "four the wall-time target compares; one run for the others; imports "
              "excluded for every quantizer; ours includes normalization and, for the pipeline rows, the validation "
              "run after each pass, but not onnxopt's report files; the per-pass API row runs the normalize and "
              "quantize passes alone; the ORT/onnxsim/ONC 'normalized' rows start from our already normalized "
@@ -603,6 +616,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "reports" / "quantization.md"))
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--time-repeats", type=int, default=3,
+                        help="runs of each quantizer the wall-time target compares (ours and ORT's); the fastest "
+                             "counts")
     parser.add_argument("--quick", action="store_true", help="fewer samples/variants/settings, for development")
     parser.add_argument("--models", default=None, help="comma list of: example, resnet, shufflenetv2, mnasnet, paddle")
     parser.add_argument("--onc-python", default=DEFAULT_ONC_PYTHON)
