@@ -162,11 +162,10 @@ class DistillPass(OnnxoptPass):
         from onnxopt.passes.quantize.compact import pack_half_constants, unpack_half_constants
 
         # float16-packed scales and biases (the quantize pass's compact QDQ file) train as float32 initializers
-        packed = 0
+        packed = False
         if qat_mod.is_qdq(student):
-            packed = sum(n.op_type == "Cast" for n in student.graph.node)
-            student = unpack_half_constants(student)
-            packed -= sum(n.op_type == "Cast" for n in student.graph.node)
+            nodes = len(student.graph.node)
+            packed = len(unpack_half_constants(student).graph.node) < nodes
         specs = input_specs(model)
         data = load(self.context.calib, specs, max_samples=self.max_samples, what="distill training data")
         eval_data = None
