@@ -629,14 +629,13 @@ class QuantizePass(OnnxoptPass):
         tensors_range = TensorsData(CalibrationMethod.MinMax, data)
         extra: dict[str, Any] = {"ActivationSymmetric": self.symmetric_activations, "WeightSymmetric": True}
         per_channel = self.per_channel if per_channel is None else per_channel
-        if per_channel and (fmt or self.format) == "qdq":
-            axes = self._per_channel_axes(proto, op_types, exclude, reduce_range)
-            if self.per_channel_min_gain_db > 0:
+        if per_channel:
+            qdq = (fmt or self.format) == "qdq"
+            # QOperator: only QLinearConv and QGemm weights are per channel (MatMul's per tensor)
+            ops = op_types if qdq else [op for op in op_types if op in ("Conv", "Gemm")]
+            axes = self._per_channel_axes(proto, ops, exclude, reduce_range)
+            if qdq and self.per_channel_min_gain_db > 0:
                 per_channel = False  # ORT takes a per-channel axis per weight as an override of a per-tensor run
-            extra["TensorQuantOverrides"] = self._scale_overrides(proto, axes, reduce_range)
-        elif per_channel:  # QOperator: only QLinearConv and QGemm weights are per channel (MatMul's per tensor)
-            axes = self._per_channel_axes(proto, [op for op in op_types if op in ("Conv", "Gemm")], exclude,
-                                          reduce_range)
             extra["TensorQuantOverrides"] = self._scale_overrides(proto, axes, reduce_range)
         common = dict(per_channel=per_channel, reduce_range=reduce_range, weight_qType=QuantType.QInt8,
                       activation_qType=QuantType.QUInt8, tensors_range=tensors_range, nodes_to_quantize=[],
