@@ -223,3 +223,61 @@ def test_per_channel_scales_follow_ort_for_zero_and_tiny_channels():
             zero, scale = compute_data_quant_params(weight[c].ravel(), QuantType.QInt8.tensor_type, True,
                                                     reduce_range=reduce_range)
             assert row["scale"].dtype == np.float32 and row["scale"] == scale and row["zero_point"] == zero
+
+
+# ---------------------------------------------------------------- ORT's weight quantization, vectorized
+@pytest.mark.parametrize("axis", [0, 1, -1])
+@pytest.mark.parametrize("quant_type", [onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16])
+def test_vectorized_per_channel_weights_are_byte_identical(axis, quant_type):
+    from onnxruntime.quantization.quant_utils import quantize_onnx_initializer
+
+    from onnxopt.passes.quantize.ort_fast import vectorize_per_channel
+
+    rng = np.random.default_rng(abs(axis) + quant_type)
+    weight = rng.normal(0, 0.3, (6, 5, 3, 2)).astype(np.float32)
+    weight[..., 0] *= 40.0  # values that clip at the type's limits
+    channels = weight.shape[axis]
+    scale = rng.uniform(1e-3, 5e-2, channels).astype(np.float32)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(quant_type)
+    zero_point = rng.integers(0, 5, channels).astype(dtype)
+    proto = onnx.numpy_helper.from_array(weight, "w")
+    fast = vectorize_per_channel(quantize_onnx_initializer)
+    ours = fast(proto, quant_type, zero_point, scale, axis)
+    reference = quantize_onnx_initializer(proto, quant_type, zero_point, scale, axis)
+    assert ours.SerializeToString() == reference.SerializeToString()
+    # per-tensor and named outputs pass through unchanged
+    assert fast(proto, quant_type, zero_point[:1], scale[:1], None, "q").SerializeToString() == \
+        quantize_onnx_initializer(proto, quant_type, zero_point[:1], scale[:1], None, "q").SerializeToString()
+
+
+@pytest.mark.parametrize("params", [{}, {"reduce_range": "on"}, {"format": "qoperator"}])
+def test_quantize_pass_output_is_the_same_with_ort_own_weight_loop(monkeypatch, params):
+    import contextlib
+
+    from onnxopt.passes.quantize import ort_fast
+
+    model = load_model(examples.default_model_path())
+    NormalizePass().apply(model)
+
+    def quantize() -> bytes:
+        step = QuantizePass(placement="all", calib_samples=32, **params)
+        step.bind(PassContext(calib=open_data(str(examples.default_calib_path()))))
+        return step.apply(to_proto(model)).SerializeToString()
+
+    ours = quantize()
+    monkeypatch.setattr(ort_fast, "vectorized_weight_quantization", contextlib.nullcontext)
+    assert ours == quantize()
+
+
+def test_vectorized_weight_quantization_restores_ort():
+    from onnxruntime.quantization import qdq_quantizer
+
+    from onnxopt.passes.quantize.ort_fast import vectorized_weight_quantization
+
+    before = qdq_quantizer.quantize_onnx_initializer
+    with vectorized_weight_quantization():
+        inside = qdq_quantizer.quantize_onnx_initializer
+        with vectorized_weight_quantization():  # re-entrant: not wrapped twice
+            assert qdq_quantizer.quantize_onnx_initializer is inside
+        assert inside is not before and getattr(inside, "_onnxopt_vectorized", False)
+    assert qdq_quantizer.quantize_onnx_initializer is before

@@ -643,7 +643,9 @@ class QuantizePass(OnnxoptPass):
         original = proto
         proto = onnx.ModelProto()
         proto.CopyFrom(original)  # ORT rewrites the graph it is given in place; placement reuses the original
-        with _quiet_ort():
+        from onnxopt.passes.quantize.ort_fast import vectorized_weight_quantization
+
+        with _quiet_ort(), vectorized_weight_quantization():
             if (fmt or self.format) == "qdq":
                 quantizer: Any = QDQQuantizer(proto, **common)
             else:
