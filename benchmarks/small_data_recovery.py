@@ -97,7 +97,8 @@ def main() -> None:
               f"{100 * r['pruned_accuracy']:.2f}% | {100 * r['original_accuracy']:.2f}% | "
               f"{100 * (r['original_accuracy'] - r['test_accuracy']):+.2f} | {r['seconds']:.0f} s |" for r in rows]
     Path(args.out).write_text("\n".join(lines) + "\n")
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    what = (f"Paddle text-orientation classifier, prune {', '.join(f'{k}={v}' for k, v in prune_params.items())}")
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"what": what, "rows": rows}, indent=2) + "\n")
     print("\n".join(lines))
 
 

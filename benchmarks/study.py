@@ -1,7 +1,8 @@
 """Assemble reports/study.md - the recommendations a user asks for - from the committed benchmark JSON reports.
 
-Every figure in study.md is read from reports/distillation.json, pruning.json, quantization.json and end_to_end.json
-(produced by benchmarks/distillation.py, pruning.py, quantization.py and end_to_end.py); nothing is typed in by hand.
+Every figure in study.md is read from reports/distillation.json, pruning.json, quantization.json, end_to_end.json,
+recovery_steps.json and small_data_recovery.json (produced by the benchmarks/ scripts of the same names); nothing is
+typed in by hand.
 A report that is missing, or whose layout this script does not recognize, is named in study.md as such and its
 question is left open rather than answered from memory.
 
@@ -23,6 +24,8 @@ SOURCES = {
     "pruning": "benchmarks/pruning.py",
     "quantization": "benchmarks/quantization.py",
     "end_to_end": "benchmarks/end_to_end.py",
+    "recovery_steps": "benchmarks/recovery_steps.py",
+    "small_data_recovery": "benchmarks/small_data_recovery.py",
 }
 
 
@@ -311,6 +314,47 @@ def section_pruning(data: Any) -> list[str]:
     return lines + ["", "How far it went:", ""] + verdicts + _per_criterion(data)
 
 
+def section_recovery_steps(data: Any) -> list[str]:
+    """Deep cuts: test accuracy after distillation with more or fewer optimizer steps (recovery_steps.json)."""
+    rows = data["rows"]
+    lines = ["Deep cuts recovered by KD from the original with different step budgets (last epoch kept; test "
+             "accuracy on held-out data):", "", "| model | MACs cut | steps | test accuracy | original |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['cut']:.1%} | {r['steps']} | {pct(r['test_accuracy'])} | "
+              f"{pct(r['original_accuracy'])} |" for r in rows]
+    verdicts = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["steps"])
+        first, last = mine[0], mine[-1]
+        if len(mine) > 1:
+            verdicts.append(f"- **{model}**: {first['steps']} -> {last['steps']} steps moved test accuracy "
+                            f"{pct(first['test_accuracy'])} -> {pct(last['test_accuracy'])} "
+                            f"(original {pct(last['original_accuracy'])}).")
+    return lines + [""] + verdicts
+
+
+def section_small_data(data: Any) -> list[str]:
+    """Recovery with little data: augmentation during distillation (small_data_recovery.json)."""
+    rows = data["rows"]
+    what = data.get("what", "the model and cut named in `reports/small_data_recovery.md`")
+    lines = [f"A cut recovered from only a few hundred training samples ({what}), with and without input "
+             "augmentation during KD (the teacher labels the augmented inputs):", "",
+             "| augmentation | training samples | steps | test accuracy | after pruning | original |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['augment']} | {r['train_lines']} | {r['steps']} | {pct(r['test_accuracy'])} | "
+              f"{pct(r['pruned_accuracy'])} | {pct(r['original_accuracy'])} |" for r in rows]
+    plain = next((r for r in rows if r["augment"] in ("none", "")), None)
+    best = max(rows, key=lambda r: r["test_accuracy"])
+    if plain is not None and best is not plain:
+        gap = best["original_accuracy"] - best["test_accuracy"]
+        lines += ["", f"Augmentation ({best['augment']}) lifted recovery from {pct(plain['test_accuracy'])} to "
+                  f"{pct(best['test_accuracy'])}; " + ("still " + pts(gap) + " below the original, so with this "
+                                                       "little data a cut this deep is not worth keeping: give "
+                                                       "distillation more (unlabelled) samples, or cut less."
+                                                       if gap > 0.01 else "within a point of the original.")]
+    return lines
+
+
 def _per_criterion(data: Any) -> list[str]:
     """Recovered accuracy minus the original's at each MACs cut, per criterion (channels only), from the recovery
     rows that carry a ``target`` (``--recovery-targets`` runs): how far each criterion can go."""
@@ -364,6 +408,8 @@ SECTIONS: list[tuple[str, str, Callable[[Any], list[str]]]] = [
     ("From which architectures distillation is easy or hard", "distillation", section_distill_architectures),
     ("When int8 pays off, on which CPU features", "quantization", section_quantization),
     ("How far pruning can go before recovery fails", "pruning", section_pruning),
+    ("How long recovery must run after a deep cut", "recovery_steps", section_recovery_steps),
+    ("Recovery from little data", "small_data_recovery", section_small_data),
     ("Ideas to make distillation between different architectures easier, each tried", "distillation",
      section_distill_ideas),
     ("End to end: what optimize reaches on each model", "end_to_end", section_end_to_end),
