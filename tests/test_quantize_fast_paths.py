@@ -184,10 +184,8 @@ def test_placement_builds_identical_candidates_once(monkeypatch):
 
 
 # ---------------------------------------------------------------- per-channel weight scales
-@pytest.mark.parametrize("params", [{}, {"reduce_range": "on"}, {"per_channel_min_gain_db": 1.0},
-                                    {"format": "qoperator"}])
-def test_our_per_channel_scales_give_ort_the_model_it_would_write_itself(monkeypatch, params):
-    """The vectorized scales handed to ORT as TensorQuantOverrides change nothing in its output (byte-identical)."""
+def _example_quantizer(params: dict):
+    """A function that quantizes the normalized example with ``params`` (placement all) and returns the bytes."""
     model = load_model(examples.default_model_path())
     NormalizePass().apply(model)
 
@@ -196,6 +194,14 @@ def test_our_per_channel_scales_give_ort_the_model_it_would_write_itself(monkeyp
         step.bind(PassContext(calib=open_data(str(examples.default_calib_path()))))
         return step.apply(to_proto(model)).SerializeToString()
 
+    return quantize
+
+
+@pytest.mark.parametrize("params", [{}, {"reduce_range": "on"}, {"per_channel_min_gain_db": 1.0},
+                                    {"format": "qoperator"}])
+def test_our_per_channel_scales_give_ort_the_model_it_would_write_itself(monkeypatch, params):
+    """The vectorized scales handed to ORT as TensorQuantOverrides change nothing in its output (byte-identical)."""
+    quantize = _example_quantizer(params)
     ours = quantize()
     # ORT's own path: no scale overrides (only the per-channel axes that per_channel_min_gain_db needs)
     monkeypatch.setattr(QuantizePass, "_scale_overrides",
@@ -256,14 +262,7 @@ def test_quantize_pass_output_is_the_same_with_ort_own_weight_loop(monkeypatch, 
 
     from onnxopt.passes.quantize import ort_fast
 
-    model = load_model(examples.default_model_path())
-    NormalizePass().apply(model)
-
-    def quantize() -> bytes:
-        step = QuantizePass(placement="all", calib_samples=32, **params)
-        step.bind(PassContext(calib=open_data(str(examples.default_calib_path()))))
-        return step.apply(to_proto(model)).SerializeToString()
-
+    quantize = _example_quantizer(params)
     ours = quantize()
     monkeypatch.setattr(ort_fast, "vectorized_weight_quantization", contextlib.nullcontext)
     assert ours == quantize()
