@@ -52,7 +52,10 @@ def vectorize_per_channel(original: Callable[..., onnx.TensorProto]) -> Callable
 
 @contextlib.contextmanager
 def vectorized_weight_quantization() -> Iterator[None]:
-    """Within the block, ORT's quantizers quantize per-channel weights vectorized (restored on exit; re-entrant)."""
+    """Within the block, ORT's quantizers quantize per-channel weights vectorized (restored on exit; re-entrant).
+
+    The patch is module-wide: another thread quantizing meanwhile takes whichever path is installed at the time,
+    and both give the same bytes."""
     import importlib
 
     patched: list[tuple[Any, Callable[..., onnx.TensorProto]]] = []
