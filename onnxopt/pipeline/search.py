@@ -535,7 +535,7 @@ def _pushed_recipe(runs: Sequence[CandidateRun]) -> Recipe | None:
              for i, spec in enumerate(run.recipe.passes)]
     longer = ""
     for i, spec in enumerate(specs):
-        steps = spec.params.get("min_steps") if spec.name == "distill" else None
+        steps = spec.params.get("min_steps")
         if spec.name == "distill" and (not isinstance(steps, int) or steps < PUSHED_DISTILL_STEPS):
             specs[i] = PassSpec(spec.name, {**spec.params, "min_steps": PUSHED_DISTILL_STEPS})
             longer = f", distill.min_steps={PUSHED_DISTILL_STEPS}"

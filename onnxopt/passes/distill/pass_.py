@@ -162,8 +162,9 @@ class DistillPass(OnnxoptPass):
         from onnxopt.passes.quantize.compact import pack_half_constants, unpack_half_constants
 
         # float16-packed scales and biases (the quantize pass's compact QDQ file) train as float32 initializers
+        quantized = qat_mod.is_qdq(student)
         packed = False
-        if qat_mod.is_qdq(student):
+        if quantized:
             nodes = len(student.graph.node)
             packed = len(unpack_half_constants(student).graph.node) < nodes
         specs = input_specs(model)
@@ -179,7 +180,6 @@ class DistillPass(OnnxoptPass):
             pool = load(open_data(self.unlabelled, seed=self.context.seed, input_shapes=self.context.input_shapes),
                         specs, max_samples=self.max_samples, what="distill unlabelled data")
             data = merge(data, pool)
-        quantized = qat_mod.is_qdq(student)
         use_qat = self.qat == "on" or (self.qat == "auto" and quantized)
         if self.qat == "on" and not quantized:
             raise BadInputError("distill: qat=on but the student has no QuantizeLinear/DequantizeLinear nodes "
