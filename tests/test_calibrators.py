@@ -184,6 +184,25 @@ def test_merged_histograms_equal_one_histogram_of_everything():
     assert (left.width, left.offset) == (both.width, both.offset)
 
 
+@pytest.mark.parametrize("nonnegative", [True, False])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 5e4, 1e-33])
+def test_float32_values_are_counted_exactly_like_their_float64_copies(nonnegative, scale):
+    """float32 batches are histogrammed in float32 (half the memory traffic); every count must be float64's. The
+    tiniest scale takes the float64 fallback (1 / width leaves float32's range)."""
+    rng = np.random.default_rng(5)
+    batches = [(rng.laplace(size=4000) * scale).astype(np.float32), (rng.normal(2.0, 3.0, 3000) * scale).astype(
+        np.float32), np.zeros(50, np.float32)]
+    batches = [np.abs(b) if nonnegative else b for b in batches]
+    single, double = GridHistogram(512, nonnegative), GridHistogram(512, nonnegative)
+    for batch in batches:
+        single.update(batch)
+        double.update(batch.astype(np.float64))
+    assert (single.width, single.offset) == (double.width, double.offset)
+    np.testing.assert_array_equal(single.counts, double.counts)
+    np.testing.assert_array_equal(single.counts, np.histogram(np.concatenate(batches).astype(np.float64),
+                                                              bins=single.edges)[0])
+
+
 def test_all_zero_batches_before_real_data_are_counted():
     hist, one_shot = GridHistogram(64), GridHistogram(64)
     zeros, data = np.zeros(100), np.random.default_rng(4).normal(size=400)

@@ -84,6 +84,7 @@ def test_optimize_default_recipe_writes_valid_model_and_reports(model_path: Path
     assert normalize["fidelity_vs_original"]["top1_agreement"] == 1.0
     assert report["steps"][0]["metrics"]["accuracy"] == 1.0
     assert normalize["metrics"]["op_counts"].get("BatchNormalization", 0) == 0
+    assert normalize["metrics"]["size_bytes"] == out.stat().st_size  # from the serialization the checks share
     assert normalize["metrics"]["latency"]["median_ms"] > 0
     assert report["steps"][0]["metrics"]["macs"] == 8 * 3 * 9 * 64 + 8 * 4
     assert sorted(p.name for p in result.report_paths) == ["out.onnx.report.json", "out.onnx.report.md",

@@ -49,6 +49,49 @@ def test_minmax_only_calibration_equals_the_histogram_path(prepared):
     assert "input" in tensors  # graph inputs are folded in too
 
 
+def test_calibration_falls_back_to_the_basic_optimization_level(prepared, monkeypatch):
+    """The calibration session runs at ORT's full optimization level (faster); a graph that level cannot load is
+    calibrated at the basic level instead, with the same ranges up to float rounding."""
+    from onnxopt.passes.quantize import collect
+
+    proto, specs = prepared
+    tensors = tensors_to_calibrate(proto, ["Conv", "Relu", "Add"])
+    data = open_data(str(examples.default_calib_path()))
+    fast, _ = collect_statistics(proto, tensors, data, specs, samples=40, histograms=False)
+    real, levels = collect.make_session, []
+
+    def refuse_full_level(model, **kwargs):
+        levels.append(kwargs["optimization"])
+        if kwargs["optimization"] == "all":
+            raise BadInputError("ONNX Runtime cannot load the model prepared for calibration: (simulated)")
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(collect, "make_session", refuse_full_level)
+    basic, seen = collect_statistics(proto, tensors, data, specs, samples=40, histograms=False)
+    assert levels == ["all", "basic"] and seen == 40
+    for name, rng in fast.compute("minmax").items():
+        other = basic.compute("minmax")[name]
+        assert rng.low == pytest.approx(other.low, rel=1e-5, abs=1e-6)
+        assert rng.high == pytest.approx(other.high, rel=1e-5, abs=1e-6)
+
+
+def test_in_memory_shape_inference_matches_onnx_runtimes_file_round_trip(prepared):
+    """The quantize pass infers value_info in memory; ORT's helper does it through files. Same graph, same
+    value_info, same metadata mark (ORT's reload only adds an explicit default data_location to big tensors)."""
+    from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
+
+    from onnxopt.passes.quantize.pass_ import _with_inferred_shapes
+
+    model = load_model(examples.default_model_path())
+    NormalizePass().apply(model)
+    ours, ort_ = _with_inferred_shapes(model), save_and_reload_model_with_shape_infer(to_proto(model))
+    for proto in (ours, ort_):
+        for tensor in proto.graph.initializer:
+            tensor.ClearField("data_location")
+    assert ours.SerializeToString() == ort_.SerializeToString()
+    assert {p.key: p.value for p in ours.metadata_props}["onnx.infer"] == "onnxruntime.quant"
+
+
 def test_minmax_only_calibration_reports_nan_activations():
     graph = helper.make_graph(
         [helper.make_node("Sqrt", ["x"], ["root"], name="sqrt"), helper.make_node("Relu", ["root"], ["y"], name="relu")],

@@ -18,6 +18,8 @@ import numpy as np
 
 #: Relative floor on the bin width: finer cells than float32's mantissa only count rounding noise.
 _FINEST_BITS = 24
+#: Below this width, ``1 / width`` leaves float32's range: such data is histogrammed in float64.
+_FLOAT32_SAFE_WIDTH = 2.0**-100
 
 
 def grid_width(lo: float, hi: float, bins: int) -> float | None:
@@ -69,8 +71,16 @@ class GridHistogram:
         return int(nonzero[-1]) + 1 if nonzero.size else 0
 
     def update(self, values: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
-        """Count finite ``values`` (any shape); ``lo``/``hi`` are their min/max when the caller already knows them."""
-        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        """Count finite ``values`` (any shape); ``lo``/``hi`` are their min/max when the caller already knows them.
+
+        float32 values stay float32: scaling by a power of two is exact in float32 too, and every cell index fits
+        its 24-bit mantissa (the width is never finer than 2**-24 of the largest magnitude), so the counts are those
+        of float64 arithmetic at half the memory traffic.
+        """
+        values = np.asarray(values)
+        if values.dtype != np.float32:
+            values = values.astype(np.float64)
+        values = values.reshape(-1)
         if values.size == 0:
             return
         lo = float(values.min()) if lo is None else float(lo)
@@ -81,8 +91,12 @@ class GridHistogram:
         if self.width is None:
             self._zeros += values.size
             return
-        index = np.floor(values / self.width).astype(np.int64) - self.offset
-        self.counts += np.bincount(index, minlength=self.bins)
+        if values.dtype == np.float32 and self.width < _FLOAT32_SAFE_WIDTH:  # 1 / width would overflow float32
+            values = values.astype(np.float64)
+        scaled = values * values.dtype.type(1.0 / self.width)
+        np.floor(scaled, out=scaled)
+        scaled -= self.offset
+        self.counts += np.bincount(scaled.astype(np.intp), minlength=self.bins)
 
     def merge(self, other: GridHistogram) -> None:
         """Add ``other``'s counts (same bin count and kind); exact, because both lie on power-of-two grids."""

@@ -165,9 +165,7 @@ class QuantizePass(OnnxoptPass):
         self._ensure_opset(model)
         reduce_range, why = self._reduce_range()
 
-        from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
-
-        proto = save_and_reload_model_with_shape_infer(to_proto(model))
+        proto = _with_inferred_shapes(model)
         op_types = self._op_types()
         exclude = list(self.exclude_nodes)
         unknown = sorted(set(exclude) - {node.name for node in proto.graph.node})
@@ -658,6 +656,23 @@ class QuantizePass(OnnxoptPass):
 def _elsewhere(confirmation: dict[str, Any]) -> str:
     """", 1.40x at batch 8, 1.10x at 1 thread" from a confirmation record ("" when none was timed)."""
     return "".join(f", {ratio:.2f}x at {label}" for label, ratio in confirmation.get("elsewhere", {}).items())
+
+
+def _with_inferred_shapes(model: ir.Model) -> onnx.ModelProto:
+    """The model as ORT's quantizer wants it: value_info inferred, ORT's "onnx.infer" metadata mark set.
+
+    ORT's ``save_and_reload_model_with_shape_infer`` does this through two files on disk; below the protobuf limit,
+    without external tensors, the same inference runs in memory.
+    """
+    from onnxruntime.quantization.quant_utils import add_infer_metadata, save_and_reload_model_with_shape_infer
+
+    from onnxopt.modelio import PROTOBUF_LIMIT, has_external_tensors, tensor_bytes
+
+    if has_external_tensors(model) or tensor_bytes(model) >= PROTOBUF_LIMIT // 2:
+        return save_and_reload_model_with_shape_infer(to_proto(model))
+    proto = onnx.shape_inference.infer_shapes(to_proto(model))
+    add_infer_metadata(proto)
+    return proto
 
 
 def _refuse_quantized(model: ir.Model) -> None:

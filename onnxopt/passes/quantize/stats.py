@@ -43,14 +43,16 @@ class TensorStats:
         if self.abs_hist is None:
             self._update_minmax(data)
             return
-        values = data.astype(np.float64, copy=False).reshape(-1)
+        # float32 data is histogrammed as float32 (exact, see GridHistogram.update); the moments sum in float64.
+        values = data.reshape(-1) if data.dtype == np.float32 else data.astype(np.float64).reshape(-1)
         lo, hi = self._finite_bounds(values, data.shape)
+        wide = values.astype(np.float64, copy=False)
         self.count += values.size
         self.zeros += int(np.count_nonzero(values == 0.0))
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
-        self.sum += float(values.sum())
-        self.sumsq += float(np.dot(values, values))
+        self.sum += float(wide.sum())
+        self.sumsq += float(np.dot(wide, wide))
         if self.signed_hist is not None and self.abs_hist is not None:
             self.signed_hist.update(values, lo, hi)
             self.abs_hist.update(np.abs(values), None, max(-lo, hi))
