@@ -162,9 +162,26 @@ def test_race_ends_when_only_the_reference_is_left():
 
 def test_race_never_drops_the_reference():
     clock = _FakeClock()
-    runners = {placement.FP32: clock.runner(9.0), "int8": clock.runner(3.0)}
+    runners = {placement.FP32: clock.runner(9.0), "int8": clock.runner(8.5)}  # faster, but not clearly
     times = placement.race(runners, warmup=0, repeats=8, screen=2, clock=clock)
     assert len(times[placement.FP32]) == len(times["int8"]) == 8
+
+
+def test_race_ends_early_when_one_candidate_is_clearly_faster_than_the_reference():
+    """A confirmation (the winner alone against FP32) stops once even the winner's slowest run beats FP32's fastest
+    by the margin; with another candidate still in the race, or a closer one, every round is run."""
+    clock = _FakeClock()
+    runners = {placement.FP32: clock.runner(9.0), "int8": clock.runner(3.0)}
+    times = placement.race(runners, warmup=0, repeats=30, screen=4, clock=clock)
+    assert len(times[placement.FP32]) == len(times["int8"]) == 4
+    assert np.median(times[placement.FP32]) / np.median(times["int8"]) == 3.0
+    clock = _FakeClock()
+    runners = {placement.FP32: clock.runner(9.0), "int8": clock.runner(3.0), "other": clock.runner(3.2)}
+    times = placement.race(runners, warmup=0, repeats=30, screen=4, clock=clock)
+    assert len(times["int8"]) == len(times["other"]) == 30  # two fast candidates: the race must rank them
+    clock = _FakeClock()
+    runners = {placement.FP32: clock.runner(9.0), "int8": clock.runner(8.0)}  # 1.125x: inside the margin
+    assert len(placement.race(runners, warmup=0, repeats=30, screen=4, clock=clock)["int8"]) == 30
 
 
 def test_shared_sessions_and_batched_agreement(prepared):

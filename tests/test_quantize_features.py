@@ -93,6 +93,31 @@ def test_half_constants_fold_at_load_into_the_same_int8_kernels(normalized, tmp_
     assert np.max(np.abs(a - b)) < 0.05 * np.max(np.abs(b))  # a few output steps at most, on a few samples
 
 
+def test_a_bias_near_the_int32_limit_stays_int32(tmp_path):
+    """A tiny input range makes ORT widen the Gemm's weight scales until its int32 bias just fits; re-deriving that
+    bias from a float bias at load (or from float16 weight scales) overflowed it (2 dB SQNR on an untrained MnasNet
+    export), so such a bias keeps its int32 DequantizeLinear."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 0.05, (10, 16)).astype(np.float32)
+    bias = np.linspace(-0.06, 0.06, 10).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="head", transB=1)], "head",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = (rng.normal(size=(64, 16)) * 1e-7).astype(np.float32)  # pooled features of an untrained net: ~1e-7
+    quantized, _ = _quantize(model, calib={"x": x})
+    inits = {i.name: i for i in quantized.graph.initializer}
+    producer = {o: n for n in quantized.graph.node for o in n.output}
+    head = next(n for n in quantized.graph.node if n.op_type == "Gemm")
+    bias_dq = producer.get(head.input[2])
+    assert bias_dq is not None and bias_dq.op_type == "DequantizeLinear"
+    assert inits[bias_dq.input[0]].data_type == onnx.TensorProto.INT32
+    reference = _run(model, x)
+    assert sqnr_db(reference, _run(quantized, x)) > 30
+
+
 # ---- weight ranges --------------------------------------------------------------------------------------------------
 def _weight_scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Scale of each DequantizeLinear that reads an int8 initializer, keyed by its consumer's name."""

@@ -162,10 +162,18 @@ def _drop_zero_zero_points(graph: onnx.GraphProto) -> None:
     _drop_unused(graph)
 
 
+#: An int32 bias larger than this stays int32 (see :func:`_float_biases`).
+_FLOAT_BIAS_LIMIT = 2**30
+
+
 def _float_biases(graph: onnx.GraphProto) -> None:
     """An int32 bias behind DequantizeLinear stores the bias plus a per-channel scale (8 bytes a channel); a float bias
     stores 4, and ORT's QDQ fusion still forms QLinearConv/QGemm from it (it quantizes the bias itself, with the same
-    scale: input scale x weight scale), checked on the digits example."""
+    scale: input scale x weight scale), checked on the digits example.
+
+    Not where the int32 value is near the int32 limit: when the input scale is tiny, ORT's quantizer widens the weight
+    scale just enough for the bias to fit, and ORT's own re-quantization at load (or float16 weight scales, a rounding
+    of 2^-11) then overflows it - an untrained MnasNet export on random data fell from 51 to 2 dB SQNR that way."""
     inits = {init.name: init for init in graph.initializer}
     consumers: dict[str, set[str]] = {}
     for node in graph.node:
@@ -180,7 +188,11 @@ def _float_biases(graph: onnx.GraphProto) -> None:
             kept.append(node)
             continue
         zero = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else 0
-        value = (numpy_helper.to_array(x).astype(np.float64) - zero) * numpy_helper.to_array(scale)
+        quantized = numpy_helper.to_array(x).astype(np.float64) - zero
+        if quantized.size and np.max(np.abs(quantized)) > _FLOAT_BIAS_LIMIT:
+            kept.append(node)
+            continue
+        value = quantized * numpy_helper.to_array(scale)
         graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
     if len(kept) != len(graph.node):
         del graph.node[:]

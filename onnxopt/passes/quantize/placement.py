@@ -2,14 +2,15 @@
 
 Int8 is not faster everywhere: on an x86 CPU without VNNI the Paddle cls model ran 0.73x (slower) fully quantized.
 The pass builds a few candidates (every op, only Conv/Gemm/MatMul, per-tensor weights), times them against the FP32
-input in one round-robin run, drops the ones whose top-1 agreement with FP32 on calibration samples is too low, and
-keeps the fastest only when it beats FP32 by a margin.
+input in one round-robin run, and keeps the fastest only when it beats FP32 by a margin and its top-1 agreement with
+FP32 on calibration samples is high enough (checked for the fastest first, the next fastest if it fails).
 
 The search is most of a MinMax quantization's wall time, so it is kept cheap without changing what it can choose:
 one ORT session per model serves the agreement check, the timing and the confirmation (:func:`sharing_sessions`);
 the agreement check runs the samples as one batch where the model's batch dim allows; and the timing run
 (:func:`race`) stops timing a candidate once even its fastest run is clearly slower than another model's median,
-since such a candidate can neither be the fastest nor beat FP32 by ``MIN_SPEEDUP``.
+since such a candidate can neither be the fastest nor beat FP32 by ``MIN_SPEEDUP``, and ends once a lone candidate
+is clearly faster than FP32.
 """
 
 from __future__ import annotations
@@ -212,7 +213,9 @@ def race(runners: Mapping[str, Callable[[], object]], *, warmup: int = WARMUP, r
     fastest run is over ``margin`` times the median of another runner still timed: it can no longer be the fastest,
     nor beat the reference. Round-robin makes load bursts on a shared machine hit every runner alike; the minimum
     makes the early stop conservative, since noise only ever adds time. The timing ends when only ``protected`` is
-    left. ``clock`` is injectable for tests.
+    left, or when one runner is left beside it and even its slowest run is ``margin`` times faster than the
+    reference's fastest (the confirmations of a clear winner: its ratio to the reference is then >= ``margin``
+    whatever more rounds would show). ``clock`` is injectable for tests.
     """
     for run in runners.values():
         for _ in range(warmup):
@@ -227,9 +230,19 @@ def race(runners: Mapping[str, Callable[[], object]], *, warmup: int = WARMUP, r
             times[label].append((clock() - began) / 1e6)
         if round_ + 1 >= screen:
             active = _still_in_race(active, times, protected, margin)
-            if not active or active == [protected]:
+            if not active or active == [protected] or _clearly_faster(active, times, protected, margin):
                 break
     return times
+
+
+def _clearly_faster(active: list[str], times: Mapping[str, list[float]], protected: str | None,
+                    margin: float) -> bool:
+    """True when ``active`` is the reference and one other runner whose slowest run beats the reference's fastest by
+    ``margin``: no further round can change which is faster, nor bring the ratio below ``margin``."""
+    if protected not in active or len(active) != 2:
+        return False
+    other = active[0] if active[1] == protected else active[1]
+    return max(times[other]) * margin <= min(times[protected])
 
 
 def _still_in_race(active: list[str], times: Mapping[str, list[float]], protected: str | None,
