@@ -273,7 +273,8 @@ class PipelineManager(ir.passes.PassBase):
                 "batch_size": self.options.latency_batch_size, "threads": self.context.threads,
                 "runs": before.runs, "method": "round-robin interleaved, one run"}
 
-    def _validate_structure(self, pass_: OnnxoptPass, model: ir.Model, proto: onnx.ModelProto | None = None) -> None:
+    def _validate_structure(self, pass_: OnnxoptPass, model: ir.Model,
+                            proto: onnx.ModelProto | None = None) -> None:
         try:
             run_checker(model, proto)
         except Exception as exc:

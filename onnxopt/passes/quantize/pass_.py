@@ -456,61 +456,7 @@ class QuantizePass(OnnxoptPass):
         shapes = dict(self.context.input_shapes) or (
             {name: tuple(shape) for name, shape in zip([s.name for s in specs], [feeds[0][s.name].shape for s in specs])}
             if feeds else {})
-        reference: list[np.ndarray] = []
-        smoke_tested: set[str] = set()
-
-        def runs(cand: pl.Candidate) -> bool:
-            """One sample through a new candidate (ORT loads and runs it), so a broken one is dropped, not timed."""
-            if cand.label not in smoke_tested:
-                smoke_tested.add(cand.label)
-                try:
-                    pl.first_outputs(cand.model, feeds[:1], threads, provider)
-                except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot run is dropped, not fatal
-                    cand.rejected = f"does not run: {exc}"[:200]
-            return cand.rejected is None
-
-        def vet(cand: pl.Candidate) -> bool:
-            """The agreement (and budget) check, run once and only for a candidate fast enough to be chosen: most
-            candidates lose on speed, and their checks were most of the search's time (64 samples each)."""
-            if cand.rejected is None and cand.agreement is None:
-                if not reference:
-                    reference.extend(pl.first_outputs(fp32, feeds, threads, provider))
-                try:
-                    outputs = pl.first_outputs(cand.model, feeds, threads, provider)
-                except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot run is dropped, not fatal
-                    cand.rejected = f"does not run: {exc}"[:200]
-                    return False
-                cand.agreement = pl.top1_agreement(reference, outputs)
-                if cand.agreement < pl.MIN_AGREEMENT:
-                    cand.rejected = f"top-1 agreement {cand.agreement:.3f} < {pl.MIN_AGREEMENT}"
-                elif budget is not None and evaluator is not None:
-                    cand.drop = evaluator.drop(cand.model)
-                    if cand.drop > budget + 1e-12:
-                        cand.rejected = f"accuracy drop {cand.drop:.4f} > budget {budget}"
-            return cand.rejected is None
-
-        def time_all() -> float | None:
-            """Every candidate not rejected and FP32 timed in one round-robin run; FP32's median."""
-            timed = [c for c in candidates if c.rejected is None and c.model is not None and runs(c)]
-            models = {pl.FP32: fp32, **{c.label: c.model for c in timed}}
-            medians = pl.time_models(models, threads, shapes) if timed else {}
-            fp32_ms = medians.get(pl.FP32)
-            for cand in timed:
-                cand.median_ms = medians.get(cand.label)
-                if cand.median_ms is None:
-                    cand.rejected = "could not be timed"
-                elif fp32_ms:
-                    cand.speedup = fp32_ms / cand.median_ms
-            return fp32_ms
-
-        def pick(fp32_ms: float | None) -> pl.Candidate | None:
-            """The fastest candidate at least MIN_SPEEDUP faster than FP32 that passes its checks (run now)."""
-            while fp32_ms:
-                best = pl.choose(candidates, fp32_ms)
-                if best is None or vet(best):
-                    return best
-            return None
-
+        trial = pl.Trial(fp32, feeds, threads, provider, shapes, budget, evaluator)
         # Whole-model candidates first; regions kept FP32 only when those are not clearly faster than FP32 (or
         # always, with placement_search=full): on a CPU where int8 pays, the partial placements were slower than
         # the whole model on every benchmark net, and building each one costs ORT's quantizer a full run.
@@ -518,14 +464,14 @@ class QuantizePass(OnnxoptPass):
             add("qoperator", op_types, exclude, fmt="qoperator")
         if self.placement_search == "full":
             add_regions()
-        fp32_ms = time_all()
-        chosen = pick(fp32_ms)
+        fp32_ms = trial.time(candidates)
+        chosen = trial.pick(candidates, fp32_ms)
         best = (chosen.speedup or 0.0) if chosen is not None else 0.0
         staged = self.placement_search == "staged" and best >= pl.WHOLE_MODEL_ENOUGH
         if self.placement_search == "staged" and not staged:
             add_regions()
-            fp32_ms = time_all()  # every candidate timed again, together: one round-robin run decides
-            chosen = pick(fp32_ms)
+            fp32_ms = trial.time(candidates)  # every candidate timed again, together: one round-robin run decides
+            chosen = trial.pick(candidates, fp32_ms)
         confirmations = []
         while chosen is not None:
             if len(confirmations) >= pl.CONFIRMATIONS:
@@ -542,7 +488,7 @@ class QuantizePass(OnnxoptPass):
                 chosen.rejected = f"slower than FP32 at {slower}"
             else:
                 chosen.rejected = f"not confirmed: {ratio:.2f}x FP32 when timed again"
-            chosen = pick(fp32_ms)
+            chosen = trial.pick(candidates, fp32_ms)
 
         self.details["placement"] = {
             "fp32_ms": fp32_ms, "chosen": chosen.label if chosen else pl.FP32,

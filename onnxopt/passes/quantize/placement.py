@@ -340,6 +340,72 @@ def _batch_feeds(session: ort.InferenceSession, feeds: Sequence[dict[str, np.nda
         return None
 
 
+class Trial:
+    """Times candidates against the FP32 model and checks (top-1 agreement, accuracy budget) only the ones fast enough
+    to be chosen, fastest first: most candidates lose on speed, and checking all of them (64 samples each) was most
+    of the search's time."""
+
+    def __init__(self, fp32: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], threads: int | None,
+                 provider: str, shapes: Mapping[str, tuple[int, ...]], budget: float | None = None,
+                 evaluator: Any = None):
+        self.fp32, self.feeds, self.threads, self.provider, self.shapes = fp32, list(feeds), threads, provider, shapes
+        self.budget, self.evaluator = budget, evaluator
+        self._reference: list[np.ndarray] = []
+        self._smoke_tested: set[str] = set()
+
+    def runs(self, cand: Candidate) -> bool:
+        """One sample through a new candidate (ORT loads and runs it), so that a broken one is dropped, not timed."""
+        if cand.label not in self._smoke_tested:
+            self._smoke_tested.add(cand.label)
+            try:
+                first_outputs(cand.model, self.feeds[:1], self.threads, self.provider)
+            except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot run is dropped, not fatal
+                cand.rejected = f"does not run: {exc}"[:200]
+        return cand.rejected is None
+
+    def vet(self, cand: Candidate) -> bool:
+        """The agreement (and budget) check of ``cand``, run once; False when it rejects the candidate."""
+        if cand.rejected is None and cand.agreement is None:
+            if not self._reference:
+                self._reference.extend(first_outputs(self.fp32, self.feeds, self.threads, self.provider))
+            try:
+                outputs = first_outputs(cand.model, self.feeds, self.threads, self.provider)
+            except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot run is dropped, not fatal
+                cand.rejected = f"does not run: {exc}"[:200]
+                return False
+            cand.agreement = top1_agreement(self._reference, outputs)
+            if cand.agreement < MIN_AGREEMENT:
+                cand.rejected = f"top-1 agreement {cand.agreement:.3f} < {MIN_AGREEMENT}"
+            elif self.budget is not None and self.evaluator is not None:
+                cand.drop = self.evaluator.drop(cand.model)
+                if cand.drop > self.budget + 1e-12:
+                    cand.rejected = f"accuracy drop {cand.drop:.4f} > budget {self.budget}"
+        return cand.rejected is None
+
+    def time(self, candidates: Sequence[Candidate]) -> float | None:
+        """Every candidate not rejected and FP32 timed in one round-robin run (medians and speed-ups set on the
+        candidates); FP32's median."""
+        timed = [c for c in candidates if c.rejected is None and c.model is not None and self.runs(c)]
+        models = {FP32: self.fp32, **{c.label: c.model for c in timed}}
+        medians = time_models(models, self.threads, self.shapes) if timed else {}
+        fp32_ms = medians.get(FP32)
+        for cand in timed:
+            cand.median_ms = medians.get(cand.label)
+            if cand.median_ms is None:
+                cand.rejected = "could not be timed"
+            elif fp32_ms:
+                cand.speedup = fp32_ms / cand.median_ms
+        return fp32_ms
+
+    def pick(self, candidates: list[Candidate], fp32_ms: float | None) -> Candidate | None:
+        """The fastest candidate at least ``MIN_SPEEDUP`` faster than FP32 that passes its checks (run now)."""
+        while fp32_ms:
+            best = choose(candidates, fp32_ms)
+            if best is None or self.vet(best):
+                return best
+        return None
+
+
 def choose(candidates: list[Candidate], fp32_ms: float) -> Candidate | None:
     """The fastest non-rejected candidate if it is at least ``MIN_SPEEDUP`` times faster than FP32, else None."""
     usable = [c for c in candidates if c.rejected is None and c.median_ms is not None]
@@ -349,5 +415,5 @@ def choose(candidates: list[Candidate], fp32_ms: float) -> Candidate | None:
     return best if (best.speedup or 0.0) >= MIN_SPEEDUP else None
 
 
-__all__ = ["FP32", "HEAVY_OPS", "Candidate", "SessionPool", "at_batch", "choose", "first_outputs", "other_settings",
-           "race", "ratio_to_fp32", "regions", "sharing_sessions", "time_models", "top1_agreement"]
+__all__ = ["FP32", "HEAVY_OPS", "Candidate", "SessionPool", "Trial", "at_batch", "choose", "first_outputs",
+           "other_settings", "race", "ratio_to_fp32", "regions", "sharing_sessions", "time_models", "top1_agreement"]
