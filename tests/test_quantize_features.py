@@ -93,6 +93,46 @@ def test_half_constants_fold_at_load_into_the_same_int8_kernels(normalized, tmp_
     assert np.max(np.abs(a - b)) < 0.05 * np.max(np.abs(b))  # a few output steps at most, on a few samples
 
 
+def _paddle_style_net() -> onnx.ModelProto:
+    """Conv whose weight is a Constant node (PaddlePaddle exports), then an unfolded BatchNormalization and Relu."""
+    rng = np.random.default_rng(3)
+    weight = numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w")
+    bn = [numpy_helper.from_array(v.astype(np.float32), n) for v, n in [
+        (rng.uniform(0.5, 1.5, 8), "gamma"), (rng.normal(0, 0.1, 8), "beta"), (rng.normal(0, 0.1, 8), "mean"),
+        (rng.uniform(0.5, 1.5, 8), "var")]]
+    nodes = [helper.make_node("Constant", [], ["w_const"], value=weight),
+             helper.make_node("Conv", ["x", "w_const"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn"),
+             helper.make_node("Relu", ["b"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "paddle_style", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                   ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 8, 16, 16])], bn)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_quantize_alone_normalizes_a_model_that_needs_it():
+    """Run alone (a recipe without normalize), quantize lifts the Constant-node weight and folds the BN first, so the
+    weight becomes int8; without that, ORT's quantizer reads the weight as an activation."""
+    model = _paddle_style_net()
+    x = np.random.default_rng(4).normal(size=(32, 3, 16, 16)).astype(np.float32)
+    quantized, step = _quantize(model, calib={"x": x})
+    assert "Constant node" in " ".join(step.details["normalized_first"]) and "BatchNormalization" in " ".join(
+        step.details["normalized_first"])
+    assert any(note.startswith("normalized the model first") for note in step.notes)
+    def int8_weights(model: onnx.ModelProto) -> list[str]:
+        return [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+
+    assert len(int8_weights(quantized)) == 1  # the conv weight is an int8 initializer now
+    assert not any(n.op_type in ("BatchNormalization", "Constant") for n in quantized.graph.node)
+    assert sqnr_db(_run(model, x), _run(quantized, x)) > 25
+    plain, step = _quantize(model, calib={"x": x}, normalize_first=False)
+    assert "normalized_first" not in step.details
+    assert not int8_weights(plain) and any(n.op_type == "Constant" for n in plain.graph.node)  # quantized at run time
+    normalized = NormalizePass().apply(_paddle_style_net())
+    _, step = _quantize(normalized, calib={"x": x})
+    assert "normalized_first" not in step.details  # nothing left to normalize: not run twice
+
+
 def test_a_bias_near_the_int32_limit_stays_int32(tmp_path):
     """A tiny input range makes ORT widen the Gemm's weight scales until its int32 bias just fits; re-deriving that
     bias from a float bias at load (or from float16 weight scales) overflowed it (2 dB SQNR on an untrained MnasNet

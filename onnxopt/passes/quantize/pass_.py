@@ -84,6 +84,11 @@ class QuantizePass(OnnxoptPass):
             mixed-precision setting that the recipe search can sweep).
         eval_samples: samples used by sensitivity and the budget checks.
         max_candidates: int8 models timed by placement=auto at most.
+        normalize_first: run the ``normalize`` pass first when the model needs it (weights in Constant nodes,
+            initializers listed as graph inputs, BatchNormalization after a Conv/Gemm): ORT's quantizer treats
+            Constant-node weights as activations (the file grows instead of shrinking) and quantizes an unfolded
+            BatchNormalization on its own. ``onnxopt quantize`` always normalizes; this covers a recipe that runs
+            ``quantize`` alone.
         compact: shrink the QDQ file (no value_info, no zero default zero points, shared constants, short names).
         half_constants: with compact, per-channel weight scales and float biases stored as float16 behind a
             Cast -> Split that ONNX Runtime folds at load (each value moves by <= 2^-11 of itself; 13 KB of the
@@ -114,6 +119,7 @@ class QuantizePass(OnnxoptPass):
     max_fp32_layers: int | None = None
     eval_samples: int = 256
     max_candidates: int = 10
+    normalize_first: bool = True
     compact: bool = True
     half_constants: bool = True
 
@@ -151,6 +157,7 @@ class QuantizePass(OnnxoptPass):
         if self.context.calib is None:
             raise DataError("quantize needs calibration data (--calib)")
         _refuse_quantized(model)
+        normalized = self._normalize_if_needed(model)
         from onnxopt.passes.compress import expand_weights, has_stored_weights
 
         # Weights stored by `compress` must be initializers for ORT's quantizer; a model that stays FP32 keeps them
@@ -174,7 +181,7 @@ class QuantizePass(OnnxoptPass):
         tensors = tensors_to_calibrate(proto, op_types, exclude)
         if not tensors:
             self.note(f"nothing to quantize: no node of {', '.join(sorted(op_types))} has float activations")
-            return self._unquantized(model, modified=False)
+            return self._unquantized(model, modified=normalized)
         self._check_sample_count()
         specs = input_specs(model)
         fp32 = proto  # what the user gave (after shape inference): the reference for every accuracy and timing
@@ -216,7 +223,7 @@ class QuantizePass(OnnxoptPass):
             if chosen is None:
                 self.details.update(method=self.method, calib_samples=seen, ranges=len(ranges), quantized_nodes={})
                 # Still FP32, but a raised opset (per-channel needs 13) is a change of the model.
-                return self._unquantized(model, modified=opset.default_opset(model) != opset_before)
+                return self._unquantized(model, modified=normalized or opset.default_opset(model) != opset_before)
             quantized, per_channel, fmt = chosen
         else:
             per_channel, fmt = self.per_channel, self.format
@@ -245,6 +252,19 @@ class QuantizePass(OnnxoptPass):
         return ir.passes.PassResult(model, modified=True)
 
     # ------------------------------------------------------------------------------------------------------------
+    def _normalize_if_needed(self, model: ir.Model) -> bool:
+        """Run ``normalize`` on ``model`` (in place) when :func:`_why_normalize` finds a reason; True if it ran."""
+        reasons = _why_normalize(model) if self.normalize_first else []
+        if not reasons:
+            return False
+        from onnxopt.passes.normalize import NormalizePass
+
+        step = NormalizePass().bind(self.context)
+        step(model)
+        self.details["normalized_first"] = reasons
+        self.note(f"normalized the model first ({'; '.join(reasons)}): " + "; ".join(step.notes))
+        return True
+
     def _unquantized(self, model: ir.Model, modified: bool) -> ir.passes.PassResult:
         """The result when the model stays FP32: with the weights stored as `compress` left them, if it had."""
         if self._stored is not None:  # the input as it came: nothing changed
@@ -628,6 +648,24 @@ class QuantizePass(OnnxoptPass):
 def _elsewhere(confirmation: dict[str, Any]) -> str:
     """", 1.40x at batch 8, 1.10x at 1 thread" from a confirmation record ("" when none was timed)."""
     return "".join(f", {ratio:.2f}x at {label}" for label, ratio in confirmation.get("elsewhere", {}).items())
+
+
+def _why_normalize(model: ir.Model) -> list[str]:
+    """What in ``model`` calls for the normalize pass before quantization (empty: nothing)."""
+    reasons = []
+    nodes = list(model.graph)
+    constants = sum(node.op_type == "Constant" and node.domain in ("", "ai.onnx") for node in nodes)
+    if constants:
+        reasons.append(f"{constants} Constant node(s), which ORT's quantizer would treat as activations")
+    as_inputs = sum(value.is_initializer() for value in model.graph.inputs)
+    if as_inputs:
+        reasons.append(f"{as_inputs} initializer(s) listed as graph inputs")
+    unfolded = sum(node.op_type == "BatchNormalization" and node.inputs[0] is not None
+                   and node.inputs[0].producer() is not None
+                   and node.inputs[0].producer().op_type in ("Conv", "ConvTranspose", "Gemm") for node in nodes)
+    if unfolded:
+        reasons.append(f"{unfolded} BatchNormalization(s) after a Conv/Gemm, not folded")
+    return reasons
 
 
 def _with_inferred_shapes(model: ir.Model) -> onnx.ModelProto:
