@@ -660,12 +660,18 @@ def _why_normalize(model: ir.Model) -> list[str]:
     as_inputs = sum(value.is_initializer() for value in model.graph.inputs)
     if as_inputs:
         reasons.append(f"{as_inputs} initializer(s) listed as graph inputs")
-    unfolded = sum(node.op_type == "BatchNormalization" and node.inputs[0] is not None
-                   and node.inputs[0].producer() is not None
-                   and node.inputs[0].producer().op_type in ("Conv", "ConvTranspose", "Gemm") for node in nodes)
+    unfolded = sum(node.op_type == "BatchNormalization" and _foldable_into(node.inputs[0]) for node in nodes)
     if unfolded:
         reasons.append(f"{unfolded} BatchNormalization(s) after a Conv/Gemm, not folded")
     return reasons
+
+
+def _foldable_into(value: ir.Value | None) -> bool:
+    """Whether a BatchNormalization reading ``value`` is one that normalize can fold: the only reader of a
+    Conv/ConvTranspose/Gemm output (others stay unfolded there too, and must not make every run normalize again)."""
+    producer = value.producer() if value is not None else None
+    return (producer is not None and producer.op_type in ("Conv", "ConvTranspose", "Gemm")
+            and len(value.uses()) == 1 and not value.is_graph_output())
 
 
 def _with_inferred_shapes(model: ir.Model) -> onnx.ModelProto:
