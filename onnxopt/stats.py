@@ -102,7 +102,7 @@ def model_stats(
             continue
         macs_by_op[node.op_type] += count
     return ModelStats(
-        size_bytes=serialized_size(model, proto if isinstance(model, ir.Model) else None),
+        size_bytes=serialized_size(model, proto),
         params=count_params(model),
         num_nodes=len(nodes),
         op_counts=dict(sorted(op_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
