@@ -55,8 +55,9 @@ def collect_statistics(
 ) -> tuple[Calibrator, int]:
     """Run ``model`` (with ``tensors`` exposed as outputs) over up to ``samples`` samples; the calibrator and count."""
     augmented = _with_outputs(model, tensors)
-    # ORT's full optimization level (fusions that keep every fetched tensor, NCHWc kernels) ran the calibration 1.5-2x
-    # faster than the basic level on the benchmark nets; the ranges differ by float rounding only (< 1e-6 relative).
+    # ORT's full optimization level (fusions that keep every fetched tensor, NCHWc kernels) ran the calibration 1.0-1.7x
+    # faster than the basic level on the benchmark nets; the ranges differ by float rounding only (< 1e-6 relative):
+    # reports/calibration_paths.md.
     try:
         session = make_session(augmented, threads=threads, provider=provider, optimization="all",
                                what="the model prepared for calibration")
