@@ -48,8 +48,9 @@ def fold_batchnorms(graph: ir.Graph) -> FoldResult:
     return result
 
 
-def _fold_one(graph: ir.Graph, bn: ir.Node, names: set[str], result: FoldResult) -> str | None:
-    """Fold ``bn`` into its producer; returns why not when it cannot be done (None on success)."""
+def structural_blocker(graph: ir.Graph, bn: ir.Node) -> str | None:
+    """Why ``bn`` cannot be folded whatever its values (None: its place in ``graph`` allows it). The quantize pass
+    asks this to decide whether normalize would fold anything."""
     if len(bn.inputs) < 5 or any(v is None for v in bn.inputs[:5]):
         return "malformed BatchNormalization"
     if bn.attributes.get_int("training_mode", 0) != 0 or bn.attributes.get_int("spatial", 1) != 1:
@@ -62,6 +63,17 @@ def _fold_one(graph: ir.Graph, bn: ir.Node, names: set[str], result: FoldResult)
         return "not after Conv/ConvTranspose/Gemm"
     if producer.graph is not graph or x.is_graph_output() or len(x.uses()) != 1:
         return "producer output has other consumers"
+    return None
+
+
+def _fold_one(graph: ir.Graph, bn: ir.Node, names: set[str], result: FoldResult) -> str | None:
+    """Fold ``bn`` into its producer; returns why not when it cannot be done (None on success)."""
+    blocker = structural_blocker(graph, bn)
+    if blocker is not None:
+        return blocker
+    x = bn.inputs[0]
+    producer = x.producer() if x is not None else None
+    assert x is not None and producer is not None
     params = [constant_array(v) for v in bn.inputs[1:5]]
     if any(p is None for p in params):
         return "statistics are not constant"

@@ -651,7 +651,10 @@ def _elsewhere(confirmation: dict[str, Any]) -> str:
 
 
 def _why_normalize(model: ir.Model) -> list[str]:
-    """What in ``model`` calls for the normalize pass before quantization (empty: nothing)."""
+    """What in ``model`` calls for the normalize pass before quantization (empty: nothing). Only BatchNormalizations
+    that normalize can fold count: the others stay unfolded there too, and must not make every run normalize again."""
+    from onnxopt.passes.bn_fold import structural_blocker
+
     reasons = []
     nodes = list(model.graph)
     constants = sum(node.op_type == "Constant" and node.domain in ("", "ai.onnx") for node in nodes)
@@ -660,18 +663,11 @@ def _why_normalize(model: ir.Model) -> list[str]:
     as_inputs = sum(value.is_initializer() for value in model.graph.inputs)
     if as_inputs:
         reasons.append(f"{as_inputs} initializer(s) listed as graph inputs")
-    unfolded = sum(node.op_type == "BatchNormalization" and _foldable_into(node.inputs[0]) for node in nodes)
+    unfolded = sum(node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+                   and structural_blocker(model.graph, node) is None for node in nodes)
     if unfolded:
         reasons.append(f"{unfolded} BatchNormalization(s) after a Conv/Gemm, not folded")
     return reasons
-
-
-def _foldable_into(value: ir.Value | None) -> bool:
-    """Whether a BatchNormalization reading ``value`` is one that normalize can fold: the only reader of a
-    Conv/ConvTranspose/Gemm output (others stay unfolded there too, and must not make every run normalize again)."""
-    producer = value.producer() if value is not None else None
-    return (producer is not None and producer.op_type in ("Conv", "ConvTranspose", "Gemm")
-            and len(value.uses()) == 1 and not value.is_graph_output())
 
 
 def _with_inferred_shapes(model: ir.Model) -> onnx.ModelProto:

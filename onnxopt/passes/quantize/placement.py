@@ -353,14 +353,19 @@ class Trial:
         self._reference: list[np.ndarray] = []
         self._smoke_tested: set[str] = set()
 
+    def _outputs(self, cand: Candidate, feeds: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray] | None:
+        """``cand``'s first outputs on ``feeds``; None, with the candidate rejected, when ORT cannot run it."""
+        try:
+            return first_outputs(cand.model, feeds, self.threads, self.provider)
+        except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot run is dropped, not fatal
+            cand.rejected = f"does not run: {exc}"[:200]
+            return None
+
     def runs(self, cand: Candidate) -> bool:
         """One sample through a new candidate (ORT loads and runs it), so that a broken one is dropped, not timed."""
         if cand.label not in self._smoke_tested:
             self._smoke_tested.add(cand.label)
-            try:
-                first_outputs(cand.model, self.feeds[:1], self.threads, self.provider)
-            except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot run is dropped, not fatal
-                cand.rejected = f"does not run: {exc}"[:200]
+            self._outputs(cand, self.feeds[:1])
         return cand.rejected is None
 
     def vet(self, cand: Candidate) -> bool:
@@ -368,10 +373,8 @@ class Trial:
         if cand.rejected is None and cand.agreement is None:
             if not self._reference:
                 self._reference.extend(first_outputs(self.fp32, self.feeds, self.threads, self.provider))
-            try:
-                outputs = first_outputs(cand.model, self.feeds, self.threads, self.provider)
-            except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot run is dropped, not fatal
-                cand.rejected = f"does not run: {exc}"[:200]
+            outputs = self._outputs(cand, self.feeds)
+            if outputs is None:
                 return False
             cand.agreement = top1_agreement(self._reference, outputs)
             if cand.agreement < MIN_AGREEMENT:
