@@ -340,3 +340,91 @@ def test_vectorized_weight_quantization_restores_ort():
             assert qdq_quantizer.quantize_onnx_initializer is inside
         assert inside is not before and getattr(inside, "_onnxopt_vectorized", False)
     assert qdq_quantizer.quantize_onnx_initializer is before
+
+
+# ---------------------------------------------------------------- candidates derived from a QDQ model
+def _rewriter(proto: onnx.ModelProto):
+    """ORT's rewrite of ``proto`` (our calibration, the pass's settings) for given op types and excluded nodes."""
+    step = QuantizePass(compact=False)
+    step._scales, step._worth_it = {}, {}
+    ops = step._op_types()
+    specs = [s for s in input_specs(ir.serde.deserialize_model(proto))]
+    calibrator, _ = collect_statistics(proto, tensors_to_calibrate(proto, ops, []),
+                                       open_data(str(examples.default_calib_path())), specs, samples=24,
+                                       histograms=False)
+    ranges = calibrator.compute("minmax")
+    return ops, lambda op_types, exclude: step._rewrite(proto, ranges, False, op_types, exclude)
+
+
+def _outputs(model: onnx.ModelProto) -> np.ndarray:
+    import onnxruntime as ort
+
+    x = np.load(examples.default_calib_path())["input"][:12]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+@pytest.mark.parametrize("heavy_only", [False, True])
+def test_candidates_derived_from_the_qdq_model_equal_ort_rewrites(prepared, heavy_only):
+    """keep_float(whole-model QDQ, nodes left int8) gives the model ORT's quantizer writes when asked to exclude
+    the others: same nodes, same outputs bit for bit (first conv, head Gemm, depthwise convs with the ReLU6 ORT had
+    folded into a Quantize put back, every heavy node)."""
+    from onnxopt.passes.quantize.float_nodes import keep_float
+
+    proto, _ = prepared
+    ops, rewrite = _rewriter(proto)
+    ops = list(placement.HEAVY_OPS) if heavy_only else ops
+    full = rewrite(ops, [])
+    regions = placement.regions(proto, placement.HEAVY_OPS)
+    heavy = [n.name for n in proto.graph.node if n.op_type in placement.HEAVY_OPS]
+    tries = [regions["first"], regions["head"], regions["depthwise"], regions["first"] + regions["depthwise"], heavy]
+    for floating in tries:
+        int8 = {n.name for n in proto.graph.node if n.op_type in ops and n.name not in floating}
+        derived = keep_float(full, proto, int8)
+        assert derived is not None
+        onnx.checker.check_model(derived)
+        reference = rewrite(ops, floating)
+        assert sorted(n.op_type for n in derived.graph.node) == sorted(n.op_type for n in reference.graph.node), floating
+        assert np.array_equal(_outputs(derived), _outputs(reference)), floating
+        float_weights = {n.input[1] for n in derived.graph.node if n.name in floating}
+        assert float_weights <= {init.name for init in derived.graph.initializer}
+    assert full.SerializeToString() == rewrite(ops, []).SerializeToString()  # the input model is not touched
+
+
+def test_derivation_refuses_node_names_it_cannot_match(prepared):
+    from onnxopt.passes.quantize.float_nodes import keep_float
+
+    proto, _ = prepared
+    ops, rewrite = _rewriter(proto)
+    full = rewrite(ops, [])
+    twice = onnx.ModelProto()
+    twice.CopyFrom(proto)
+    convs = [n for n in twice.graph.node if n.op_type == "Conv"]
+    convs[1].name = convs[0].name
+    assert keep_float(full, twice, set()) is None
+
+
+def test_placement_and_budget_search_give_the_same_models_derived_or_built(monkeypatch):
+    """The pass with derive_candidates on and off: the same candidates (each with the same outputs), the same
+    choice, and the same final model."""
+    seen: dict[bool, dict[str, np.ndarray]] = {}
+    original = placement.Trial.time
+
+    def spy(self, candidates):
+        seen[derive] = {c.label: _outputs(c.model) for c in candidates if c.model is not None}
+        return original(self, candidates)
+
+    monkeypatch.setattr(placement.Trial, "time", spy)
+    monkeypatch.setattr(placement, "time_models", lambda models, threads, shapes: {
+        label: (1.0 if label == placement.FP32 else 2.0) for label in models})  # int8 "slower": every region built
+    finals = {}
+    for derive in (True, False):
+        model = load_model(examples.default_model_path())
+        NormalizePass().apply(model)
+        step = QuantizePass(calib_samples=24, derive_candidates=derive, max_fp32_layers=2, compact=False)
+        step.bind(PassContext(calib=open_data(str(examples.default_calib_path()))))
+        finals[derive] = step.apply(to_proto(model))
+    assert seen[True].keys() == seen[False].keys() and len(seen[True]) >= 8
+    for label, outputs in seen[True].items():
+        assert np.array_equal(outputs, seen[False][label]), label
+    assert np.array_equal(_outputs(finals[True]), _outputs(finals[False]))
