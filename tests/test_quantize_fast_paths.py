@@ -333,13 +333,32 @@ def test_vectorized_weight_quantization_restores_ort():
 
     from onnxopt.passes.quantize.ort_fast import vectorized_weight_quantization
 
+    from onnxruntime.quantization.base_quantizer import BaseQuantizer
+
     before = qdq_quantizer.quantize_onnx_initializer
+    loop = BaseQuantizer.quantize_weight_per_channel_impl
     with vectorized_weight_quantization():
         inside = qdq_quantizer.quantize_onnx_initializer
+        inside_loop = BaseQuantizer.quantize_weight_per_channel_impl
         with vectorized_weight_quantization():  # re-entrant: not wrapped twice
             assert qdq_quantizer.quantize_onnx_initializer is inside
+            assert BaseQuantizer.quantize_weight_per_channel_impl is inside_loop
         assert inside is not before and getattr(inside, "_onnxopt_vectorized", False)
+        assert getattr(inside_loop, "_onnxopt_vectorized", False)
     assert qdq_quantizer.quantize_onnx_initializer is before
+    assert BaseQuantizer.quantize_weight_per_channel_impl is loop
+
+
+def test_qoperator_weights_take_the_vectorized_path(monkeypatch):
+    """The QOperator writer's per-channel weights go through the one-expression path (the byte-identity with ORT's
+    loop is test_quantize_pass_output_is_the_same_with_ort_own_weight_loop[qoperator])."""
+    from onnxopt.passes.quantize import ort_fast
+
+    plans = []
+    original = ort_fast._override_plan
+    monkeypatch.setattr(ort_fast, "_override_plan", lambda *args: plans.append(original(*args)) or plans[-1])
+    _example_quantizer({"format": "qoperator"})()
+    assert plans and all(plan is not None for plan in plans)
 
 
 # ---------------------------------------------------------------- candidates derived from a QDQ model
