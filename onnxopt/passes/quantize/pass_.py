@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -430,6 +431,9 @@ class QuantizePass(OnnxoptPass):
         model when ``proto`` had its weights prepared (CLE, bias correction, clipping).
         """
         fp32 = proto if fp32 is None else fp32
+        started = time.perf_counter()
+        build_seconds = 0.0
+        derived_labels: list[str] = []  # built by float_nodes.keep_float, not by a run of ORT's quantizer
         from onnxopt.passes.quantize import placement as pl
 
         candidates = [pl.Candidate("all", full)]
@@ -443,10 +447,12 @@ class QuantizePass(OnnxoptPass):
 
         def add(label: str, ops: list[str], skip: list[str], per_channel: bool | None = None,
                 fmt: str | None = None) -> None:
+            nonlocal build_seconds
             setting = (self.per_channel if per_channel is None else per_channel, fmt or self.format)
             key = (frozenset(ops), frozenset(skip), *setting)
             if len(candidates) >= self.max_candidates or label in settings or key in built:
                 return
+            start = time.perf_counter()
             bases = [model for (b_ops, b_skip, *b_setting), model in built.items()
                      if model is not None and b_ops == key[0] and b_skip <= key[1] and tuple(b_setting) == setting]
             derived = self._derive(bases[0], proto, ops, skip) if bases and setting[1] == "qdq" else None
@@ -458,9 +464,13 @@ class QuantizePass(OnnxoptPass):
                 candidates.append(pl.Candidate(label, None, rejected=f"could not be built: {exc}"[:200]))
                 settings[label] = setting
                 return
+            finally:
+                build_seconds += time.perf_counter() - start
             built[key] = model
             candidates.append(pl.Candidate(label, model))
             settings[label] = setting
+            if derived is not None:
+                derived_labels.append(label)
 
         def add_regions() -> None:
             if heavy and set(heavy) != set(op_types):
@@ -529,6 +539,10 @@ class QuantizePass(OnnxoptPass):
                        "no region was kept FP32" if staged else self.placement_search),
             "candidates": [c.to_dict() for c in candidates], "agreement_samples": len(feeds),
             "agreement_checked": "only for candidates fast enough to be chosen, fastest first",
+            # building the candidates vs the rest (sessions, timing, agreement checks, confirmations)
+            "derived": derived_labels,
+            "seconds": {"build": round(build_seconds, 3),
+                        "measure": round(time.perf_counter() - started - build_seconds, 3)},
             "confirmations": confirmations,
         }
         parts = [f"fp32 {fp32_ms:.3f} ms" if fp32_ms else "fp32 not timed"]
