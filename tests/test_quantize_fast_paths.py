@@ -403,7 +403,8 @@ def test_candidates_derived_from_the_qdq_model_equal_ort_rewrites(prepared, heav
         assert derived is not None
         onnx.checker.check_model(derived)
         reference = rewrite(ops, floating)
-        assert sorted(n.op_type for n in derived.graph.node) == sorted(n.op_type for n in reference.graph.node), floating
+        op_types = sorted(n.op_type for n in derived.graph.node)
+        assert op_types == sorted(n.op_type for n in reference.graph.node), floating
         assert np.array_equal(_outputs(derived), _outputs(reference)), floating
         float_weights = {n.input[1] for n in derived.graph.node if n.name in floating}
         assert float_weights <= {init.name for init in derived.graph.initializer}
