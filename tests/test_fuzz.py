@@ -61,6 +61,45 @@ def test_quantize_gives_valid_agreeing_model(net):
 
 
 @FUZZ_SETTINGS
+@given(net=conv_nets(), heavy_only=st.booleans(), chosen=st.randoms(use_true_random=False))
+def test_derived_placements_equal_ort_rewrites(net, heavy_only, chosen):
+    """A placement candidate derived from the whole-model QDQ graph (float_nodes.keep_float) is the model ORT's
+    quantizer writes when asked to leave the same nodes FP32: same op-type counts, bit-identical outputs."""
+    from collections import Counter
+
+    from onnxopt.calib_data import ArraySource
+    from onnxopt.modelio import input_specs
+    from onnxopt.passes import NormalizePass
+    from onnxopt.passes.quantize import QuantizePass
+    from onnxopt.passes.quantize.collect import collect_statistics, tensors_to_calibrate
+    from onnxopt.passes.quantize.float_nodes import keep_float
+    from onnxopt.passes.quantize.pass_ import _with_inferred_shapes
+    from onnxopt.passes.quantize.placement import HEAVY_OPS
+
+    model = as_ir_model(net.model)
+    NormalizePass().apply(model)
+    proto = _with_inferred_shapes(model)
+    step = QuantizePass(compact=False)
+    step._scales, step._worth_it = {}, {}
+    ops = list(HEAVY_OPS) if heavy_only else step._op_types()
+    calib = ArraySource(net.feeds(batch=16, seed=1)["input"])
+    calibrator, _ = collect_statistics(proto, tensors_to_calibrate(proto, ops, []), calib, input_specs(model),
+                                       samples=16, histograms=False)
+    ranges = calibrator.compute("minmax")
+    full = step._rewrite(proto, ranges, False, ops, [])
+    heavy = [n.name for n in proto.graph.node if n.op_type in HEAVY_OPS and n.name]
+    floating = chosen.sample(heavy, chosen.randint(1, len(heavy))) if heavy else []
+    derived = keep_float(full, proto, {n.name for n in proto.graph.node if n.op_type in ops} - set(floating))
+    assert derived is not None, net.describe()
+    onnx.checker.check_model(derived)
+    reference = step._rewrite(proto, ranges, False, ops, floating)
+    assert Counter(n.op_type for n in derived.graph.node) == Counter(n.op_type for n in reference.graph.node), \
+        f"{net.describe()}: {floating}"
+    feeds = net.feeds(batch=4, seed=5)
+    assert np.array_equal(run(derived, feeds)[0], run(reference, feeds)[0]), f"{net.describe()}: {floating}"
+
+
+@FUZZ_SETTINGS
 @given(net=conv_nets(), ratio=st.sampled_from([0.25, 0.5]))
 def test_prune_gives_valid_smaller_model(net, ratio):
     """prune: a checker-valid model with the same input/output signature and no more parameters than before, or a
