@@ -426,7 +426,8 @@ def test_derivation_refuses_node_names_it_cannot_match(prepared):
 
 def test_placement_and_budget_search_give_the_same_models_derived_or_built(monkeypatch):
     """The pass with derive_candidates on and off: the same candidates (each with the same outputs), the same
-    choice, and the same final model."""
+    bisection steps of the budget search, and the same final model."""
+    from onnxopt.passes.quantize import budget
     seen: dict[bool, dict[str, np.ndarray]] = {}
     original = placement.Trial.time
 
@@ -437,14 +438,24 @@ def test_placement_and_budget_search_give_the_same_models_derived_or_built(monke
     monkeypatch.setattr(placement.Trial, "time", spy)
     monkeypatch.setattr(placement, "time_models", lambda models, threads, shapes: {
         label: (1.0 if label == placement.FP32 else 2.0) for label in models})  # int8 "slower": every region built
-    finals = {}
+
+    def drop(self, model):  # 0.1 pt per int8 Conv/Gemm: the budget (2 pt) needs 9 of the 29 in FP32
+        dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return 0.001 * sum(n.op_type in ("Conv", "Gemm") and n.input[1] in dequantized for n in model.graph.node)
+
+    monkeypatch.setattr(budget.Evaluator, "drop", drop)
+    finals, trials = {}, {}
     for derive in (True, False):
         model = load_model(examples.default_model_path())
         NormalizePass().apply(model)
-        step = QuantizePass(calib_samples=24, derive_candidates=derive, max_fp32_layers=2, compact=False)
-        step.bind(PassContext(calib=open_data(str(examples.default_calib_path()))))
+        step = QuantizePass(calib_samples=16, derive_candidates=derive, accuracy_drop=0.02, eval_samples=16,
+                            compact=False)
+        data = str(examples.default_calib_path())
+        step.bind(PassContext(calib=open_data(data), eval=open_data(data)))
         finals[derive] = step.apply(to_proto(model))
+        trials[derive] = step.details["mixed_precision"]["trials"]
     assert seen[True].keys() == seen[False].keys() and len(seen[True]) >= 8
     for label, outputs in seen[True].items():
         assert np.array_equal(outputs, seen[False][label]), label
+    assert trials[True] == trials[False] and len(trials[True]) > 2  # the bisection ran, on the same drops
     assert np.array_equal(_outputs(finals[True]), _outputs(finals[False]))
