@@ -14,7 +14,6 @@ Usage: nice -n 5 python benchmarks/calibration_draws.py [--draws 8] [--out repor
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import onnx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from report_files import write_report  # noqa: E402 - beside this script
 
 DRAW_SIZE = 200
 
@@ -113,10 +114,7 @@ def main() -> None:
                "rows": rows, "seconds": time.time() - start,
                "command": "nice -n 5 python benchmarks/calibration_draws.py" + (
                    f" --draws {args.draws}" if args.draws != 8 else "")}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-    out.write_text(render(payload))
-    print(f"wrote {out}")
+    write_report(Path(args.out), payload, render)
 
 
 def render(payload: dict) -> str:

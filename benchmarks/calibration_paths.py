@@ -15,7 +15,6 @@ Usage: nice -n 5 python benchmarks/calibration_paths.py [--out reports/calibrati
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ import onnx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from report_files import write_report  # noqa: E402 - beside this script
 
 NETS = ("example", "resnet", "mnasnet", "shufflenetv2", "vgg")
 
@@ -180,10 +181,7 @@ def main() -> None:
                    "int32_bias": int32_bias_guard(Path(tmp))}
     payload["seconds"] = time.time() - start
     payload["command"] = "nice -n 5 python benchmarks/calibration_paths.py"
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-    out.write_text(render(payload))
-    print(f"wrote {out}")
+    write_report(Path(args.out), payload, render)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report_files import write_report  # noqa: E402 - beside this script
+
 NETS = ("example", "mobilenetv2", "shufflenetv2", "mnasnet", "resnet", "vgg", "paddle")
 REPEATS = 3
 
@@ -159,10 +161,7 @@ def main() -> None:
     info = host_info()
     payload = {"nets": nets, "seconds": time.time() - start, "host": info.to_dict(),
                "command": "nice -n 5 python benchmarks/derived_candidates.py"}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-    out.write_text(render(payload))
-    print(f"wrote {out}")
+    write_report(Path(args.out), payload, render)
 
 
 if __name__ == "__main__":
