@@ -160,7 +160,8 @@ class QuantizePass(OnnxoptPass):
         # Per-run caches keyed by the id of a model proto that lives for the whole call.
         self._scales: dict[tuple[int, str, int, bool], list[dict[str, Any]]] = {}
         self._worth_it: dict[tuple[int, bool, tuple[str, ...]], dict[str, int]] = {}
-        self._base: tuple[tuple[int, int, bool, tuple[str, ...]], frozenset[str], onnx.ModelProto] | None = None
+        # ORT's builds in _build: (proto, ranges, reduce_range, op types, setting) -> [(excluded nodes, model)]
+        self._built: dict[tuple[Any, ...], list[tuple[frozenset[str], onnx.ModelProto]]] = {}
         if self.context.calib is None:
             raise DataError("quantize needs calibration data (--calib)")
         _refuse_quantized(model)
@@ -220,7 +221,7 @@ class QuantizePass(OnnxoptPass):
             evaluator = Evaluator.build(fp32, self.context, specs, self.eval_samples)
             exclude = self._mixed_precision(proto, ranges, reduce_range, op_types, exclude, evaluator, budget)
 
-        quantized = self._build(proto, ranges, reduce_range, op_types, exclude)
+        quantized, _ = self._build(proto, ranges, reduce_range, op_types, exclude)
         if self.placement == "auto":
             from onnxopt.passes.quantize.placement import sharing_sessions
 
@@ -348,7 +349,7 @@ class QuantizePass(OnnxoptPass):
             return exclude + names[:cap]
 
         def fits(k: int) -> tuple[bool, float]:
-            model = self._build(proto, ranges, reduce_range, op_types, exclude + names[:k])
+            model, _ = self._build(proto, ranges, reduce_range, op_types, exclude + names[:k])
             drop = evaluator.drop(model)
             return drop <= budget + 1e-12, drop
 
@@ -439,37 +440,30 @@ class QuantizePass(OnnxoptPass):
         candidates = [pl.Candidate("all", full)]
         settings: dict[str, tuple[bool, str]] = {"all": (self.per_channel, self.format)}
         heavy = [op for op in op_types if op in pl.HEAVY_OPS]
-        # What each candidate was built as, so that a region equal to another (e.g. the head is also the first conv)
-        # is not built, checked and timed twice, and so that a region is derived from the candidate with the same
-        # op types and fewer FP32 nodes (float_nodes.keep_float: milliseconds, where ORT's quantizer took 0.1-0.2 s).
-        built: dict[tuple[frozenset[str], frozenset[str], bool, str], onnx.ModelProto | None] = {
-            (frozenset(op_types), frozenset(exclude), self.per_channel, self.format): full}
+        # What each candidate was asked for, so that a region equal to another (e.g. the head is also the first conv)
+        # is not built, checked and timed twice. A region is derived from a model with the same op types and fewer
+        # FP32 nodes (_build: milliseconds, where ORT's quantizer took 0.1-0.2 s).
+        requested = {(frozenset(op_types), frozenset(exclude), self.per_channel, self.format)}
 
         def add(label: str, ops: list[str], skip: list[str], per_channel: bool | None = None,
                 fmt: str | None = None) -> None:
             nonlocal build_seconds
             setting = (self.per_channel if per_channel is None else per_channel, fmt or self.format)
             key = (frozenset(ops), frozenset(skip), *setting)
-            if len(candidates) >= self.max_candidates or label in settings or key in built:
+            if len(candidates) >= self.max_candidates or label in settings or key in requested:
                 return
+            requested.add(key)
+            settings[label] = setting
             start = time.perf_counter()
-            bases = [model for (b_ops, b_skip, *b_setting), model in built.items()
-                     if model is not None and b_ops == key[0] and b_skip <= key[1] and tuple(b_setting) == setting]
-            derived = self._derive(bases[0], proto, ops, skip) if bases and setting[1] == "qdq" else None
             try:
-                model = derived if derived is not None else self._rewrite(
-                    proto, ranges, reduce_range, ops, skip, per_channel=per_channel, fmt=fmt)
+                model, derived = self._build(proto, ranges, reduce_range, ops, skip, per_channel, fmt)
             except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot build is reported, not fatal
-                built[key] = None
                 candidates.append(pl.Candidate(label, None, rejected=f"could not be built: {exc}"[:200]))
-                settings[label] = setting
                 return
             finally:
                 build_seconds += time.perf_counter() - start
-            built[key] = model
             candidates.append(pl.Candidate(label, model))
-            settings[label] = setting
-            if derived is not None:
+            if derived:
                 derived_labels.append(label)
 
         def add_regions() -> None:
@@ -632,22 +626,24 @@ class QuantizePass(OnnxoptPass):
                 if (key := (id(proto), name, axis, reduce_range)) in self._scales}
 
     def _build(self, proto: onnx.ModelProto, ranges: dict[str, Any], reduce_range: bool, op_types: list[str],
-               exclude: list[str]) -> onnx.ModelProto:
-        """ORT's rewrite of ``proto`` for (``op_types``, ``exclude``) in this pass's format and weights; after the
-        first, derived from it (:meth:`_derive`) when it excluded fewer nodes: the budget search's bisection asks
-        for several, each a full run of ORT's quantizer otherwise."""
-        key = (id(proto), id(ranges), reduce_range, tuple(op_types))
+               exclude: list[str], per_channel: bool | None = None, fmt: str | None = None
+               ) -> tuple[onnx.ModelProto, bool]:
+        """ORT's rewrite of ``proto`` for (``op_types``, ``exclude``), and whether it was derived (:meth:`_derive`)
+        from one built earlier in this call with the same op types and settings and fewer excluded nodes instead:
+        the placement regions and the budget search's bisection steps would each be a run of ORT's quantizer."""
+        setting = (self.per_channel if per_channel is None else per_channel, fmt or self.format)
+        key = (id(proto), id(ranges), reduce_range, frozenset(op_types), setting)
         skip = frozenset(exclude)
-        if self._base is not None and self._base[0] == key and self._base[1] <= skip and self.format == "qdq":
-            if self._base[1] == skip:
-                return self._base[2]
-            derived = self._derive(self._base[2], proto, op_types, exclude)
-            if derived is not None:
-                return derived
-        model = self._rewrite(proto, ranges, reduce_range, op_types, exclude)
-        if self._base is None or self._base[0] != key or not self._base[1] <= skip:
-            self._base = (key, skip, model)
-        return model
+        bases = [(b_skip, model) for b_skip, model in self._built.get(key, []) if b_skip <= skip]
+        base_skip, base = max(bases, key=lambda b: len(b[0])) if bases else (None, None)
+        if base is not None and base_skip == skip:
+            return base, False
+        derived = self._derive(base, proto, op_types, exclude) if base is not None and setting[1] == "qdq" else None
+        model = derived if derived is not None else self._rewrite(proto, ranges, reduce_range, op_types, exclude,
+                                                                  per_channel=per_channel, fmt=fmt)
+        if derived is None:  # bases are ORT's builds only: derived models would just be held in memory longer
+            self._built.setdefault(key, []).append((skip, model))
+        return model, derived is not None
 
     def _derive(self, full: onnx.ModelProto, proto: onnx.ModelProto, op_types: list[str],
                 exclude: list[str]) -> onnx.ModelProto | None:
