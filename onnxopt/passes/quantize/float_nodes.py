@@ -6,9 +6,14 @@ linearly) and most of the search's time. Such a model differs from the whole-mod
 
 * a node in float reads its float weight, bias and other initializers again (those of the model ORT quantized);
 * a Quantize/Dequantize pair on an activation stays where an int8 node still uses it (the pair's producer or one of
-  its consumers), as ORT's quantizer would place it for the smaller node set, and goes away elsewhere, except where
-  ORT removed a Relu/Clip in front of it (the pair's saturation then does the clipping, as in the whole-model graph);
+  its consumers), as ORT's quantizer would place it for the smaller node set, and goes away elsewhere; ops that ORT
+  quantizes only behind a quantized input (Reshape, MaxPool, ...) follow their input;
+* a Relu/Clip that ORT folded into a Quantize (its saturation clips instead) comes back behind a node now float, as
+  ORT keeps it there;
 * what nothing reads any more (DequantizeLinear of a weight, its int8 initializer, scale and zero point) goes away.
+
+The result has ORT's op-type counts and bit-identical outputs (tests/test_quantize_fast_paths.py on the example,
+tests/test_fuzz.py on random conv nets, benchmarks/derived_candidates.py on the benchmark nets).
 
 :func:`keep_float` makes that edit directly, in milliseconds. Where it cannot match nodes safely (a node without a
 name, or a name used twice) it returns None and the caller runs ORT's quantizer as before.
@@ -128,15 +133,27 @@ def keep_float(qdq: onnx.ModelProto, source: onnx.ModelProto, int8_nodes: Collec
         removed.add(id(q))
 
     # 3. Whatever nothing reads any more.
-    kept = [node for node in graph.node if id(node) not in removed]
+    _rebuild(graph, [node for node in graph.node if id(node) not in removed], unfolded, graph_outputs)
+    return model
+
+
+def quantized_nodes(qdq: onnx.ModelProto) -> set[str]:
+    """Names of the nodes ORT quantized in a QDQ model: those reading a DequantizeLinear output."""
+    dequantized = {out for node in qdq.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    return {node.name for node in qdq.graph.node
+            if node.op_type not in _QDQ and node.name and any(name in dequantized for name in node.input)}
+
+
+def _rebuild(graph: onnx.GraphProto, kept: list[onnx.NodeProto], unfolded: dict[int, onnx.NodeProto],
+             graph_outputs: set[str]) -> None:
+    """``graph`` with the nodes ``kept`` (each followed by its put-back activation, if any), less the Q/DQ nodes,
+    initializers and value_info nothing reads any more."""
     while True:
         read = {name for node in [*kept, *unfolded.values()] for name in node.input} | graph_outputs
-        dead = [node for node in kept if node.op_type in _QDQ and not any(out in read for out in node.output)]
+        dead = {id(node) for node in kept if node.op_type in _QDQ and not any(out in read for out in node.output)}
         if not dead:
             break
-        dead_ids = {id(node) for node in dead}
-        kept = [node for node in kept if id(node) not in dead_ids]
-    read = {name for node in [*kept, *unfolded.values()] for name in node.input} | graph_outputs
+        kept = [node for node in kept if id(node) not in dead]
     nodes = []
     for node in kept:
         nodes.append(_copy(node))
@@ -151,14 +168,6 @@ def keep_float(qdq: onnx.ModelProto, source: onnx.ModelProto, int8_nodes: Collec
     live_info = [info for info in graph.value_info if info.name in produced]
     del graph.value_info[:]
     graph.value_info.extend(live_info)
-    return model
-
-
-def quantized_nodes(qdq: onnx.ModelProto) -> set[str]:
-    """Names of the nodes ORT quantized in a QDQ model: those reading a DequantizeLinear output."""
-    dequantized = {out for node in qdq.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
-    return {node.name for node in qdq.graph.node
-            if node.op_type not in _QDQ and node.name and any(name in dequantized for name in node.input)}
 
 
 def _unique_by_name(nodes: Collection[onnx.NodeProto]) -> dict[str, onnx.NodeProto] | None:
@@ -207,8 +216,6 @@ def _unfold(folded: onnx.NodeProto | None, made_by: onnx.NodeProto | None, tenso
     if not _same_node(before, made_by) or folded.input[0] in producer or folded.input[0] in inits:
         return None
     if any(name and name not in source_inits for name in folded.input[1:]):
-        return None
-    if any(name and name in inits and name not in source_inits for name in folded.input[1:]):
         return None
     made_by.output[list(made_by.output).index(tensor)] = folded.input[0]
     producer[folded.input[0]] = made_by
