@@ -89,7 +89,7 @@ def test_derived_placements_equal_ort_rewrites(net, heavy_only, chosen):
     full = step._rewrite(proto, ranges, False, ops, [])
     heavy = [n.name for n in proto.graph.node if n.op_type in HEAVY_OPS and n.name]
     floating = chosen.sample(heavy, chosen.randint(1, len(heavy))) if heavy else []
-    derived = keep_float(full, proto, {n.name for n in proto.graph.node if n.op_type in ops} - set(floating))
+    derived = keep_float(full, proto, {n.name for n in proto.graph.node if n.op_type in ops} - set(floating), floating)
     assert derived is not None, net.describe()
     onnx.checker.check_model(derived)
     reference = step._rewrite(proto, ranges, False, ops, floating)

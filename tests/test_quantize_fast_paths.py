@@ -399,7 +399,7 @@ def test_candidates_derived_from_the_qdq_model_equal_ort_rewrites(prepared, heav
     tries = [regions["first"], regions["head"], regions["depthwise"], regions["first"] + regions["depthwise"], heavy]
     for floating in tries:
         int8 = {n.name for n in proto.graph.node if n.op_type in ops and n.name not in floating}
-        derived = keep_float(full, proto, int8)
+        derived = keep_float(full, proto, int8, floating)
         assert derived is not None
         onnx.checker.check_model(derived)
         reference = rewrite(ops, floating)
@@ -421,7 +421,7 @@ def test_derivation_refuses_node_names_it_cannot_match(prepared):
     twice.CopyFrom(proto)
     convs = [n for n in twice.graph.node if n.op_type == "Conv"]
     convs[1].name = convs[0].name
-    assert keep_float(full, twice, set()) is None
+    assert keep_float(full, twice, set(), [convs[0].name]) is None
 
 
 def test_placement_and_budget_search_give_the_same_models_derived_or_built(monkeypatch):

@@ -32,14 +32,18 @@ FOLLOW_INPUT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatt
                           "Slice", "TopK", "Resize", "Split", "Gather", "GatherElements"})
 
 
-def keep_float(qdq: onnx.ModelProto, source: onnx.ModelProto, int8_nodes: Collection[str]) -> onnx.ModelProto | None:
-    """``qdq`` (ORT's QDQ rewrite of ``source``) with every node outside ``int8_nodes`` in float.
+def keep_float(qdq: onnx.ModelProto, source: onnx.ModelProto, int8_nodes: Collection[str],
+               float_nodes: Collection[str]) -> onnx.ModelProto | None:
+    """``qdq`` (ORT's QDQ rewrite of ``source``) with the nodes ``float_nodes`` back in float.
 
-    ``int8_nodes`` names the nodes that stay quantized; it must be a subset of those ORT quantized in ``qdq``.
-    Returns a new model (``qdq`` is not touched), or None when the nodes cannot be matched by name.
+    ``int8_nodes`` names the nodes ORT is to quantize (the op types asked for, less every excluded node); only
+    what the float nodes change is edited: a pair or a Reshape-like op that ORT placed for reasons of its own
+    elsewhere stays as it is. Returns a new model (``qdq`` is not touched), or None when the nodes cannot be
+    matched by name.
     """
+    floating = set(float_nodes)
     # Only nodes ORT did quantize count: a Flatten after a float GlobalAveragePool is in the op types but was not.
-    int8 = set(int8_nodes) & quantized_nodes(qdq)
+    int8 = (set(int8_nodes) - floating) & quantized_nodes(qdq)
     model = onnx.ModelProto()
     model.CopyFrom(qdq)
     graph = model.graph
@@ -58,7 +62,7 @@ def keep_float(qdq: onnx.ModelProto, source: onnx.ModelProto, int8_nodes: Collec
     # 1. Float nodes read their float initializers again.
     restored: dict[str, onnx.TensorProto] = {}
     for node in graph.node:
-        if node.op_type in _QDQ or node.name in int8:
+        if node.op_type in _QDQ or node.name not in floating:
             continue
         for k, name in enumerate(node.input):
             if not dequantized_initializer(name):
@@ -90,7 +94,7 @@ def keep_float(qdq: onnx.ModelProto, source: onnx.ModelProto, int8_nodes: Collec
     # 2. Activation pairs that no int8 node uses any more.
     graph_outputs = {out.name for out in graph.output}
     inits.update(restored)
-    _drop_followers(graph.node, int8, producer, consumers, inits)
+    _drop_followers(graph.node, int8, floating, producer, consumers, inits)
     unfolded: dict[int, onnx.NodeProto] = {}  # id(node) -> the Relu/Clip put back after it
     for q in graph.node:
         if q.op_type != "QuantizeLinear" or q.input[0] in inits:
@@ -99,8 +103,11 @@ def keep_float(qdq: onnx.ModelProto, source: onnx.ModelProto, int8_nodes: Collec
         if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs) or q.output[0] in graph_outputs:
             continue
         made_by = producer.get(q.input[0])
+        users = [u for d in dqs for u in consumers.get(d.output[0], [])]
+        if not (made_by is not None and made_by.name in floating) and not any(u.name in floating for u in users):
+            continue  # no node next to this pair changed: it stays as ORT placed it
         folded = source_producer.get(q.input[0])
-        if folded is not None and (made_by is None or made_by.name not in int8) and not _same_node(made_by, folded):
+        if folded is not None and made_by is not None and made_by.name in floating and not _same_node(made_by, folded):
             # ORT folded a Relu/Clip into this pair (the Q saturates in its place) behind a node now float: put the
             # op back, as ORT keeps it there; where that cannot be done, the pair stays and does the clipping.
             activation = _unfold(folded, made_by, q.input[0], source_producer, source_inits, inits, producer)
@@ -112,7 +119,6 @@ def keep_float(qdq: onnx.ModelProto, source: onnx.ModelProto, int8_nodes: Collec
                     inits[init_name] = source_inits[init_name]
                     graph.initializer.append(source_inits[init_name])
             made_by = activation
-        users = [u for d in dqs for u in consumers.get(d.output[0], [])]
         if (made_by is not None and made_by.name in int8) or any(u.name in int8 for u in users):
             continue
         if any(d.output[0] in graph_outputs for d in dqs):
@@ -180,11 +186,12 @@ def _unique_by_name(nodes: Collection[onnx.NodeProto]) -> dict[str, onnx.NodePro
     return by_name
 
 
-def _drop_followers(nodes: Collection[onnx.NodeProto], int8: set[str], producer: dict[str, onnx.NodeProto],
-                    consumers: dict[str, list[onnx.NodeProto]], inits: dict[str, onnx.TensorProto]) -> None:
-    """Remove from ``int8`` the nodes ORT quantizes only when their input is quantized anyway (Reshape, MaxPool,
-    ...: :data:`FOLLOW_INPUT`) and whose input pair no other int8 node needs any more; repeated, since one such
-    node going float can free the next."""
+def _drop_followers(nodes: Collection[onnx.NodeProto], int8: set[str], floating: set[str],
+                    producer: dict[str, onnx.NodeProto], consumers: dict[str, list[onnx.NodeProto]],
+                    inits: dict[str, onnx.TensorProto]) -> None:
+    """Move from ``int8`` to ``floating`` the nodes ORT quantizes only when their input is quantized anyway
+    (Reshape, MaxPool, ...: :data:`FOLLOW_INPUT`) whose input pair a node now float supported and no int8 node
+    needs any more; repeated, since one such node going float can free the next."""
     changed = True
     while changed:
         changed = False
@@ -200,8 +207,10 @@ def _drop_followers(nodes: Collection[onnx.NodeProto], int8: set[str], producer:
             made_by = producer.get(q.input[0])
             others = [u for d in consumers.get(q.output[0], []) for u in consumers.get(d.output[0], [])
                       if u is not node]
-            if (made_by is None or made_by.name not in int8) and not any(u.name in int8 for u in others):
+            neighbours = ([made_by] if made_by is not None else []) + others
+            if any(n.name in floating for n in neighbours) and not any(n.name in int8 for n in neighbours):
                 int8.discard(node.name)
+                floating.add(node.name)
                 changed = True
 
 

@@ -638,25 +638,27 @@ class QuantizePass(OnnxoptPass):
         base_skip, base = max(bases, key=lambda b: len(b[0])) if bases else (None, None)
         if base is not None and base_skip == skip:
             return base, False
-        derived = self._derive(base, proto, op_types, exclude) if base is not None and setting[1] == "qdq" else None
+        derived = (self._derive(base, base_skip, proto, op_types, exclude)
+                   if base is not None and setting[1] == "qdq" else None)
         model = derived if derived is not None else self._rewrite(proto, ranges, reduce_range, op_types, exclude,
                                                                   per_channel=per_channel, fmt=fmt)
         if derived is None:  # bases are ORT's builds only: derived models would just be held in memory longer
             self._built.setdefault(key, []).append((skip, model))
         return model, derived is not None
 
-    def _derive(self, full: onnx.ModelProto, proto: onnx.ModelProto, op_types: list[str],
-                exclude: list[str]) -> onnx.ModelProto | None:
+    def _derive(self, full: onnx.ModelProto, full_exclude: frozenset[str], proto: onnx.ModelProto,
+                op_types: list[str], exclude: list[str]) -> onnx.ModelProto | None:
         """What ORT's quantizer builds from ``proto`` for (``op_types``, ``exclude``), derived from ``full`` (its
-        QDQ rewrite for the same op types and a subset of ``exclude``) by :func:`float_nodes.keep_float`; None: ask
-        ORT instead (tests/test_quantize_fast_paths.py checks the two give the same outputs)."""
+        QDQ rewrite for the same op types and ``full_exclude``, a subset of ``exclude``) by
+        :func:`float_nodes.keep_float`; None: ask ORT instead (tests/test_quantize_fast_paths.py and
+        tests/test_fuzz.py check the two give the same model)."""
         if not self.derive_candidates:
             return None
         from onnxopt.passes.quantize.float_nodes import keep_float
 
         skip = set(exclude)
         int8 = {node.name for node in proto.graph.node if node.op_type in op_types and node.name not in skip}
-        return keep_float(full, proto, int8)
+        return keep_float(full, proto, int8, skip - full_exclude)
 
     def _rewrite(self, proto: onnx.ModelProto, ranges: dict[str, Any], reduce_range: bool, op_types: list[str],
                  exclude: list[str], per_channel: bool | None = None, fmt: str | None = None) -> onnx.ModelProto:
