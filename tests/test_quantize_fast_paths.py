@@ -459,3 +459,33 @@ def test_placement_and_budget_search_give_the_same_models_derived_or_built(monke
         assert np.array_equal(outputs, seen[False][label]), label
     assert trials[True] == trials[False] and len(trials[True]) > 2  # the bisection ran, on the same drops
     assert np.array_equal(_outputs(finals[True]), _outputs(finals[False]))
+
+
+def test_a_region_candidate_must_beat_the_whole_int8_model_head_to_head(monkeypatch):
+    """A candidate with FP32 regions that wins the race but ties the whole int8 model head to head is dropped for
+    the whole model; one that beats it head to head is kept."""
+    def run(head_to_head_ms: float):
+        calls = []
+
+        def fake_time(models, threads, shapes):
+            calls.append(sorted(models))
+            if placement.FP32 not in models:  # the head-to-head run
+                return {label: (head_to_head_ms if "_fp32_" in label else 1.0) for label in models}
+            return {label: 2.0 if label == placement.FP32 else (0.8 if label == "conv_gemm_matmul_fp32_first"
+                                                                 else 1.0) for label in models}
+
+        monkeypatch.setattr(placement, "time_models", fake_time)
+        model = load_model(examples.default_model_path())
+        NormalizePass().apply(model)
+        step = QuantizePass(calib_samples=16, placement_search="full")
+        step.bind(PassContext(calib=open_data(str(examples.default_calib_path()))))
+        step.apply(to_proto(model))
+        return step.details["placement"], calls
+
+    tie, calls = run(1.0)
+    assert tie["head_to_head"][0]["label"] == "conv_gemm_matmul_fp32_first" and tie["chosen"] in ("all", "qoperator")
+    assert ["all", "conv_gemm_matmul_fp32_first"] in calls or ["conv_gemm_matmul_fp32_first", "qoperator"] in calls
+    dropped = {c["label"]: c["rejected"] for c in tie["candidates"]}["conv_gemm_matmul_fp32_first"]
+    assert dropped.startswith("not faster than") and "head to head (1.00x)" in dropped
+    faster, _ = run(0.5)
+    assert faster["chosen"] == "conv_gemm_matmul_fp32_first" and faster["head_to_head"][0]["speedup"] == 2.0

@@ -445,9 +445,13 @@ class QuantizePass(OnnxoptPass):
         # FP32 nodes (_build: milliseconds, where ORT's quantizer took 0.1-0.2 s).
         requested = {(frozenset(op_types), frozenset(exclude), self.per_channel, self.format)}
 
+        partial: set[str] = set()  # the candidates that keep a region FP32
+
         def add(label: str, ops: list[str], skip: list[str], per_channel: bool | None = None,
-                fmt: str | None = None) -> None:
+                fmt: str | None = None, region: bool = False) -> None:
             nonlocal build_seconds
+            if region:
+                partial.add(label)
             setting = (self.per_channel if per_channel is None else per_channel, fmt or self.format)
             key = (frozenset(ops), frozenset(skip), *setting)
             if len(candidates) >= self.max_candidates or label in settings or key in requested:
@@ -475,13 +479,13 @@ class QuantizePass(OnnxoptPass):
             regions = {label: nodes for label, nodes in pl.regions(proto, heavy).items()
                        if nodes and not set(nodes) <= set(exclude)}
             for label, nodes in regions.items():
-                add(f"{base}_fp32_{label}", base_ops, sorted(set(exclude) | set(nodes)))
+                add(f"{base}_fp32_{label}", base_ops, sorted(set(exclude) | set(nodes)), region=True)
             union = sorted(set(exclude).union(*regions.values())) if len(regions) > 1 else []
             if union and len(union) < len([n for n in proto.graph.node if n.op_type in heavy]):
-                add(f"{base}_fp32_{'+'.join(regions)}", base_ops, union)
+                add(f"{base}_fp32_{'+'.join(regions)}", base_ops, union, region=True)
             if self.format == "qdq" and heavy and "depthwise" in regions:  # int8 depthwise: the usual x86 loss
                 add("qoperator_fp32_depthwise", op_types, sorted(set(exclude) | set(regions["depthwise"])),
-                    fmt="qoperator")
+                    fmt="qoperator", region=True)
 
         specs = input_specs(model)
         feeds = []
@@ -509,11 +513,24 @@ class QuantizePass(OnnxoptPass):
             add_regions()
             fp32_ms = trial.time(candidates)  # every candidate timed again, together: one round-robin run decides
             chosen = trial.pick(candidates, fp32_ms)
-        confirmations = []
+        confirmations: list[dict[str, Any]] = []
+        head_to_head: list[dict[str, Any]] = []
         while chosen is not None:
             if len(confirmations) >= pl.CONFIRMATIONS:
                 chosen = None  # the tries are spent: stay FP32 rather than trust an unconfirmed timing
                 break
+            # A region kept FP32 must also beat the fastest whole int8 model that passes its checks, head to head:
+            # a near-tie in the race goes to fewer FP32 nodes (on ResNet a first+head-FP32 candidate won a race by
+            # noise, and the benchmark measured it slower than the whole int8 model at every setting).
+            rival = self._whole_rival(chosen, candidates, partial, trial)
+            if rival is not None:
+                medians = pl.time_models({rival.label: rival.model, chosen.label: chosen.model}, threads, shapes)
+                ratio = medians[rival.label] / medians[chosen.label] if medians.get(chosen.label) else 0.0
+                head_to_head.append({"label": chosen.label, "rival": rival.label, "speedup": ratio})
+                if ratio < pl.MIN_SPEEDUP:
+                    chosen.rejected = f"not faster than {rival.label} head to head ({ratio:.2f}x)"
+                    chosen = trial.pick(candidates, fp32_ms)
+                    continue
             # A second, two-model run against FP32: one burst of load on a shared machine cannot pick a winner.
             ratio, again = pl.ratio_to_fp32(fp32, chosen.label, chosen.model, threads, shapes)
             confirmations.append({"label": chosen.label, "fp32_ms": again.get(pl.FP32),
@@ -537,7 +554,7 @@ class QuantizePass(OnnxoptPass):
             "derived": derived_labels,
             "seconds": {"build": round(build_seconds, 3),
                         "measure": round(time.perf_counter() - started - build_seconds, 3)},
-            "confirmations": confirmations,
+            "confirmations": confirmations, "head_to_head": head_to_head,
         }
         parts = [f"fp32 {fp32_ms:.3f} ms" if fp32_ms else "fp32 not timed"]
         for cand in candidates:
@@ -570,6 +587,19 @@ class QuantizePass(OnnxoptPass):
         assert chosen.model is not None
         per_channel, fmt = settings[chosen.label]
         return chosen.model, per_channel, fmt
+
+    @staticmethod
+    def _whole_rival(chosen: Any, candidates: list[Any], partial: set[str], trial: Any) -> Any:
+        """For a chosen region candidate, the fastest candidate without FP32 regions that is faster than FP32 and
+        passes its checks (run now); None for a whole-model choice, or when no such candidate is left."""
+        from onnxopt.passes.quantize import placement as pl
+
+        if chosen.label not in partial:
+            return None
+        rivals = sorted((c for c in candidates if c.label not in partial and c.rejected is None
+                         and c.median_ms is not None and (c.speedup or 0.0) >= pl.MIN_SPEEDUP),
+                        key=lambda c: c.median_ms)
+        return next((c for c in rivals if trial.vet(c)), None)
 
     @staticmethod
     def _slower_elsewhere(fp32: onnx.ModelProto, chosen: pl.Candidate, shapes: dict[str, tuple[int, ...]],
