@@ -469,7 +469,9 @@ def test_a_region_candidate_must_beat_the_whole_int8_model_head_to_head(monkeypa
 
         def fake_time(models, threads, shapes):
             calls.append(sorted(models))
-            if placement.FP32 not in models:  # the head-to-head run
+            if placement.FP32 not in models:  # the head-to-head run (None: the rival could not be timed)
+                if head_to_head_ms is None:
+                    return {label: 1.0 for label in models if "_fp32_" in label}
                 return {label: (head_to_head_ms if "_fp32_" in label else 1.0) for label in models}
             return {label: 2.0 if label == placement.FP32 else (0.8 if label == "conv_gemm_matmul_fp32_first"
                                                                  else 1.0) for label in models}
@@ -489,3 +491,5 @@ def test_a_region_candidate_must_beat_the_whole_int8_model_head_to_head(monkeypa
     assert dropped.startswith("not faster than") and "head to head (1.00x)" in dropped
     faster, _ = run(0.5)
     assert faster["chosen"] == "conv_gemm_matmul_fp32_first" and faster["head_to_head"][0]["speedup"] == 2.0
+    untimed, _ = run(None)
+    assert untimed["chosen"] == "conv_gemm_matmul_fp32_first" and untimed["head_to_head"][0]["speedup"] is None

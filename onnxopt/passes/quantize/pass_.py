@@ -525,10 +525,12 @@ class QuantizePass(OnnxoptPass):
             rival = self._whole_rival(chosen, candidates, partial, trial)
             if rival is not None:
                 medians = pl.time_models({rival.label: rival.model, chosen.label: chosen.model}, threads, shapes)
-                ratio = medians[rival.label] / medians[chosen.label] if medians.get(chosen.label) else 0.0
+                rival_ms, chosen_ms = medians.get(rival.label), medians.get(chosen.label)
+                ratio = rival_ms / chosen_ms if rival_ms and chosen_ms else None
                 head_to_head.append({"label": chosen.label, "rival": rival.label, "speedup": ratio})
-                if ratio < pl.MIN_SPEEDUP:
-                    chosen.rejected = f"not faster than {rival.label} head to head ({ratio:.2f}x)"
+                if rival_ms and (ratio is None or ratio < pl.MIN_SPEEDUP):  # an untimed rival is no reason
+                    chosen.rejected = (f"not faster than {rival.label} head to head"
+                                       + (f" ({ratio:.2f}x)" if ratio is not None else ""))
                     chosen = trial.pick(candidates, fp32_ms)
                     continue
             # A second, two-model run against FP32: one burst of load on a shared machine cannot pick a winner.
