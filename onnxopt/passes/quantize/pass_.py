@@ -522,7 +522,7 @@ class QuantizePass(OnnxoptPass):
             # A region kept FP32 must also beat the fastest whole int8 model that passes its checks, head to head:
             # a near-tie in the race goes to fewer FP32 nodes (on ResNet a first+head-FP32 candidate won a race by
             # noise, and the benchmark measured it slower than the whole int8 model at every setting).
-            rival = self._whole_rival(chosen, candidates, partial, trial)
+            rival = trial.whole_rival(chosen, candidates, partial)
             if rival is not None:
                 medians = pl.time_models({rival.label: rival.model, chosen.label: chosen.model}, threads, shapes)
                 rival_ms, chosen_ms = medians.get(rival.label), medians.get(chosen.label)
@@ -589,19 +589,6 @@ class QuantizePass(OnnxoptPass):
         assert chosen.model is not None
         per_channel, fmt = settings[chosen.label]
         return chosen.model, per_channel, fmt
-
-    @staticmethod
-    def _whole_rival(chosen: Any, candidates: list[Any], partial: set[str], trial: Any) -> Any:
-        """For a chosen region candidate, the fastest candidate without FP32 regions that is faster than FP32 and
-        passes its checks (run now); None for a whole-model choice, or when no such candidate is left."""
-        from onnxopt.passes.quantize import placement as pl
-
-        if chosen.label not in partial:
-            return None
-        rivals = sorted((c for c in candidates if c.label not in partial and c.rejected is None
-                         and c.median_ms is not None and (c.speedup or 0.0) >= pl.MIN_SPEEDUP),
-                        key=lambda c: c.median_ms)
-        return next((c for c in rivals if trial.vet(c)), None)
 
     @staticmethod
     def _slower_elsewhere(fp32: onnx.ModelProto, chosen: pl.Candidate, shapes: dict[str, tuple[int, ...]],

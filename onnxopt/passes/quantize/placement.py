@@ -400,6 +400,18 @@ class Trial:
                 cand.speedup = fp32_ms / cand.median_ms
         return fp32_ms
 
+    def whole_rival(self, chosen: Candidate, candidates: Sequence[Candidate],
+                    partial: set[str]) -> Candidate | None:
+        """For ``chosen`` among the ``partial`` candidates (regions kept FP32), the fastest other candidate that
+        keeps none FP32, is at least ``MIN_SPEEDUP`` faster than FP32 and passes its checks (run now); None for a
+        whole-model choice, or when no such candidate is left."""
+        if chosen.label not in partial:
+            return None
+        rivals = sorted((c for c in candidates if c.label not in partial and c.rejected is None
+                         and c.median_ms is not None and (c.speedup or 0.0) >= MIN_SPEEDUP),
+                        key=lambda c: c.median_ms or float("inf"))
+        return next((c for c in rivals if self.vet(c)), None)
+
     def pick(self, candidates: list[Candidate], fp32_ms: float | None) -> Candidate | None:
         """The fastest candidate at least ``MIN_SPEEDUP`` faster than FP32 that passes its checks (run now)."""
         while fp32_ms:
