@@ -524,11 +524,10 @@ class QuantizePass(OnnxoptPass):
             # noise, and the benchmark measured it slower than the whole int8 model at every setting).
             rival = trial.whole_rival(chosen, candidates, partial)
             if rival is not None:
-                medians = pl.time_models({rival.label: rival.model, chosen.label: chosen.model}, threads, shapes)
-                rival_ms, chosen_ms = medians.get(rival.label), medians.get(chosen.label)
-                ratio = rival_ms / chosen_ms if rival_ms and chosen_ms else None
+                ratio, medians = pl.ratio_between(rival.label, rival.model, chosen.label, chosen.model, threads,
+                                                  shapes)
                 head_to_head.append({"label": chosen.label, "rival": rival.label, "speedup": ratio})
-                if rival_ms and (ratio is None or ratio < pl.MIN_SPEEDUP):  # an untimed rival is no reason
+                if medians.get(rival.label) and (ratio is None or ratio < pl.MIN_SPEEDUP):  # untimed rival: no reason
                     chosen.rejected = (f"not faster than {rival.label} head to head"
                                        + (f" ({ratio:.2f}x)" if ratio is not None else ""))
                     chosen = trial.pick(candidates, fp32_ms)

@@ -143,12 +143,22 @@ def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
     return {label: float(np.median(ms)) for label, ms in times.items() if ms}
 
 
+def ratio_between(reference_label: str, reference: onnx.ModelProto, label: str, model: onnx.ModelProto,
+                  threads: int | None, input_shapes: Mapping[str, tuple[int, ...]]
+                  ) -> tuple[float | None, dict[str, float]]:
+    """``reference`` median / ``model`` median from one two-model :func:`time_models` run (None when either could
+    not be timed), and the medians."""
+    medians = time_models({reference_label: reference, label: model}, threads, input_shapes)
+    reference_ms, ms = medians.get(reference_label), medians.get(label)
+    return (reference_ms / ms if reference_ms and ms else None), medians
+
+
 def ratio_to_fp32(fp32: onnx.ModelProto, label: str, model: onnx.ModelProto, threads: int | None,
                   input_shapes: Mapping[str, tuple[int, ...]]) -> tuple[float, dict[str, float]]:
     """FP32 median / ``model`` median from one two-model :func:`time_models` run (0.0 when it could not be timed),
     and the medians."""
-    medians = time_models({FP32: fp32, label: model}, threads, input_shapes)
-    return (medians[FP32] / medians[label] if medians.get(label) else 0.0), medians
+    ratio, medians = ratio_between(FP32, fp32, label, model, threads, input_shapes)
+    return ratio or 0.0, medians
 
 
 def at_batch(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]],
@@ -431,4 +441,5 @@ def choose(candidates: list[Candidate], fp32_ms: float) -> Candidate | None:
 
 
 __all__ = ["FP32", "HEAVY_OPS", "Candidate", "SessionPool", "Trial", "at_batch", "choose", "first_outputs",
-           "other_settings", "race", "ratio_to_fp32", "regions", "sharing_sessions", "time_models", "top1_agreement"]
+           "other_settings", "race", "ratio_between", "ratio_to_fp32", "regions", "sharing_sessions", "time_models",
+           "top1_agreement"]
