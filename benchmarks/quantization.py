@@ -116,7 +116,12 @@ def _run_onnxopt(spec: dict) -> Callable[[], dict]:
 
     def extra() -> dict:  # read after the clock stops
         search = result.report.to_dict()["steps"][-1].get("details", {}).get("placement", {})
-        return {"search_seconds": search["seconds"]} if "seconds" in search else {}
+        out: dict[str, Any] = {"search_seconds": search["seconds"]} if "seconds" in search else {}
+        if search:
+            out["placement"] = {key: search.get(key) for key in ("chosen", "verdict", "head_to_head")}
+            out["placement"]["confirmed"] = [{k: c.get(k) for k in ("label", "speedup", "elsewhere")}
+                                             for c in search.get("confirmations", [])]
+        return out
 
     return extra
 
@@ -213,8 +218,9 @@ def run_child(argv: list[str], log: Path, timeout: float = 900) -> dict:
         if line.startswith("{"):
             reported = json.loads(line)
             result["seconds"] = float(reported["seconds"])
-            if "search_seconds" in reported:
-                result["search_seconds"] = reported["search_seconds"]
+            for key in ("search_seconds", "placement"):
+                if key in reported:
+                    result[key] = reported[key]
             if reported.get("peak_mb"):
                 result["peak_mb"] = float(reported["peak_mb"])
             else:
@@ -434,14 +440,19 @@ def run_case(case: dict, workdir: Path, args: argparse.Namespace) -> dict:
             # The wall-time target compares sub-second runs on a shared machine: time each of its quantizers
             # (ours and ORT's alike) several times and keep the fastest run.
             runs = [result.get("seconds")]
+            decisions = [result.pop("placement")] if "placement" in result else []
             for _ in range(args.time_repeats - 1 if item["label"] in WALL_TIME_COMPARED else 0):
                 again = run_worker({**item["spec"], "out": str(out)}, log)
                 runs.append(again.get("seconds"))
+                if "placement" in again:
+                    decisions.append(again["placement"])
                 result["peak_mb"] = max(result.get("peak_mb", 0.0), again.get("peak_mb", 0.0))
                 if "search_seconds" in again and (again.get("seconds") or 1e9) < min(r or 1e9 for r in runs[:-1]):
                     result["search_seconds"] = again["search_seconds"]  # that of the fastest run, reported
             if len(runs) > 1 and None not in runs:
                 result["seconds"], result["seconds_runs"] = min(runs), runs
+            if decisions:  # one per timed run; the model evaluated below is the last run's
+                result["placements"] = decisions
         row = {"family": item["family"], **result}
         if "error" not in result:
             row["path"] = out
@@ -561,6 +572,34 @@ def _paired(ours: dict, peer: dict) -> str:
             f"(exact McNemar p = {min(1.0, 2 * tail):.2f})")
 
 
+def _placement_lines(rows: dict[str, dict]) -> list[str]:
+    """What the latency search decided in each timed run of our rows that searched (the model evaluated above is
+    the last run's): a decision that changes between runs of one input is timing noise made visible."""
+    lines = []
+    for label, row in rows.items():
+        decisions = row.get("placements") or []
+        if not decisions:
+            continue
+        described = []
+        for decision in decisions:
+            text = decision.get("verdict") or f"kept {decision.get('chosen')}"
+            confirmed = [c for c in decision.get("confirmed", []) if c.get("speedup") is not None]
+            if confirmed:
+                last = confirmed[-1]
+                elsewhere = ", ".join(f"{k} {v:.2f}x" for k, v in (last.get("elsewhere") or {}).items()
+                                      if v is not None)
+                text += f" (confirmed {last['label']} {last['speedup']:.2f}x" + (f"; {elsewhere}" if elsewhere
+                                                                                  else "") + ")"
+            for duel in decision.get("head_to_head") or []:
+                ratio = duel.get("speedup")
+                text += (f"; head to head {duel['label']} vs {duel['rival']}: "
+                         + (f"{ratio:.2f}x" if ratio is not None else "not timed"))
+            described.append(text)
+        lines.append(f"- placement search of `{label}`, {len(decisions)} timed run(s), the last one's model "
+                     "evaluated: " + " | ".join(f"run {i + 1}: {text}" for i, text in enumerate(described)))
+    return ([""] + lines) if lines else []
+
+
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "" if value is None else f"{value:{spec}}{suffix}"
 
@@ -628,6 +667,7 @@ def render(results: list[dict], args: argparse.Namespace, seconds: float) -> str
                 f"{row['int8_weights']}/{row['heavy_nodes']} | "
                 + " | ".join(f"{speed[s]:.2f}x ({fastest[s]:.2f}x)" if s in speed else "skipped" for s in settings)
                 + f" | {_fmt(row.get('seconds'), '.1f', ' s')} | {_fmt(row.get('peak_mb'), '.0f', ' MB')} |")
+        body += _placement_lines(rows)
         reasons = sorted({reason for row in rows.values() for reason in row.get("skipped", [])})
         if reasons:
             body += ["", "Skipped settings: " + "; ".join(reasons) + ". The input shape that the dynamic height/width "
