@@ -17,7 +17,8 @@ import onnx_ir as ir
 
 from onnxopt.budgets import parse_budgets
 from onnxopt.errors import BadInputError
-from onnxopt.modelio import as_ir_model, check_output_path, file_sha256, input_specs, load_model, save_model, to_proto
+from onnxopt.modelio import (as_ir_model, check_output_path, file_sha256, input_specs, internalize, load_model,
+                             save_model, to_proto)
 from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.context import PassContext
 from onnxopt.pipeline.manager import ManagerOptions, PipelineManager
@@ -151,7 +152,9 @@ def _copy(model: onnx.ModelProto | ir.Model) -> ir.Model:
     if isinstance(model, onnx.ModelProto):
         return as_ir_model(model)
     if isinstance(model, ir.Model):
-        return model.clone()
+        copy = model.clone()
+        internalize(copy)  # the copy's tensors only: the caller's model keeps its external references
+        return copy
     raise BadInputError(f"model must be a path, an onnx.ModelProto or an onnx_ir.Model, got {type(model).__name__}")
 
 

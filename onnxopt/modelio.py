@@ -66,11 +66,27 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
     _check_external_data_present(proto, path)
     try:
         model = ir.load(path)
+        internalize(model)
     except Exception as exc:
         raise BadInputError(f"cannot read ONNX model '{path}': {_short(exc)}") from None
     if check:
         check_model(model, source=str(path))
     return model
+
+
+def internalize(model: ir.Model) -> bool:
+    """Read external tensors into memory when the whole model stays below the external-data threshold; True if any
+    were read.
+
+    A model exported with external data (torch's dynamo exporter writes one for any size) then takes the in-memory
+    path of every tool: ORT's quantizer cannot follow relative data paths from the temporary folder it saves to,
+    and the other tools would write the whole model to a temporary file at every step (a 256 MB MLP: minutes per
+    pass instead of seconds). Larger models keep their tensors external and go to ORT by path.
+    """
+    if not has_external_tensors(model) or tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        return False
+    ir.external_data.load_to_model(model)
+    return True
 
 
 def as_ir_model(model: "str | os.PathLike[str] | onnx.ModelProto | ir.Model") -> ir.Model:

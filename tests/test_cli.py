@@ -103,6 +103,68 @@ def test_external_data_model_roundtrip(capsys, tmp_path: Path, data_path: Path):
     onnx.checker.check_model(str(tmp_path / "o.onnx"))
 
 
+def test_quantize_external_data_model(capsys, tmp_path: Path, data_path: Path):
+    """Weights in an external file (torch's dynamo exporter writes one for any size): quantize (with and without a
+    normalize pass before it) and prune work on it (ORT's quantizer failed on the relative data path when no pass
+    had read the tensors), the output is self-contained, the input untouched."""
+    path = tmp_path / "ext.onnx"
+    # no BN: nothing for quantize's own normalize step to do, so the external tensors reach ORT's quantizer
+    onnx.save(conv_classifier(channels=16, with_bn=False), str(path), save_as_external_data=True,
+              location="ext.data", size_threshold=64)
+    sums = {p: file_sha256(p) for p in (path, tmp_path / "ext.data")}
+    for command in (["quantize", path, "-o", tmp_path / "q.onnx", "--calib", data_path],
+                    ["optimize", path, "-o", tmp_path / "o.onnx", "--calib", data_path, "--pass", "quantize"],
+                    ["optimize", path, "-o", tmp_path / "p.onnx", "--calib", data_path, "--pass", "normalize",
+                     "--pass", "prune:ratio=0.25"]):
+        code, _, err = run_cli(capsys, *command, "--no-latency", "-q")
+        assert code == 0, err
+        out = command[3]
+        onnx.checker.check_model(str(out), full_check=True)
+        loaded = onnx.load(str(out), load_external_data=False)
+        assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in loaded.graph.initializer)
+    assert {p: file_sha256(p) for p in sums} == sums
+
+
+def test_external_tensors_read_into_memory_below_threshold(tmp_path: Path, monkeypatch):
+    """Below the threshold a loaded model holds its tensors in memory (every tool's in-memory path); above it they
+    stay external (ORT gets the model by path). An ir.Model given to the API keeps its own external tensors."""
+    import onnx_ir as ir
+
+    from onnxopt import modelio
+    from onnxopt.api import _copy
+
+    path = tmp_path / "ext.onnx"
+    onnx.save(conv_classifier(), str(path), save_as_external_data=True, location="ext.data", size_threshold=64)
+    assert not modelio.has_external_tensors(modelio.load_model(path))
+    given = ir.load(path)
+    assert not modelio.has_external_tensors(_copy(given)) and modelio.has_external_tensors(given)
+    monkeypatch.setattr(modelio, "EXTERNAL_DATA_THRESHOLD", 64)
+    assert modelio.has_external_tensors(modelio.load_model(path))
+
+
+def test_quantize_pass_reads_external_tensors(tmp_path: Path, data_path: Path, monkeypatch):
+    """The per-pass API on a model loaded by onnx_ir itself (tensors still external) quantizes it; one above the
+    external-data threshold is refused with the reason, not ORT's file error."""
+    import onnx_ir as ir
+
+    from onnxopt.calib_data import open_data
+    from onnxopt.passes.quantize import QuantizePass
+    from onnxopt.pipeline.context import PassContext
+
+    path = tmp_path / "ext.onnx"
+    onnx.save(conv_classifier(channels=16, with_bn=False), str(path), save_as_external_data=True,
+              location="ext.data", size_threshold=64)
+    context = PassContext(calib=open_data(str(data_path)))
+    out = QuantizePass(placement="all").bind(context).apply(ir.load(path))
+    assert any(node.op_type == "DequantizeLinear" for node in out.graph)
+    from onnxopt import modelio
+    from onnxopt.errors import BadInputError
+
+    monkeypatch.setattr(modelio, "EXTERNAL_DATA_THRESHOLD", 64)
+    with pytest.raises(BadInputError, match="weights in external files; ORT's quantizer holds the model in one"):
+        QuantizePass(placement="all").bind(context).apply(ir.load(path))
+
+
 def test_unknown_op_domain(capsys, tmp_path: Path):
     model = conv_classifier(with_bn=False)
     relu = next(n for n in model.graph.node if n.op_type == "Relu")

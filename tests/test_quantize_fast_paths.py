@@ -206,6 +206,26 @@ def test_shared_sessions_and_batched_agreement(prepared):
     assert placement._session(proto, None) is not session  # outside the block: no pool
 
 
+def test_rejected_candidate_frees_its_sessions(prepared):
+    """A candidate rejected (here: top-1 agreement with FP32 too low) gives back its pooled sessions, at every
+    thread setting, and keeps its record; the FP32 reference keeps its session."""
+    proto, specs = prepared
+    broken = onnx.ModelProto()
+    broken.CopyFrom(proto)
+    for init in broken.graph.initializer:  # negated weights: the same graph, other top-1 classes
+        array = onnx.numpy_helper.to_array(init)
+        if array.dtype == np.float32:
+            init.CopyFrom(onnx.numpy_helper.from_array(-array, init.name))
+    feeds = [batch.inputs for _, batch in zip(range(8), open_data(str(examples.default_calib_path()))
+                                                  .iter_batches(specs, batch_size=1))]
+    cand = placement.Candidate("negated", broken)
+    with placement.sharing_sessions() as pool:
+        trial = placement.Trial(proto, feeds, None, "cpu", {})
+        placement._session(broken, 1)  # a second thread setting, as a confirmation would make
+        assert not trial.vet(cand) and cand.rejected.startswith("top-1 agreement")
+        assert {key[0] for key in pool._sessions} == {id(proto)}
+
+
 def test_time_models_returns_a_median_per_model(prepared):
     """The real timing path runs (no assertion on the figures: the machine is shared)."""
     proto, _ = prepared

@@ -528,8 +528,8 @@ class QuantizePass(OnnxoptPass):
                                                   shapes)
                 head_to_head.append({"label": chosen.label, "rival": rival.label, "speedup": ratio})
                 if medians.get(rival.label) and (ratio is None or ratio < pl.MIN_SPEEDUP):  # untimed rival: no reason
-                    chosen.rejected = (f"not faster than {rival.label} head to head"
-                                       + (f" ({ratio:.2f}x)" if ratio is not None else ""))
+                    trial.reject(chosen, f"not faster than {rival.label} head to head"
+                                 + (f" ({ratio:.2f}x)" if ratio is not None else ""))
                     chosen = trial.pick(candidates, fp32_ms)
                     continue
             # A second, two-model run against FP32: one burst of load on a shared machine cannot pick a winner.
@@ -540,9 +540,9 @@ class QuantizePass(OnnxoptPass):
                 slower = self._slower_elsewhere(fp32, chosen, shapes, threads, confirmations[-1])
                 if slower is None:
                     break
-                chosen.rejected = f"slower than FP32 at {slower}"
+                trial.reject(chosen, f"slower than FP32 at {slower}")
             else:
-                chosen.rejected = f"not confirmed: {ratio:.2f}x FP32 when timed again"
+                trial.reject(chosen, f"not confirmed: {ratio:.2f}x FP32 when timed again")
             chosen = trial.pick(candidates, fp32_ms)
 
         self.details["placement"] = {
@@ -752,9 +752,14 @@ def _with_inferred_shapes(model: ir.Model) -> onnx.ModelProto:
     """
     from onnxruntime.quantization.quant_utils import add_infer_metadata, save_and_reload_model_with_shape_infer
 
-    from onnxopt.modelio import PROTOBUF_LIMIT, has_external_tensors, tensor_bytes
+    from onnxopt.modelio import PROTOBUF_LIMIT, has_external_tensors, internalize, tensor_bytes
 
-    if has_external_tensors(model) or tensor_bytes(model) >= PROTOBUF_LIMIT // 2:
+    internalize(model)  # ORT's round trip through a temporary folder loses a relative external-data path
+    if has_external_tensors(model):
+        raise BadInputError(f"quantize: the model has {tensor_bytes(model) / 1e9:.1f} GB of weights in external files; "
+                            "ORT's quantizer holds the model in one protobuf (at most 2 GB), so models this large "
+                            "are not supported")
+    if tensor_bytes(model) >= PROTOBUF_LIMIT // 2:
         return save_and_reload_model_with_shape_infer(to_proto(model))
     proto = onnx.shape_inference.infer_shapes(to_proto(model))
     add_infer_metadata(proto)

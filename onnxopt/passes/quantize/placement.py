@@ -95,6 +95,12 @@ class SessionPool:
                                                        what="a placement candidate"))
         return self._sessions[key][1]
 
+    def release(self, model: onnx.ModelProto) -> None:
+        """Drop ``model``'s sessions: a rejected candidate never runs again, and each session holds a copy of its
+        weights (on a 256 MB MLP whose candidates all failed the agreement check, the search peaked at 5.0 GB)."""
+        for key in [key for key in self._sessions if key[0] == id(model)]:
+            del self._sessions[key]
+
 
 _pool: SessionPool | None = None
 
@@ -363,12 +369,19 @@ class Trial:
         self._reference: list[np.ndarray] = []
         self._smoke_tested: set[str] = set()
 
+    @staticmethod
+    def reject(cand: Candidate, reason: str) -> None:
+        """Mark ``cand`` rejected and free its pooled sessions (it is never run again)."""
+        cand.rejected = reason
+        if _pool is not None and cand.model is not None:
+            _pool.release(cand.model)
+
     def _outputs(self, cand: Candidate, feeds: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray] | None:
         """``cand``'s first outputs on ``feeds``; None, with the candidate rejected, when ORT cannot run it."""
         try:
             return first_outputs(cand.model, feeds, self.threads, self.provider)
         except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot run is dropped, not fatal
-            cand.rejected = f"does not run: {exc}"[:200]
+            self.reject(cand, f"does not run: {exc}"[:200])
             return None
 
     def runs(self, cand: Candidate) -> bool:
@@ -388,11 +401,11 @@ class Trial:
                 return False
             cand.agreement = top1_agreement(self._reference, outputs)
             if cand.agreement < MIN_AGREEMENT:
-                cand.rejected = f"top-1 agreement {cand.agreement:.3f} < {MIN_AGREEMENT}"
+                self.reject(cand, f"top-1 agreement {cand.agreement:.3f} < {MIN_AGREEMENT}")
             elif self.budget is not None and self.evaluator is not None:
                 cand.drop = self.evaluator.drop(cand.model)
                 if cand.drop > self.budget + 1e-12:
-                    cand.rejected = f"accuracy drop {cand.drop:.4f} > budget {self.budget}"
+                    self.reject(cand, f"accuracy drop {cand.drop:.4f} > budget {self.budget}")
         return cand.rejected is None
 
     def time(self, candidates: Sequence[Candidate]) -> float | None:
@@ -405,7 +418,7 @@ class Trial:
         for cand in timed:
             cand.median_ms = medians.get(cand.label)
             if cand.median_ms is None:
-                cand.rejected = "could not be timed"
+                self.reject(cand, "could not be timed")
             elif fp32_ms:
                 cand.speedup = fp32_ms / cand.median_ms
         return fp32_ms
