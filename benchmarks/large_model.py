@@ -1,0 +1,239 @@
+"""Models whose weights live in an external file: onnxopt's normalize and quantize vs ORT's quantize_static. One run.
+
+torch's dynamo exporter, and ``onnx.save(..., save_as_external_data=True)``, write a model's weights to a separate
+file whatever its size. The models here are MLPs written that way: 4 x (MatMul + Add + Relu) of width W and a
+10-class MatMul head, W = 2048 (~64 MB of weights) and 4096 (~256 MB), with 32 seeded random calibration samples.
+
+Every run is its own subprocess (``nice -n 5``), timed from start to exit, its peak memory the child's maximum RSS
+(``wait4``), so imports count alike for every row. Rows:
+
+* ``onnxopt optimize --pass normalize``;
+* ``onnxopt optimize --pass quantize`` (the pass alone, with its latency-aware placement search) and
+  ``--pass quantize:placement=all`` (every op int8, no search);
+* ``onnxopt quantize`` (the command: normalize, then quantize);
+* ORT's ``quantize_static`` (QDQ, MinMax, its defaults) on the same file and samples: the peer;
+* with ``--before REF``: the onnxopt rows again with the code of git ref ``REF`` (checked out in a temporary git
+  worktree and put first on PYTHONPATH), so a change is measured side by side with what it replaced.
+
+Each output is checked: exit code (and the error's last line), ONNX checker (full check), ORT load, and the number
+of DequantizeLinear nodes (int8 placement). ``--no-latency`` for onnxopt: the rows time the passes, not the final
+latency comparison.
+
+Usage: nice -n 5 python benchmarks/large_model.py [--before REF] [--widths 2048,4096] [--out reports/large_model.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report_files import write_report  # noqa: E402 - beside this script
+
+LAYERS = 4
+CLASSES = 10
+SAMPLES = 32
+TIMEOUT_S = 1800
+
+
+def build_mlp(folder: Path, width: int, seed: int = 0) -> tuple[Path, Path]:
+    """``mlp.onnx`` with its weights in ``mlp.bin``, and ``calib.npz`` (input 'x')."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, current = [], [], "x"
+    for i in range(LAYERS):
+        weight = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits += [numpy_helper.from_array(weight, f"W{i}"),
+                  numpy_helper.from_array((0.01 * rng.standard_normal(width)).astype(np.float32), f"B{i}")]
+        nodes += [helper.make_node("MatMul", [current, f"W{i}"], [f"m{i}"], name=f"matmul{i}"),
+                  helper.make_node("Add", [f"m{i}", f"B{i}"], [f"a{i}"], name=f"add{i}"),
+                  helper.make_node("Relu", [f"a{i}"], [f"r{i}"], name=f"relu{i}")]
+        current = f"r{i}"
+    head = (rng.standard_normal((width, CLASSES)) / np.sqrt(width)).astype(np.float32)
+    inits.append(numpy_helper.from_array(head, "W_head"))
+    nodes.append(helper.make_node("MatMul", [current, "W_head"], ["logits"], name="head"))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = folder / "mlp.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="mlp.bin", size_threshold=1024)
+    calib = folder / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((SAMPLES, width)).astype(np.float32))
+    return path, calib
+
+
+def ort_worker(model: str, calib: str, out: str) -> None:
+    """ORT's quantize_static with its defaults (QDQ, MinMax, per tensor) on every calibration sample."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    data = np.load(calib)["x"]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rows = iter(data[i:i + 1] for i in range(len(data)))
+
+        def get_next(self):  # noqa: ANN202 - ORT's interface
+            row = next(self.rows, None)
+            return None if row is None else {"x": row}
+
+    quantize_static(model, out, Reader())
+
+
+def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) -> dict:
+    """Wall time, peak RSS (MB) and exit code of ``argv``; the last non-empty output line on failure."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(["nice", "-n", "5", *argv], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+        log.seek(0)
+        text = log.read().decode(errors="replace").replace("\r", "\n")
+    code = os.waitstatus_to_exitcode(status)
+    result = {"exit": code, "seconds": round(time.perf_counter() - started, 2),
+              "peak_mb": round(usage.ru_maxrss / 1024)}
+    if code != 0:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        result["error"] = (lines[-1] if lines else f"exit {code}")[:300]
+    return result
+
+
+def check_output(path: Path) -> dict:
+    """ONNX checker (full), ORT load, DequantizeLinear count and file sizes (model + external data)."""
+    import onnx
+    import onnxruntime as ort
+
+    out: dict = {}
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        out["valid"] = True
+    except Exception as exc:  # noqa: BLE001 - an invalid output is a result
+        out["valid"], out["invalid"] = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    model = onnx.load(str(path), load_external_data=False)
+    out["dequantize_nodes"] = sum(node.op_type == "DequantizeLinear" for node in model.graph.node)
+    files = [path] + [path.parent / name for name in {e.value for i in model.graph.initializer
+                                                      for e in i.external_data if e.key == "location"}]
+    out["size_mb"] = round(sum(f.stat().st_size for f in files if f.exists()) / 1e6, 1)
+    return out
+
+
+def worktree(ref: str, folder: Path) -> Path:
+    subprocess.run(["git", "worktree", "add", "--detach", str(folder), ref], cwd=REPO, check=True,
+                   capture_output=True)
+    return folder
+
+
+def measure(width: int, workdir: Path, before: Path | None, before_ref: str | None) -> dict:
+    folder = workdir / f"w{width}"
+    folder.mkdir()
+    model, calib = build_mlp(folder, width)
+    weights_mb = round(sum(p.stat().st_size for p in (model, folder / "mlp.bin")) / 1e6, 1)
+    rows = []
+    onnxopt_runs = [("onnxopt normalize", ["optimize", "--pass", "normalize"]),
+                    ("onnxopt quantize pass (placement auto)", ["optimize", "--pass", "quantize"]),
+                    ("onnxopt quantize pass (placement all)", ["optimize", "--pass", "quantize:placement=all"]),
+                    ("onnxopt quantize command (normalize, quantize)", ["quantize"])]
+    versions = [("this commit", None)] + ([(f"before ({before_ref})", before)] if before is not None else [])
+    for label, args in onnxopt_runs:
+        for version, tree in versions:
+            out = folder / f"out_{len(rows)}.onnx"
+            env = dict(os.environ)
+            if tree is not None:
+                env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
+            command = [sys.executable, "-m", "onnxopt", args[0], str(model), "-o", str(out), "--calib", str(calib),
+                       *args[1:], "--no-latency", "-q"]
+            result = run(command, env=env, cwd=tree or REPO)
+            if result["exit"] == 0 and out.exists():
+                result.update(check_output(out))
+            rows.append({"row": label, "code": version, **result})
+            print(f"  w{width}: {label} [{version}]: {json.dumps(result)}", file=sys.stderr, flush=True)
+    out = folder / "ort.onnx"
+    result = run([sys.executable, str(Path(__file__).resolve()), "--ort-worker", str(model), str(calib), str(out)])
+    if result["exit"] == 0 and out.exists():
+        result.update(check_output(out))
+    rows.append({"row": "ORT quantize_static (QDQ MinMax defaults)", "code": "onnxruntime", **result})
+    print(f"  w{width}: ORT: {json.dumps(result)}", file=sys.stderr, flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"width": width, "model_mb": weights_mb, "rows": rows}
+
+
+def render(payload: dict) -> str:
+    lines = ["# Models with external data: onnxopt normalize / quantize vs ORT quantize_static", "",
+             f"Generated by `{payload['command']}` in {payload['minutes']:.1f} min ({payload['date']}). Do not edit "
+             "by hand.", "", f"Host: {payload['host']}; load average before the run {payload['load_before']}, "
+             f"after {payload['load_after']}.", "",
+             "Models: MLPs with 4 x (MatMul + Add + Relu) of width W and a 10-class MatMul head, weights in one "
+             "external file (`onnx.save(..., save_as_external_data=True)`, as torch's dynamo exporter writes them); "
+             f"{SAMPLES} random calibration samples. Each row is one subprocess: wall time from start to exit "
+             "(imports included), peak = its maximum RSS. valid = the output passes the full ONNX checker and loads "
+             "in ONNX Runtime; DQ = DequantizeLinear nodes in the output (0: the model stayed FP32). 'before' rows "
+             "run the code of the named git ref on the same files.", ""]
+    for case in payload["cases"]:
+        lines += [f"## W = {case['width']} ({case['model_mb']} MB on disk)", "",
+                  "| run | code | exit | wall | peak RSS | valid | DQ | output size | error |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in case["rows"]:
+            valid = "" if "valid" not in row else ("yes" if row["valid"] else f"no: {row['invalid']}")
+            lines.append(f"| {row['row']} | {row['code']} | {row['exit']} | {row['seconds']:.1f} s | "
+                         f"{row['peak_mb']} MB | {valid} | {row.get('dequantize_nodes', '')} | "
+                         f"{row.get('size_mb', '')}{' MB' if 'size_mb' in row else ''} | "
+                         f"{row.get('error', '').replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / "reports" / "large_model.md"))
+    parser.add_argument("--widths", default="2048,4096")
+    parser.add_argument("--before", metavar="REF", help="also run the onnxopt rows with the code of this git ref")
+    parser.add_argument("--ort-worker", nargs=3, metavar=("MODEL", "CALIB", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.ort_worker:
+        ort_worker(*args.ort_worker)
+        return
+    from onnxopt.hostinfo import host_info
+
+    started = time.perf_counter()
+    load_before = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    with tempfile.TemporaryDirectory(prefix="onnxopt-large-") as tmp:
+        workdir = Path(tmp)
+        before = worktree(args.before, workdir / "before") if args.before else None
+        try:
+            cases = [measure(int(w), workdir, before, args.before) for w in args.widths.split(",")]
+        finally:
+            if before is not None:
+                subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=REPO, capture_output=True)
+    command = "nice -n 5 python benchmarks/large_model.py" + (f" --before {args.before}" if args.before else "") + (
+        f" --widths {args.widths}" if args.widths != "2048,4096" else "")
+    payload = {"command": command, "minutes": (time.perf_counter() - started) / 60,
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": host_info().describe(),
+               "load_before": load_before, "load_after": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
+               "cases": cases}
+    write_report(Path(args.out), payload, render)
+
+
+if __name__ == "__main__":
+    main()
