@@ -97,7 +97,7 @@ class SessionPool:
 
     def release(self, model: onnx.ModelProto) -> None:
         """Drop ``model``'s sessions: a rejected candidate never runs again, and each session holds a copy of its
-        weights (on a 256 MB MLP whose candidates all failed the agreement check, the search peaked at 5.0 GB)."""
+        weights, so a search that rejects its candidates one by one would otherwise hold them all to the end."""
         for key in [key for key in self._sessions if key[0] == id(model)]:
             del self._sessions[key]
 
