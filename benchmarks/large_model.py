@@ -39,7 +39,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report_files import write_report  # noqa: E402 - beside this script
+from children import wait_with_usage  # noqa: E402 - beside this script
+from report_files import write_report  # noqa: E402
 
 LAYERS = 4
 CLASSES = 10
@@ -98,19 +99,9 @@ def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) ->
     started = time.perf_counter()
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(["nice", "-n", "5", *argv], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        deadline = time.monotonic() + TIMEOUT_S
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
+        code, usage = wait_with_usage(proc, TIMEOUT_S)
         log.seek(0)
         text = log.read().decode(errors="replace").replace("\r", "\n")
-    code = os.waitstatus_to_exitcode(status)
     result = {"exit": code, "seconds": round(time.perf_counter() - started, 2),
               "peak_mb": round(usage.ru_maxrss / 1024)}
     if code != 0:

@@ -49,6 +49,9 @@ sys.path.insert(0, str(REPO))
 ONC_SCRIPT = REPO / "benchmarks" / "peers" / "onc_quantize.py"
 sys.path.insert(0, str(ONC_SCRIPT.parent))
 from onc_quantize import own_peak_mb  # noqa: E402 - shared with the peer wrapper, which must not import onnxopt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from children import wait_with_usage  # noqa: E402 - beside this script
 DEFAULT_ONC_PYTHON = os.environ.get("ONNXOPT_ONC_PYTHON", "/work/venvs/onc/bin/python")
 ZOO_WANTED = ("resnet", "shufflenetv2", "mnasnet")
 HEAVY = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
@@ -196,17 +199,7 @@ def run_child(argv: list[str], log: Path, timeout: float = 900) -> dict:
     """Run ``argv``; ``seconds`` and ``peak_mb`` from its last JSON line (``os.wait4``'s max RSS as fallback)."""
     with log.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.returncode, usage = wait_with_usage(proc, timeout)
     text = log.read_text(errors="replace")
     result: dict[str, Any] = {"peak_mb": usage.ru_maxrss / 1024.0}
     if proc.returncode != 0:
