@@ -79,9 +79,10 @@ def internalize(model: ir.Model) -> bool:
     were read.
 
     A model exported with external data (torch's dynamo exporter writes one for any size) then takes the in-memory
-    path of every tool: ORT's quantizer cannot follow relative data paths from the temporary folder it saves to,
-    and the other tools would write the whole model to a temporary file at every step (a 256 MB MLP: minutes per
-    pass instead of seconds). Larger models keep their tensors external and go to ORT by path.
+    path of every tool: ORT's quantizer cannot follow relative data paths from the temporary folder it saves to
+    (``optimize --pass quantize`` failed on such models: reports/large_model.md), and the checker and ORT sessions
+    need no temporary copy of the model on disk. The cost is memory: the tensors are held, not mapped from the file.
+    Larger models keep their tensors external and go to ORT by path.
     """
     if not has_external_tensors(model) or tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
         return False
