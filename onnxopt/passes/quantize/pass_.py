@@ -747,23 +747,44 @@ def _why_normalize(model: ir.Model) -> list[str]:
 def _with_inferred_shapes(model: ir.Model) -> onnx.ModelProto:
     """The model as ORT's quantizer wants it: value_info inferred, ORT's "onnx.infer" metadata mark set.
 
-    ORT's ``save_and_reload_model_with_shape_infer`` does this through two files on disk; below the protobuf limit,
-    without external tensors, the same inference runs in memory.
+    ORT's ``save_and_reload_model_with_shape_infer`` does this through two files on disk; here the inference runs in
+    memory, on the graph with its float weights' bytes held aside (:func:`_infer_shapes_without_weight_bytes`).
     """
-    from onnxruntime.quantization.quant_utils import add_infer_metadata, save_and_reload_model_with_shape_infer
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
 
-    from onnxopt.modelio import PROTOBUF_LIMIT, has_external_tensors, internalize, tensor_bytes
+    from onnxopt.modelio import has_external_tensors, internalize, tensor_bytes
 
     internalize(model)  # ORT's round trip through a temporary folder loses a relative external-data path
     if has_external_tensors(model):
         raise BadInputError(f"quantize: the model has {tensor_bytes(model) / 1e9:.1f} GB of weights in external files; "
                             "ORT's quantizer holds the model in one protobuf (at most 2 GB), so models this large "
                             "are not supported")
-    if tensor_bytes(model) >= PROTOBUF_LIMIT // 2:
-        return save_and_reload_model_with_shape_infer(to_proto(model))
-    proto = onnx.shape_inference.infer_shapes(to_proto(model))
+    proto = _infer_shapes_without_weight_bytes(to_proto(model))
     add_infer_metadata(proto)
     return proto
+
+
+#: Initializer types whose bytes shape inference never reads (only their type and dims); integer tensors stay,
+#: since inference propagates the values of small shape tensors.
+_WEIGHT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                           onnx.TensorProto.BFLOAT16})
+
+
+def _infer_shapes_without_weight_bytes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes(proto)``, with the float initializers' raw bytes held aside while it runs
+    and put back into its result: inference serializes the model and parses it back, most of its time on a large
+    model, and never reads those bytes. ``proto`` is this call's own: it is emptied of them.
+    (tests/test_quantize_fast_paths.py checks the result equals plain inference.)"""
+    held: dict[str, bytes] = {}
+    for init in proto.graph.initializer:
+        if init.data_type in _WEIGHT_TYPES and init.raw_data:
+            held[init.name] = init.raw_data
+            init.ClearField("raw_data")
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    for init in inferred.graph.initializer:
+        if init.name in held:
+            init.raw_data = held[init.name]
+    return inferred
 
 
 def _refuse_quantized(model: ir.Model) -> None:
