@@ -468,16 +468,26 @@ def run_case(case: dict, workdir: Path, args: argparse.Namespace) -> dict:
     runnable = [(label, row) for label, row in rows.items() if "path" in row]
     config = BenchConfig(batch_sizes=(1,) if args.quick else (1, 8), threads=(1,) if args.quick else (1, 2),
                          warmup=5 if args.quick else 10, repeats=args.repeats, input_shapes=case["shapes"])
-    report = benchmark([load_model(row["path"]) for _, row in runnable], config,
-                       labels=[label for label, _ in runnable])
+    # Several independent round-robin runs: one run of a setting can swing far on this shared host
+    # (reports/timing_modes.md: batch 8 / 2 threads gave one int8 graph 0.73x-2.30x by minimum over 8 runs). Each
+    # run gives every row a ratio to FP32; the row's figure is the median over runs, the runs' ratios are kept.
+    loaded = [load_model(row["path"]) for _, row in runnable]
+    reports = [benchmark(loaded, config, labels=[label for label, _ in runnable]) for _ in range(args.timing_runs)]
     for label, row in runnable:
-        row["speed"] = {}
         for batch in config.batch_sizes:
             for threads in config.threads:
-                mine, base = report.result(label, batch, threads), report.result(FP32, batch, threads)
-                if mine is not None and base is not None:  # else skipped at this setting (listed below)
-                    row["speed"][f"b{batch}_t{threads}"] = base.median_ms / mine.median_ms
-                    row.setdefault("speed_min", {})[f"b{batch}_t{threads}"] = base.min_ms / mine.min_ms
+                setting = f"b{batch}_t{threads}"
+                pairs = [(r.result(label, batch, threads), r.result(FP32, batch, threads)) for r in reports]
+                pairs = [(mine, base) for mine, base in pairs if mine is not None and base is not None]
+                if not pairs:  # skipped at this setting (listed below)
+                    continue
+                by_median = [base.median_ms / mine.median_ms for mine, base in pairs]
+                by_min = [base.min_ms / mine.min_ms for mine, base in pairs]
+                row.setdefault("speed", {})[setting] = float(np.median(by_median))
+                row.setdefault("speed_min", {})[setting] = float(np.median(by_min))
+                row.setdefault("speed_runs", {})[setting] = by_median
+                row.setdefault("speed_min_runs", {})[setting] = by_min
+    report = reports[0]
     for skipped in report.skipped:
         rows[skipped.label].setdefault("skipped", []).append(f"batch {skipped.batch_size}: {skipped.reason}")
     for row in rows.values():
@@ -604,7 +614,8 @@ def render(results: list[dict], args: argparse.Namespace, seconds: float) -> str
     loads = [r["load"] for r in results if "load" in r] or [os.getloadavg()]  # 1/5/15-minute load after timing
     load = ", ".join(f"{v[0]:.1f}" for v in loads)
     settings = ["b1_t1"] if args.quick else ["b1_t1", "b1_t2", "b8_t1", "b8_t2"]
-    command = f"nice -n 5 python benchmarks/quantization.py{' --quick' if args.quick else ''} --repeats {args.repeats}"
+    command = (f"nice -n 5 python benchmarks/quantization.py{' --quick' if args.quick else ''} --repeats {args.repeats}"
+               + (f" --timing-runs {args.timing_runs}" if args.timing_runs != 3 else ""))
     took = "" if seconds != seconds else f" in {seconds / 60:.1f} min"  # NaN: re-rendered from an older JSON
     again = (" This file was re-rendered from reports/quantization.json with `--render` (figures as measured, "
              "targets recomputed).") if getattr(args, "render", None) else ""
@@ -615,7 +626,9 @@ def render(results: list[dict], args: argparse.Namespace, seconds: float) -> str
              "Columns: accuracy on held-out labelled data; agreement = top-1 agreement with the FP32 model; size "
              "ratio vs the normalized FP32 model (serialized bytes, external data included); speed = FP32 latency / "
              "variant latency (> 1 is faster) at batch b and t threads, ONNX Runtime CPU, every variant of a model "
-             f"interleaved round-robin in one `onnxopt.bench` run ({args.repeats} timed runs per setting), shown as "
+             f"interleaved round-robin in {args.timing_runs} independent `onnxopt.bench` run(s) ({args.repeats} timed "
+             "runs per setting each; each figure is the median over those runs of the per-run ratio, every run's "
+             "ratio is in the JSON: one run can swing far, see reports/timing_modes.md), shown as "
              f"'median-based (min-based)': the machine is shared (1-minute load average {load} after each model's "
              "timing), so run times are "
              "bimodal and a median can flip between the modes while the ratio of minimum latencies stays steadier; the "
@@ -685,6 +698,8 @@ def main() -> None:
     parser.add_argument("--time-repeats", type=int, default=3,
                         help="runs of each quantizer the wall-time target compares (ours and ORT's); the fastest "
                              "counts")
+    parser.add_argument("--timing-runs", type=int, default=3,
+                        help="independent round-robin latency runs per model; each figure is the median over them")
     parser.add_argument("--quick", action="store_true", help="fewer samples/variants/settings, for development")
     parser.add_argument("--models", default=None, help="comma list of: example, resnet, shufflenetv2, mnasnet, paddle")
     parser.add_argument("--onc-python", default=DEFAULT_ONC_PYTHON)
@@ -697,7 +712,7 @@ def main() -> None:
         return
     if args.render is not None:
         data = json.loads(Path(args.render).read_text())
-        args.quick, args.repeats = data["quick"], data["repeats"]
+        args.quick, args.repeats, args.timing_runs = data["quick"], data["repeats"], data.get("timing_runs", 1)
         results = [{k: v for k, v in r.items() if k != "targets"} for r in data["results"]]
         Path(args.out).write_text(render(results, args, data.get("seconds", float("nan"))))
         return
@@ -722,6 +737,7 @@ def main() -> None:
             atomic_write_text(out, render(results, args, time.perf_counter() - start))
             atomic_write_text(out.with_suffix(".json"), json.dumps(
                 {"host": host_info().to_dict(), "quick": args.quick, "repeats": args.repeats,
+                 "timing_runs": args.timing_runs,
                  "seconds": time.perf_counter() - start,
                  "results": [{**r, "targets": targets(r) if "error" not in r else []} for r in results]},
                 indent=2, default=str) + "\n")
