@@ -2,16 +2,21 @@
 
 torch's dynamo exporter, and ``onnx.save(..., save_as_external_data=True)``, write a model's weights to a separate
 file whatever its size. The models here are MLPs written that way: 4 x (MatMul + Add + Relu) of width W and a
-10-class MatMul head, W = 2048 (~64 MB of weights) and 4096 (~256 MB), with 32 seeded random calibration samples.
+10-class MatMul head, W = 2048 (~64 MB of weights), 4096 (~256 MB) and 12288 (~2.4 GB: over protobuf's 2 GB limit
+for one message), with 32 seeded random calibration samples; and a model whose one 1-D weight of 2 GiB of zeros lives
+in a sparse file (a Gather picks 4 values; no disk blocks, as in tests/test_reliability.py), run through
+``onnxopt optimize`` with its default recipe.
 
-Every run is its own subprocess (``nice -n 5``), timed from start to exit, its peak memory the child's maximum RSS
-(``wait4``), so imports count alike for every row. Rows:
+Every run is its own subprocess (``nice -n 5``; ``optimize`` with ``--no-cache``: no pass result is reused), timed
+from start to exit, its peak memory the child's maximum RSS (``wait4``), so imports count alike for every row; a run
+is killed once its resident memory passes 16 GB (this host has 23 GB). Rows:
 
 * ``onnxopt optimize --pass normalize``;
 * ``onnxopt optimize --pass quantize`` (the pass alone, with its latency-aware placement search) and
   ``--pass quantize:placement=all`` (every op int8, no search);
 * ``onnxopt quantize`` (the command: normalize, then quantize);
-* ORT's ``quantize_static`` (QDQ, MinMax, its defaults) on the same file and samples: the peer;
+* ORT's ``quantize_static`` (QDQ, MinMax, its defaults; ``use_external_data_format=True`` above 2 GB, which it
+  needs there) on the same file and samples: the peer;
 * with ``--before REF``: the onnxopt rows again with the code of git ref ``REF`` (checked out in a temporary git
   worktree and put first on PYTHONPATH), so a change is measured side by side with what it replaced.
 
@@ -19,7 +24,8 @@ Each output is checked: exit code (and the error's last line), ONNX checker (ful
 of DequantizeLinear nodes (int8 placement). ``--no-latency`` for onnxopt: the rows time the passes, not the final
 latency comparison.
 
-Usage: nice -n 5 python benchmarks/large_model.py [--before REF] [--widths 2048,4096] [--out reports/large_model.md]
+Usage: nice -n 5 python benchmarks/large_model.py [--before REF] [--widths 2048,4096,12288] [--no-sparse]
+       [--out reports/large_model.md]
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ LAYERS = 4
 CLASSES = 10
 SAMPLES = 32
 TIMEOUT_S = 1800
+LIMIT_MB = 16000
+PROTOBUF_LIMIT = 2**31
 
 
 def build_mlp(folder: Path, width: int, seed: int = 0) -> tuple[Path, Path]:
@@ -77,6 +85,28 @@ def build_mlp(folder: Path, width: int, seed: int = 0) -> tuple[Path, Path]:
     return path, calib
 
 
+def build_sparse_gather(folder: Path) -> Path:
+    """``big.onnx``: Gather(W, idx[4]) with W a 1-D float weight of 2 GiB + 4 KiB of zeros in the sparse file
+    ``big.bin`` (no disk blocks, created at once)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    count = 2**31 // 4 + 1024
+    weight = TensorProto(name="W", data_type=TensorProto.FLOAT, data_location=TensorProto.EXTERNAL, dims=[count])
+    for key, value in (("location", "big.bin"), ("offset", "0"), ("length", str(count * 4))):
+        weight.external_data.add(key=key, value=value)
+    graph = helper.make_graph([helper.make_node("Gather", ["W", "idx"], ["y"], name="pick")], "big",
+                              [helper.make_tensor_value_info("idx", TensorProto.INT64, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = folder / "big.onnx"
+    onnx.save(model, str(path))
+    with open(folder / "big.bin", "wb") as handle:
+        handle.truncate(count * 4)
+    return path
+
+
 def ort_worker(model: str, calib: str, out: str) -> None:
     """ORT's quantize_static with its defaults (QDQ, MinMax, per tensor) on every calibration sample."""
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
@@ -91,7 +121,8 @@ def ort_worker(model: str, calib: str, out: str) -> None:
             row = next(self.rows, None)
             return None if row is None else {"x": row}
 
-    quantize_static(model, out, Reader())
+    size = sum(f.stat().st_size for f in Path(model).parent.iterdir() if f.suffix in (".onnx", ".bin"))
+    quantize_static(model, out, Reader(), use_external_data_format=size >= PROTOBUF_LIMIT)
 
 
 def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) -> dict:
@@ -99,7 +130,7 @@ def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) ->
     started = time.perf_counter()
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(["nice", "-n", "5", *argv], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        code, usage = wait_with_usage(proc, TIMEOUT_S)
+        code, usage = wait_with_usage(proc, TIMEOUT_S, limit_mb=LIMIT_MB)
         log.seek(0)
         text = log.read().decode(errors="replace").replace("\r", "\n")
     result = {"exit": code, "seconds": round(time.perf_counter() - started, 2),
@@ -107,6 +138,8 @@ def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) ->
     if code != 0:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         result["error"] = (lines[-1] if lines else f"exit {code}")[:300]
+        if code == -9 and result["peak_mb"] >= LIMIT_MB:
+            result["error"] = f"killed: over {LIMIT_MB} MB resident"
     return result
 
 
@@ -136,30 +169,16 @@ def worktree(ref: str, folder: Path) -> Path:
     return folder
 
 
-def measure(width: int, workdir: Path, before: Path | None, before_ref: str | None) -> dict:
+def measure(width: int, workdir: Path, versions: list[tuple[str, Path | None]]) -> dict:
     folder = workdir / f"w{width}"
     folder.mkdir()
     model, calib = build_mlp(folder, width)
     weights_mb = round(sum(p.stat().st_size for p in (model, folder / "mlp.bin")) / 1e6, 1)
-    rows = []
-    onnxopt_runs = [("onnxopt normalize", ["optimize", "--pass", "normalize"]),
-                    ("onnxopt quantize pass (placement auto)", ["optimize", "--pass", "quantize"]),
-                    ("onnxopt quantize pass (placement all)", ["optimize", "--pass", "quantize:placement=all"]),
-                    ("onnxopt quantize command (normalize, quantize)", ["quantize"])]
-    versions = [("this commit", None)] + ([(f"before ({before_ref})", before)] if before is not None else [])
-    for label, args in onnxopt_runs:
-        for version, tree in versions:
-            out = folder / f"out_{len(rows)}.onnx"
-            env = dict(os.environ)
-            if tree is not None:
-                env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
-            command = [sys.executable, "-m", "onnxopt", args[0], str(model), "-o", str(out), "--calib", str(calib),
-                       *args[1:], "--no-latency", "-q"]
-            result = run(command, env=env, cwd=tree or REPO)
-            if result["exit"] == 0 and out.exists():
-                result.update(check_output(out))
-            rows.append({"row": label, "code": version, **result})
-            print(f"  w{width}: {label} [{version}]: {json.dumps(result)}", file=sys.stderr, flush=True)
+    runs = [("onnxopt normalize", ["optimize", "--pass", "normalize"]),
+            ("onnxopt quantize pass (placement auto)", ["optimize", "--pass", "quantize"]),
+            ("onnxopt quantize pass (placement all)", ["optimize", "--pass", "quantize:placement=all"]),
+            ("onnxopt quantize command (normalize, quantize)", ["quantize"])]
+    rows = onnxopt_rows(f"w{width}", model, runs, versions, ["--calib", str(calib)])
     out = folder / "ort.onnx"
     result = run([sys.executable, str(Path(__file__).resolve()), "--ort-worker", str(model), str(calib), str(out)])
     if result["exit"] == 0 and out.exists():
@@ -167,7 +186,40 @@ def measure(width: int, workdir: Path, before: Path | None, before_ref: str | No
     rows.append({"row": "ORT quantize_static (QDQ MinMax defaults)", "code": "onnxruntime", **result})
     print(f"  w{width}: ORT: {json.dumps(result)}", file=sys.stderr, flush=True)
     shutil.rmtree(folder, ignore_errors=True)
-    return {"width": width, "model_mb": weights_mb, "rows": rows}
+    return {"title": f"W = {width} ({weights_mb} MB on disk)", "rows": rows}
+
+
+def measure_sparse(workdir: Path, versions: list[tuple[str, Path | None]]) -> dict:
+    """The default recipe on the 2 GiB sparse Gather model (no calibration data, no quantizer to compare with)."""
+    folder = workdir / "sparse"
+    folder.mkdir()
+    model = build_sparse_gather(folder)
+    rows = onnxopt_rows("sparse", model, [("onnxopt optimize (default recipe)", ["optimize"])], versions, [])
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"title": "1-D weight of 2 GiB in a sparse file (Gather of 4 values)", "rows": rows}
+
+
+def onnxopt_rows(tag: str, model: Path, runs: list[tuple[str, list[str]]], versions: list[tuple[str, Path | None]],
+                 data_args: list[str]) -> list[dict]:
+    """Each onnxopt command of ``runs`` on ``model``, once per code version (a worktree first on PYTHONPATH)."""
+    rows: list[dict] = []
+    for label, args in runs:
+        for version, tree in versions:
+            out = model.parent / f"out_{len(rows)}.onnx"
+            env = dict(os.environ)
+            if tree is not None:
+                env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
+            no_cache = ["--no-cache"] if args[0] == "optimize" else []  # the only command with a pass cache
+            command = [sys.executable, "-m", "onnxopt", args[0], str(model), "-o", str(out), *data_args, *args[1:],
+                       "--no-latency", *no_cache, "-q"]
+            result = run(command, env=env, cwd=tree or REPO)
+            if result["exit"] == 0 and out.exists():
+                result.update(check_output(out))
+            for leftover in model.parent.glob(f"{out.name}*"):  # outputs of 2 GB and more: one at a time on disk
+                leftover.unlink()
+            rows.append({"row": label, "code": version, **result})
+            print(f"  {tag}: {label} [{version}]: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return rows
 
 
 def render(payload: dict) -> str:
@@ -177,12 +229,15 @@ def render(payload: dict) -> str:
              f"after {payload['load_after']}.", "",
              "Models: MLPs with 4 x (MatMul + Add + Relu) of width W and a 10-class MatMul head, weights in one "
              "external file (`onnx.save(..., save_as_external_data=True)`, as torch's dynamo exporter writes them); "
-             f"{SAMPLES} random calibration samples. Each row is one subprocess: wall time from start to exit "
-             "(imports included), peak = its maximum RSS. valid = the output passes the full ONNX checker and loads "
-             "in ONNX Runtime; DQ = DequantizeLinear nodes in the output (0: the model stayed FP32). 'before' rows "
-             "run the code of the named git ref on the same files.", ""]
+             f"{SAMPLES} random calibration samples; above 2 GB ORT gets `use_external_data_format=True`. Last, a "
+             "model whose one 1-D weight of 2 GiB of zeros lives in a sparse file, through `onnxopt optimize` (its "
+             "default recipe). Each row is one subprocess (`--no-latency`; `optimize` with `--no-cache`: no pass "
+             "result reused): wall time from start to exit (imports included), peak = its maximum RSS; a run is "
+             f"killed once its resident memory passes {LIMIT_MB} MB. valid = the output passes the full ONNX checker "
+             "and loads in ONNX Runtime; DQ = DequantizeLinear nodes in the output (0: the model stayed FP32). "
+             "'before' rows run the code of the named git ref on the same files.", ""]
     for case in payload["cases"]:
-        lines += [f"## W = {case['width']} ({case['model_mb']} MB on disk)", "",
+        lines += [f"## {case['title']}", "",
                   "| run | code | exit | wall | peak RSS | valid | DQ | output size | error |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for row in case["rows"]:
@@ -198,7 +253,8 @@ def render(payload: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "reports" / "large_model.md"))
-    parser.add_argument("--widths", default="2048,4096")
+    parser.add_argument("--widths", default="2048,4096,12288")
+    parser.add_argument("--no-sparse", action="store_true", help="skip the 2 GiB sparse Gather model")
     parser.add_argument("--before", metavar="REF", help="also run the onnxopt rows with the code of this git ref")
     parser.add_argument("--ort-worker", nargs=3, metavar=("MODEL", "CALIB", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -213,12 +269,16 @@ def main() -> None:
         workdir = Path(tmp)
         before = worktree(args.before, workdir / "before") if args.before else None
         try:
-            cases = [measure(int(w), workdir, before, args.before) for w in args.widths.split(",")]
+            versions = [("this commit", None)] + ([(f"before ({args.before})", before)] if before else [])
+            cases = [measure(int(w), workdir, versions) for w in args.widths.split(",")]
+            if not args.no_sparse:
+                cases.append(measure_sparse(workdir, versions))
         finally:
             if before is not None:
                 subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=REPO, capture_output=True)
-    command = "nice -n 5 python benchmarks/large_model.py" + (f" --before {args.before}" if args.before else "") + (
-        f" --widths {args.widths}" if args.widths != "2048,4096" else "")
+    command = "nice -n 5 python benchmarks/large_model.py" + (f" --before {args.before}" if args.before else "")
+    command += (f" --widths {args.widths}" if args.widths != "2048,4096,12288" else "") + (
+        " --no-sparse" if args.no_sparse else "")
     payload = {"command": command, "minutes": (time.perf_counter() - started) / 60,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": host_info().describe(),
                "load_before": load_before, "load_after": ", ".join(f"{v:.1f}" for v in os.getloadavg()),

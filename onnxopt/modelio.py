@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -322,9 +323,114 @@ def model_file(model: ir.Model) -> Iterator[Path]:
         target = Path(tmp) / "model.onnx"
         if tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
             ir.save(model, target, external_data="model.onnx.data")
+            release_mapped(model)
         else:
             _save_in_memory(model, target)
         yield target
+
+
+def proto_tensor_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the main graph's initializer data, from dims and types: ``ByteSize()`` serializes the message, and
+    fails above 2 GB."""
+    total = 0
+    for init in proto.graph.initializer:
+        if init.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            continue
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        total += int(np.prod(init.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+def with_tensor_data(model: ir.Model) -> onnx.ModelProto:
+    """``to_proto(model)`` with every external tensor's bytes read into the proto, whatever its size.
+
+    A protobuf message over 2 GB cannot be serialized, but it can be held and edited in memory: ORT's quantizer
+    rewrites a model that way (it loads one when asked for ``use_external_data_format``); its sessions and shape
+    inference get the proto through :func:`proto_file` and with the weights' bytes held aside.
+    """
+    proto = to_proto(model)
+    for init in proto.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        value = model.graph.initializers.get(init.name)
+        if value is None or value.const_value is None:
+            continue
+        init.raw_data = value.const_value.tobytes()
+        del init.external_data[:]
+        init.data_location = onnx.TensorProto.DEFAULT
+    release_mapped(model)
+    return proto
+
+
+def release_mapped(model: ir.Model) -> None:
+    """Unmap the files of ``model``'s external tensors (each maps its file again when next read): pages read once
+    through a mapping otherwise stay in this process's resident memory, a second copy of a model over 2 GB."""
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.release()
+
+
+#: Initializers of at least this many bytes go to the data file in :func:`proto_file`; smaller ones stay inline.
+_EXTERNAL_MIN_BYTES = 1024
+_ALIGN = 4096
+
+
+@contextlib.contextmanager
+def proto_file(proto: onnx.ModelProto) -> Iterator[Path]:
+    """``proto`` written to a temporary folder, its large initializers in an external data file, for ONNX Runtime
+    above the 2 GB limit of one serialized message. ``proto`` is not changed: the file gets a skeleton copy (every
+    field but the initializers) and the tensors are written one at a time, so no second copy of the model is made."""
+    with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
+        target, data_name = Path(tmp) / "model.onnx", "model.onnx.data"
+        skeleton = without_initializers(proto)
+        with open(Path(tmp) / data_name, "wb") as data:
+            for init in proto.graph.initializer:
+                entry = skeleton.graph.initializer.add()
+                if not init.HasField("raw_data") or init.data_location == onnx.TensorProto.EXTERNAL:
+                    entry.CopyFrom(init)
+                    continue
+                raw = init.raw_data
+                if len(raw) < _EXTERNAL_MIN_BYTES:
+                    entry.CopyFrom(init)
+                    continue
+                offset = -data.tell() % _ALIGN + data.tell()
+                data.seek(offset)
+                data.write(raw)
+                entry.name, entry.data_type, entry.data_location = init.name, init.data_type, onnx.TensorProto.EXTERNAL
+                entry.dims.extend(init.dims)
+                for key, text in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                    item = entry.external_data.add()
+                    item.key, item.value = key, text
+                del raw
+        target.write_bytes(skeleton.SerializeToString())
+        yield target
+
+
+def without_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of every field of ``proto`` but its main graph's initializers: a large model's structure, cheaply."""
+    skeleton = onnx.ModelProto()
+    copy_fields(skeleton, proto, skip="graph")
+    copy_fields(skeleton.graph, proto.graph, skip="initializer")
+    return skeleton
+
+
+def copy_fields(target: Any, source: Any, *, skip: str) -> None:
+    """Set every field of message ``target`` but ``skip`` to ``source``'s (cleared where ``source`` has none)."""
+    for field in target.DESCRIPTOR.fields:
+        if field.name != skip:
+            target.ClearField(field.name)
+    for field, value in source.ListFields():
+        if field.name != skip:
+            _copy_field(target, field, value)
+
+
+def _copy_field(target: Any, field: Any, value: Any) -> None:
+    if getattr(field, "is_repeated", None) or getattr(field, "label", None) == 3:  # protobuf 7 / older
+        getattr(target, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

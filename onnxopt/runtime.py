@@ -12,7 +12,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt.errors import BadInputError
-from onnxopt.modelio import EXTERNAL_DATA_THRESHOLD, has_external_tensors, model_file, tensor_bytes, to_proto
+from onnxopt.modelio import (EXTERNAL_DATA_THRESHOLD, has_external_tensors, model_file, proto_file, proto_tensor_bytes,
+                             tensor_bytes, to_proto)
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -68,6 +69,9 @@ def make_session(
         if isinstance(model, (str, os.PathLike)):
             return ort.InferenceSession(str(model), options, providers=providers)
         if isinstance(model, onnx.ModelProto):
+            if proto_tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD:  # one message cannot be serialized above 2 GB
+                with proto_file(model) as path:
+                    return ort.InferenceSession(str(path), options, providers=providers)
             return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         if tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD or has_external_tensors(model):
             with model_file(model) as path:

@@ -24,6 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt.modelio import as_ir_model, input_specs, serialized_size
+from onnxopt.passes.shapes import LONG_VECTOR_PREFIX
 
 # Initializers up to this many elements keep their data in the shape-inference copy: shape tensors of Reshape,
 # Resize scales, Slice starts need their values for data propagation; weights only need their shapes.
@@ -195,11 +196,13 @@ def _infer_shapes(model: ir.Model, fixed: dict[str, list[int | None]]) -> dict[s
     computations are evaluated with numpy (onnx.reference) and inference is run again.
     """
     proto = _shape_proto(model, fixed)
-    shapes = _run_inference(proto)
+    weights = {name: tuple(int(d) for d in value.const_value.shape)
+               for name, value in model.graph.initializers.items() if value.const_value is not None}
+    shapes = {**_run_inference(proto), **weights}
     for _ in range(_MAX_FOLD_ROUNDS):
         if not _mac_shapes_missing(proto.graph, shapes) or not _fold_shape_computations(proto, shapes):
             break
-        shapes = _run_inference(proto)
+        shapes = {**_run_inference(proto), **weights}
     # Shapes the model already carries are safe to use where inference gave up (custom-domain ops), as long as no
     # input dim was changed here.
     declared = {spec.name: list(spec.shape) for spec in input_specs(model)}
@@ -329,7 +332,10 @@ def _shape_proto(model: ir.Model, fixed: dict[str, list[int | None]]) -> onnx.Mo
             proto_tensor.name = name
             graph.initializer.append(proto_tensor)
         else:
-            graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.dtype.value, list(tensor.shape)))
+            dims: list[int | str] = list(tensor.shape)
+            if len(dims) == 1:  # hidden from ONNX's data propagation (passes/shapes.py); the real shape is put back
+                dims = [f"{LONG_VECTOR_PREFIX}{name}"]
+            graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.dtype.value, dims))
     for node in model.graph:
         graph.node.append(ir.serde.serialize_node(node))
     for value in model.graph.outputs:

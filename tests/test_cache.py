@@ -108,3 +108,25 @@ def test_seed_is_part_of_the_key(tmp_path: Path):
     cache = PassCache(tmp_path / "cache")
     keys = {cache.key(NormalizePass(), model, PassContext(calib=data, seed=seed)) for seed in (0, 0, 1)}
     assert len(keys) == 2
+
+
+def test_models_with_external_tensors_are_not_cached(tmp_path: Path, monkeypatch):
+    """A model exported again to the same files with new weights (retrained): a serialization with external tensors
+    names the data file, not the data, so both would share a cache key and the second run would get the first's
+    result. Such models (above the external-data threshold, lowered here) are neither looked up nor stored."""
+    from onnxopt import modelio
+
+    monkeypatch.setattr(modelio, "EXTERNAL_DATA_THRESHOLD", 64)
+    cache = tmp_path / "cache"
+    steps = []
+    for seed in (0, 1):
+        (tmp_path / "m.data").unlink(missing_ok=True)  # onnx.save appends to an existing data file
+        onnx.save(conv_classifier(seed=seed), str(tmp_path / "m.onnx"), save_as_external_data=True,
+                  location="m.data", size_threshold=0)  # every tensor in the file: the graphs are identical
+        result = onnxopt.optimize(tmp_path / "m.onnx", ["normalize"], cache_dir=cache, measure_latency=False)
+        steps.append(result.report.steps[-1])
+    for step in steps:  # each model's own weights, not a cached neighbour's
+        assert step.fidelity_vs_original["max_rel_error"] < 1e-5, step.notes
+    for step in steps:
+        assert "pass cache not used: the model's tensors live in external files" in step.notes
+    assert not PassCache(cache)._entries()

@@ -143,10 +143,13 @@ def test_external_tensors_read_into_memory_below_threshold(tmp_path: Path, monke
 
 
 def test_quantize_pass_reads_external_tensors(tmp_path: Path, data_path: Path, monkeypatch):
-    """The per-pass API on a model loaded by onnx_ir itself (tensors still external) quantizes it; one above the
-    external-data threshold is refused with the reason, not ORT's file error."""
+    """The per-pass API on a model loaded by onnx_ir itself (tensors still external) quantizes it. Above the
+    external-data threshold (lowered here; 1.8 GB in use) the tensors stay mapped from their file, the proto given
+    to ORT's quantizer holds them in memory, and ORT sessions get it through a temporary external-data file: the
+    same int8 model as in memory, placement search included."""
     import onnx_ir as ir
 
+    from onnxopt import modelio, runtime
     from onnxopt.calib_data import open_data
     from onnxopt.passes.quantize import QuantizePass
     from onnxopt.pipeline.context import PassContext
@@ -154,15 +157,32 @@ def test_quantize_pass_reads_external_tensors(tmp_path: Path, data_path: Path, m
     path = tmp_path / "ext.onnx"
     onnx.save(conv_classifier(channels=16, with_bn=False), str(path), save_as_external_data=True,
               location="ext.data", size_threshold=64)
+    sums = {p: file_sha256(p) for p in (path, tmp_path / "ext.data")}
     context = PassContext(calib=open_data(str(data_path)))
     out = QuantizePass(placement="all").bind(context).apply(ir.load(path))
     assert any(node.op_type == "DequantizeLinear" for node in out.graph)
-    from onnxopt import modelio
-    from onnxopt.errors import BadInputError
+    reference = modelio.to_proto(out).SerializeToString()
+
+    sessions: list[str] = []
+    real_proto_file = modelio.proto_file
+
+    def counting(proto):
+        sessions.append(proto.graph.name)
+        return real_proto_file(proto)
 
     monkeypatch.setattr(modelio, "EXTERNAL_DATA_THRESHOLD", 64)
-    with pytest.raises(BadInputError, match="weights in external files; ORT's quantizer holds the model in one"):
-        QuantizePass(placement="all").bind(context).apply(ir.load(path))
+    monkeypatch.setattr(runtime, "EXTERNAL_DATA_THRESHOLD", 64)
+    monkeypatch.setattr(runtime, "proto_file", counting)
+    large = ir.load(path)
+    assert modelio.has_external_tensors(large)
+    out = QuantizePass(placement="all").bind(context).apply(large)
+    assert modelio.to_proto(out).SerializeToString() == reference
+    assert sessions, "the calibration session did not go through a temporary external-data file"
+    sessions.clear()
+    chosen = QuantizePass().bind(context).apply(ir.load(path))  # the placement search's sessions too
+    assert len(sessions) >= 3
+    modelio.check_model(chosen)
+    assert {p: file_sha256(p) for p in sums} == sums
 
 
 def test_unknown_op_domain(capsys, tmp_path: Path):

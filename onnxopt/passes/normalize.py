@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -288,8 +287,7 @@ class NormalizePass(OnnxoptPass):
     def _fuse_shuffles(self, model: ir.Model) -> bool:
         if not any(node.op_type in ("Transpose", "Gather") for node in model.graph):
             return False
-        with _silenced("onnx_ir.passes.common.shape_inference"):
-            ir_passes.ShapeInferencePass()(model)  # the match needs the channel count of each shuffle's input
+        shapes.infer_shapes(model)  # the match needs the channel count of each shuffle's input
         counts = shuffle_fusion.fuse_channel_shuffles(model.graph)
         counts["nodes_folded"] = shuffle_fusion.fold_channel_gathers(model.graph)
         self.details["fused_shuffles"] = counts
@@ -315,8 +313,7 @@ class NormalizePass(OnnxoptPass):
             self._name_nodes(model, quiet=True)  # onnxsim or the opset converter may have added unnamed nodes
         # Shape inference serializes the model without its large weights, so it stays cheap; a failure leaves the
         # model as it was (shapes are an aid, not a requirement).
-        with _silenced("onnx_ir.passes.common.shape_inference"):
-            ir_passes.ShapeInferencePass()(model)
+        shapes.infer_shapes(model)
         return removed > 0
 
 
@@ -340,18 +337,6 @@ def _test_input_shapes(model: ir.Model) -> dict[str, list[int]] | None:
             return None
         result[value.name or ""] = sizes  # type: ignore[misc]
     return result
-
-
-@contextlib.contextmanager
-def _silenced(logger_name: str) -> Iterator[None]:
-    """Mute a library logger that reports a failure we tolerate (with a traceback) as a warning."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _count_nodes(model: ir.Model) -> int:

@@ -8,13 +8,53 @@ which stays symbolic so the model still runs at batch 1 and batch 8).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import onnx_ir as ir
 
 from onnxopt.errors import BadInputError, DataError
 
 BATCH_DIM = "batch"
+#: A 1-D weight with more elements than this is shown to ONNX shape inference with a symbolic length (this prefix and
+#: its name): ONNX 1.23's data propagation through Gather expands a 1-D input of known length into one dim per
+#: element (0.74 GB for 10M floats; a model with a 2 GB 1-D weight grew past 18 GB of memory).
+LONG_VECTOR_ELEMENTS = 1024
+LONG_VECTOR_PREFIX = "onnxopt_len_"
+
+
+@contextlib.contextmanager
+def long_vectors_hidden(model: ir.Model) -> Iterator[None]:
+    """Inside the block, the main graph's long 1-D initializers have a symbolic length; their shapes are restored
+    after (whatever inference wrote into them)."""
+    saved: dict[ir.Value, ir.Shape | None] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and len(tensor.shape) == 1 and tensor.size > LONG_VECTOR_ELEMENTS:
+            saved[value] = value.shape
+            value.shape = ir.Shape([f"{LONG_VECTOR_PREFIX}{value.name}"])
+    try:
+        yield
+    finally:
+        for value, shape in saved.items():
+            value.shape = shape
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """onnx-ir's shape inference pass (intermediate shapes in place; a failure leaves the model as it was), with long
+    1-D weights hidden from ONNX's data propagation (:func:`long_vectors_hidden`)."""
+    import logging
+
+    from onnx_ir import passes as ir_passes
+
+    logger = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # it reports a failure we tolerate as a warning with a traceback
+    try:
+        with long_vectors_hidden(model):
+            ir_passes.common.ShapeInferencePass()(model)
+    finally:
+        logger.setLevel(level)
 
 
 def input_dims(value: ir.Value) -> list[int | str | None] | None:

@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from onnxopt import __version__
 from onnxopt.hostinfo import host_info
-from onnxopt.modelio import atomic_write_bytes, atomic_write_text, to_proto
+from onnxopt.modelio import atomic_write_bytes, atomic_write_text, has_external_tensors, to_proto
 
 if TYPE_CHECKING:  # pragma: no cover
     from onnxopt.calib_data.base import DataSource
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Entries beyond this many bytes in total are evicted, least recently used first.
 DEFAULT_MAX_BYTES = 2 * 1024**3
-_ENTRY_FORMAT = 1
+_ENTRY_FORMAT = 2  # 2: models with external tensors are no longer cached (entries of 1 may hold them)
 
 
 def default_cache_dir() -> Path:
@@ -84,8 +84,13 @@ class PassCache:
         self.directory = Path(self.directory).expanduser()
 
     # ------------------------------------------------------------------------------------------------------------
-    def key(self, pass_: OnnxoptPass, model: ir.Model, context: PassContext) -> str:
-        """The cache key of running ``pass_`` on ``model`` within ``context`` (before the pass changes it)."""
+    def key(self, pass_: OnnxoptPass, model: ir.Model, context: PassContext) -> str | None:
+        """The cache key of running ``pass_`` on ``model`` within ``context`` (before the pass changes it); None for a
+        model whose tensors live in external files (above the 1.8 GB external-data threshold): its serialization
+        names the data file, not the data, so two different models could share a key, and an entry would be the
+        size of the whole cache."""
+        if has_external_tensors(model):
+            return None
         payload = {
             "format": _ENTRY_FORMAT,
             "onnxopt": __version__,
@@ -116,6 +121,8 @@ class PassCache:
     def store(self, key: str, pass_: OnnxoptPass, model: ir.Model) -> str | None:
         """Write an entry; returns None, or why it was not stored (e.g. the folder is not writable)."""
         model_path, meta_path = self._paths(key)
+        if has_external_tensors(model):
+            return "not cached: the model's tensors live in external files"
         try:
             model_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(model_path, to_proto(model).SerializeToString(deterministic=True))

@@ -122,6 +122,8 @@ class PipelineManager(ir.passes.PassBase):
             pass_.notes, pass_.details = [], {}
             start = time.perf_counter()
             key = cache.key(pass_, model, context) if cache is not None else None
+            if cache is not None and key is None:
+                pass_.note("pass cache not used: the model's tensors live in external files")
             hit = cache.load(key) if cache is not None and key is not None else None
             try:
                 if hit is not None:

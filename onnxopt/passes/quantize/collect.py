@@ -8,7 +8,8 @@ batch's outputs and peak at over a GB on small models (see notes/measured.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 
 import onnx
 
@@ -54,16 +55,16 @@ def collect_statistics(
     provider: str = "cpu",
 ) -> tuple[Calibrator, int]:
     """Run ``model`` (with ``tensors`` exposed as outputs) over up to ``samples`` samples; the calibrator and count."""
-    augmented = _with_outputs(model, tensors)
     # ORT's full optimization level (fusions that keep every fetched tensor, NCHWc kernels) ran the calibration 1.0-1.7x
     # faster than the basic level on the benchmark nets; the ranges differ by float rounding only (< 1e-6 relative):
     # reports/calibration_paths.md.
-    try:
-        session = make_session(augmented, threads=threads, provider=provider, optimization="all",
-                               what="the model prepared for calibration")
-    except BadInputError:  # an optimizer ORT applies only at the full level fails on this graph: the plain level
-        session = make_session(augmented, threads=threads, provider=provider, optimization="basic",
-                               what="the model prepared for calibration")
+    with _exposing(model, tensors) as augmented:
+        try:
+            session = make_session(augmented, threads=threads, provider=provider, optimization="all",
+                                   what="the model prepared for calibration")
+        except BadInputError:  # an optimizer ORT applies only at the full level fails on this graph: the plain level
+            session = make_session(augmented, threads=threads, provider=provider, optimization="basic",
+                                   what="the model prepared for calibration")
     output_names = [o.name for o in session.get_outputs()]
     keep = set(tensors)
     calibrator = Calibrator(histograms=histograms)
@@ -92,9 +93,25 @@ def _with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelP
     """A copy of ``model`` whose graph also outputs ``tensors`` (graph inputs are fed, not fetched)."""
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
-    graph = augmented.graph
+    _add_outputs(augmented.graph, tensors)
+    return augmented
+
+
+@contextlib.contextmanager
+def _exposing(model: onnx.ModelProto, tensors: Sequence[str]) -> Iterator[onnx.ModelProto]:
+    """``model`` itself with ``tensors`` added to its graph outputs inside the block, removed after: a session is
+    built from it without a copy of the weights (a second 2.4 GB on a 2.4 GB model)."""
+    outputs = model.graph.output
+    count = len(outputs)
+    _add_outputs(model.graph, tensors)
+    try:
+        yield model
+    finally:
+        del outputs[count:]
+
+
+def _add_outputs(graph: onnx.GraphProto, tensors: Sequence[str]) -> None:
     present = {o.name for o in graph.output} | {i.name for i in graph.input}
     for name in tensors:
         if name not in present:
             graph.output.append(onnx.helper.make_tensor_value_info(name, _FLOAT, None))
-    return augmented
