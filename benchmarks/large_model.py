@@ -8,8 +8,9 @@ in a sparse file (a Gather picks 4 values; no disk blocks, as in tests/test_reli
 ``onnxopt optimize`` with its default recipe.
 
 Every run is its own subprocess (``nice -n 5``; ``optimize`` with ``--no-cache``: no pass result is reused), timed
-from start to exit, its peak memory the child's maximum RSS (``wait4``), so imports count alike for every row; a run
-is killed once its resident memory passes 16 GB (this host has 23 GB). Rows:
+from start to exit, its peak memory the child's own high-water mark (``VmHWM``, read while it runs:
+``benchmarks/children.py``), so imports count alike for every row; a run is killed once its resident memory passes
+16 GB (this host has 23 GB). Rows:
 
 * ``onnxopt optimize --pass normalize``;
 * ``onnxopt optimize --pass quantize`` (the pass alone, with its latency-aware placement search) and
@@ -130,11 +131,11 @@ def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) ->
     started = time.perf_counter()
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(["nice", "-n", "5", *argv], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        code, usage = wait_with_usage(proc, TIMEOUT_S, limit_mb=LIMIT_MB)
+        code, usage, own_peak = wait_with_usage(proc, TIMEOUT_S, limit_mb=LIMIT_MB)
         log.seek(0)
         text = log.read().decode(errors="replace").replace("\r", "\n")
     result = {"exit": code, "seconds": round(time.perf_counter() - started, 2),
-              "peak_mb": round(usage.ru_maxrss / 1024)}
+              "peak_mb": round(own_peak if own_peak is not None else usage.ru_maxrss / 1024)}
     if code != 0:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         result["error"] = (lines[-1] if lines else f"exit {code}")[:300]
@@ -144,6 +145,16 @@ def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) ->
 
 
 def check_output(path: Path) -> dict:
+    """:func:`check_output_here` in a subprocess: checking a 2.4 GB output leaves this process several GB larger,
+    memory the runs after it would then share the machine with."""
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--check-output", str(path)],
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    if out.returncode != 0:
+        return {"valid": False, "invalid": f"checker process: {out.stderr.strip()[-200:]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def check_output_here(path: Path) -> dict:
     """ONNX checker (full), ORT load, DequantizeLinear count and file sizes (model + external data)."""
     import onnx
     import onnxruntime as ort
@@ -232,7 +243,7 @@ def render(payload: dict) -> str:
              f"{SAMPLES} random calibration samples; above 2 GB ORT gets `use_external_data_format=True`. Last, a "
              "model whose one 1-D weight of 2 GiB of zeros lives in a sparse file, through `onnxopt optimize` (its "
              "default recipe). Each row is one subprocess (`--no-latency`; `optimize` with `--no-cache`: no pass "
-             "result reused): wall time from start to exit (imports included), peak = its maximum RSS; a run is "
+             "result reused): wall time from start to exit (imports included), peak = its own VmHWM; a run is "
              f"killed once its resident memory passes {LIMIT_MB} MB. valid = the output passes the full ONNX checker "
              "and loads in ONNX Runtime; DQ = DequantizeLinear nodes in the output (0: the model stayed FP32). "
              "'before' rows run the code of the named git ref on the same files.", ""]
@@ -257,9 +268,13 @@ def main() -> None:
     parser.add_argument("--no-sparse", action="store_true", help="skip the 2 GiB sparse Gather model")
     parser.add_argument("--before", metavar="REF", help="also run the onnxopt rows with the code of this git ref")
     parser.add_argument("--ort-worker", nargs=3, metavar=("MODEL", "CALIB", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--check-output", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ort_worker:
         ort_worker(*args.ort_worker)
+        return
+    if args.check_output:
+        print(json.dumps(check_output_here(Path(args.check_output))))
         return
     from onnxopt.hostinfo import host_info
 

@@ -196,12 +196,13 @@ def worker(spec_json: str) -> None:
 
 # ---------------------------------------------------------------- parent: subprocesses, memory, accuracy, latency
 def run_child(argv: list[str], log: Path, timeout: float = 900) -> dict:
-    """Run ``argv``; ``seconds`` and ``peak_mb`` from its last JSON line (``os.wait4``'s max RSS as fallback)."""
+    """Run ``argv``; ``seconds`` and ``peak_mb`` from its last JSON line (its VmHWM read from outside, then
+    ``os.wait4``'s max RSS, as fallbacks)."""
     with log.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        proc.returncode, usage = wait_with_usage(proc, timeout)
+        proc.returncode, usage, own_peak = wait_with_usage(proc, timeout)
     text = log.read_text(errors="replace")
-    result: dict[str, Any] = {"peak_mb": usage.ru_maxrss / 1024.0}
+    result: dict[str, Any] = {"peak_mb": own_peak if own_peak is not None else usage.ru_maxrss / 1024.0}
     if proc.returncode != 0:
         tail = [line for line in text.strip().splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
         result["error"] = f"exit {proc.returncode}: {tail[0][:240]}"
@@ -216,7 +217,7 @@ def run_child(argv: list[str], log: Path, timeout: float = 900) -> dict:
                     result[key] = reported[key]
             if reported.get("peak_mb"):
                 result["peak_mb"] = float(reported["peak_mb"])
-            else:
+            elif own_peak is None:
                 result["peak_mb_source"] = "wait4 (includes the parent's size at fork)"
             break
     return result

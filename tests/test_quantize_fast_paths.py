@@ -249,6 +249,25 @@ def test_rejected_candidate_frees_its_sessions(prepared):
         assert {key[0] for key in pool._sessions} == {id(proto)}
 
 
+def test_pool_of_a_large_model_holds_one_thread_setting(prepared):
+    """For a large model the pool holds the sessions of one thread setting at a time (each holds its weights): a
+    session at another setting drops the others, and one asked for again is made again."""
+    proto, _ = prepared
+    other = onnx.ModelProto()
+    other.CopyFrom(proto)
+    with placement.sharing_sessions(one_setting=True) as pool:
+        first = placement._session(proto, None)
+        placement._session(other, None)
+        assert placement._session(proto, None) is first
+        placement._session(proto, 1)
+        assert {key[1] for key in pool._sessions} == {1}
+        assert placement._session(proto, None) is not first
+    with placement.sharing_sessions() as pool:  # small models keep every setting's sessions
+        placement._session(proto, None)
+        placement._session(proto, 1)
+        assert {key[1] for key in pool._sessions} == {None, 1}
+
+
 def test_time_models_returns_a_median_per_model(prepared):
     """The real timing path runs (no assertion on the figures: the machine is shared)."""
     proto, _ = prepared

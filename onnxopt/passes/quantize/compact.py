@@ -101,9 +101,9 @@ def pack_half_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(onnx.helper.make_node("Cast", [blob], [unpacked], to=onnx.TensorProto.FLOAT))
         extra = {"num_outputs": len(names)} if split_needs_count else {}
         nodes.append(onnx.helper.make_node("Split", [unpacked], names, axis=0, **extra))
-    kept = [init for init in graph.initializer if init.name not in packed]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    for index in reversed(range(len(graph.initializer))):  # in place: rebuilding the list copies every weight
+        if graph.initializer[index].name in packed:
+            del graph.initializer[index]
     rest = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + rest)
@@ -202,10 +202,18 @@ def _float_biases(graph: onnx.GraphProto) -> None:
 
 def _share_duplicates(graph: onnx.GraphProto) -> None:
     """Initializers with equal dtype, shape and bytes become one (scales and zero points repeat a lot)."""
+    # Only tensors whose dtype and shape another one shares are read and hashed: a big weight is usually unique, and
+    # reading it copies it (two copies of every weight of a 2.4 GB model, seconds).
+    by_shape: dict[tuple[int, tuple[int, ...]], list[onnx.TensorProto]] = {}
+    for init in graph.initializer:
+        by_shape.setdefault((init.data_type, tuple(init.dims)), []).append(init)
     first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
     alias: dict[str, str] = {}
     for init in graph.initializer:
-        key = (init.data_type, tuple(init.dims), hashlib.sha1(numpy_helper.to_array(init).tobytes()).digest())
+        shape_key = (init.data_type, tuple(init.dims))
+        if len(by_shape[shape_key]) < 2:
+            continue
+        key = (*shape_key, hashlib.sha1(numpy_helper.to_array(init).tobytes()).digest())
         if key in first:
             alias[init.name] = first[key]
         else:
@@ -254,11 +262,11 @@ def _short_names(graph: onnx.GraphProto) -> None:
 
 
 def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove initializers nothing reads, in place (rebuilding the list would copy every weight)."""
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    kept = [init for init in graph.initializer if init.name in used]
-    if len(kept) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name not in used:
+            del graph.initializer[index]
 
 
 __all__ = ["compact", "pack_half_constants", "unpack_half_constants"]

@@ -225,7 +225,8 @@ class QuantizePass(OnnxoptPass):
         if self.placement == "auto":
             from onnxopt.passes.quantize.placement import sharing_sessions
 
-            with sharing_sessions():  # one ORT session per candidate for agreement, timing and confirmation
+            # one ORT session per candidate for agreement, timing and confirmation
+            with sharing_sessions(one_setting=proto_tensor_bytes(fp32) >= _ONE_SETTING_BYTES):
                 chosen = self._place(model, proto, quantized, ranges, reduce_range, op_types, exclude, evaluator,
                                      budget, fp32)
             if chosen is None:
@@ -772,6 +773,8 @@ def _with_inferred_shapes(model: ir.Model) -> onnx.ModelProto:
 
 #: Float weights above this many bytes: ORT's rewrite is copied into a fresh message (see ``_rewrite``).
 _REPACK_BYTES = 256 << 20
+#: Above this many bytes of weights the placement search holds sessions of one thread setting at a time.
+_ONE_SETTING_BYTES = 1 << 30
 
 #: Initializer types whose bytes shape inference never reads (only their type and dims); integer tensors stay,
 #: since inference propagates the values of small shape tensors.

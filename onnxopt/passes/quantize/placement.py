@@ -83,13 +83,21 @@ class SessionPool:
     model got three. Models are held by reference, so an ``id`` is never reused while the pool lives.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, one_setting: bool = False) -> None:
         self._sessions: dict[tuple[int, int | None, str], tuple[onnx.ModelProto, ort.InferenceSession]] = {}
+        #: Hold sessions of one thread setting at a time (a large model: each session holds its weights, and the
+        #: FP32 one at two settings was 5 GB of the 12 GB the search took on a 2.4 GB MLP); the other setting's are
+        #: created again if it is timed again (only after a rejection).
+        self.one_setting = one_setting
 
     def get(self, model: onnx.ModelProto, threads: int | None, provider: str = "cpu") -> ort.InferenceSession:
         key = (id(model), threads, provider)
         if key not in self._sessions:
             from onnxopt.runtime import make_session
+
+            if self.one_setting:
+                for other in [k for k in self._sessions if k[1:] != key[1:]]:
+                    del self._sessions[other]
 
             self._sessions[key] = (model, make_session(model, threads=threads, provider=provider,
                                                        what="a placement candidate"))
@@ -106,13 +114,14 @@ _pool: SessionPool | None = None
 
 
 @contextlib.contextmanager
-def sharing_sessions() -> Iterator[SessionPool]:
-    """Within the block, :func:`first_outputs` and :func:`time_models` reuse one session per model object.
+def sharing_sessions(one_setting: bool = False) -> Iterator[SessionPool]:
+    """Within the block, :func:`first_outputs` and :func:`time_models` reuse one session per model object (of one
+    thread setting at a time with ``one_setting``: :class:`SessionPool`).
 
     A module-level pool rather than a parameter: ``time_models`` keeps its signature, which tests replace.
     """
     global _pool
-    previous, _pool = _pool, SessionPool()
+    previous, _pool = _pool, SessionPool(one_setting)
     try:
         yield _pool
     finally:
