@@ -53,14 +53,15 @@ def session_options(threads: int | None = None, optimization: str = "all") -> or
 
 
 def make_session(
-    model: ir.Model | onnx.ModelProto | str | os.PathLike[str],
+    model: ir.Model | onnx.ModelProto | bytes | str | os.PathLike[str],
     *,
     threads: int | None = None,
     provider: str = "cpu",
     optimization: str = "all",
     what: str = "model",
 ) -> ort.InferenceSession:
-    """Create an ORT session; failures become :class:`BadInputError` naming ``what``."""
+    """Create an ORT session (from a path, a proto, serialized bytes or an ir model); failures become
+    :class:`BadInputError` naming ``what``."""
     providers = [resolve_provider(provider)]
     if providers[0] != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
@@ -68,6 +69,8 @@ def make_session(
     try:
         if isinstance(model, (str, os.PathLike)):
             return ort.InferenceSession(str(model), options, providers=providers)
+        if isinstance(model, bytes):  # a serialized model
+            return ort.InferenceSession(model, options, providers=providers)
         if isinstance(model, onnx.ModelProto):
             if proto_tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD:  # one message cannot be serialized above 2 GB
                 with proto_file(model) as path:

@@ -79,13 +79,13 @@ def model_stats(
     model: ir.Model | onnx.ModelProto | str,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     batch_size: int = 1,
-    proto: onnx.ModelProto | None = None,
+    serialized: bytes | None = None,
 ) -> ModelStats:
     """Size, parameters, op counts and MACs of ``model`` (which is not changed).
 
     ``input_shapes`` gives the full shape of inputs with dynamic dims other than the batch; a dynamic leading dim
-    is always set to ``batch_size`` (so MACs are for that many samples), a static one is kept. ``proto``: the
-    model's ``modelio.in_memory_proto``, when the caller has it (its size is the file's size).
+    is always set to ``batch_size`` (so MACs are for that many samples), a static one is kept. ``serialized``:
+    the model's ``modelio.serialized_in_memory``, when the caller has it (its length is the file's size).
     """
     model = as_ir_model(model)
     nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
@@ -103,7 +103,7 @@ def model_stats(
             continue
         macs_by_op[node.op_type] += count
     return ModelStats(
-        size_bytes=serialized_size(model, proto),
+        size_bytes=serialized_size(model, serialized),
         params=count_params(model),
         num_nodes=len(nodes),
         op_counts=dict(sorted(op_counts.items(), key=lambda kv: (-kv[1], kv[0]))),

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from onnxopt.calib_data.base import DataSource
@@ -53,11 +52,12 @@ def collect_outputs(
     threads: int | None = None,
     provider: str = "cpu",
     what: str = "model",
-    proto: onnx.ModelProto | None = None,
+    serialized: bytes | None = None,
 ) -> ModelOutputs:
-    """Outputs (and labels) of ``model`` over up to ``max_samples`` samples of ``data``; ``proto``: the model's
-    ``modelio.in_memory_proto``, when the caller has it (ORT then loads it without serializing again)."""
-    session = make_session(model if proto is None else proto, threads=threads, provider=provider, what=what)
+    """Outputs (and labels) of ``model`` over up to ``max_samples`` samples of ``data``; ``serialized``: the model's
+    ``modelio.serialized_in_memory``, when the caller has it (ORT then loads it without serializing again)."""
+    session = make_session(model if serialized is None else serialized, threads=threads, provider=provider,
+                           what=what)
     names = [o.name for o in session.get_outputs()]
     chunks: list[list[np.ndarray]] = [[] for _ in names]
     labels: list[np.ndarray] = []

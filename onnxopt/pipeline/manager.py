@@ -12,14 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import onnx
 import onnx_ir as ir
 
 from onnxopt import __version__
 from onnxopt.budgets import Budget, BudgetVerdict, judge
 from onnxopt.calib_data.base import DataSource
 from onnxopt.errors import BadInputError, OnnxoptError, PassFailedError
-from onnxopt.modelio import in_memory_proto, input_specs, run_checker
+from onnxopt.modelio import input_specs, run_checker, serialized_in_memory
 from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.context import PassContext
 from onnxopt.pipeline.evaluation import ModelOutputs, collect_outputs
@@ -110,7 +109,7 @@ class PipelineManager(ir.passes.PassBase):
         )
         self.report = report
         start = time.perf_counter()
-        original = self._snapshot(model, data, "the input model", proto=in_memory_proto(model))
+        original = self._snapshot(model, data, "the input model", serialized=serialized_in_memory(model))
         report.steps.append(StepRecord("input", {}, "ok", time.perf_counter() - start, original.metrics,
                                        notes=self._input_notes(data)))
         report.data = {"eval": _describe(data), "calib": _describe(context.calib) if context.calib else None}
@@ -140,15 +139,15 @@ class PipelineManager(ir.passes.PassBase):
             except Exception as exc:  # a bug or an unsupported graph: say which pass, never a bare traceback
                 raise PassFailedError(pass_.name, f"{type(exc).__name__}: {exc}") from exc
             pass_seconds = time.perf_counter() - start
-            proto = in_memory_proto(model)  # one serialization for the checker, ORT and the size count
-            self._validate_structure(pass_, model, proto)
+            serialized = serialized_in_memory(model)  # one serialization for the checker, ORT and the size count
+            self._validate_structure(pass_, model, serialized)
             if cache is not None and hit is None and key is not None:
                 problem = cache.store(key, pass_, model)
                 if problem:
                     pass_.note(problem)
             if self.options.keep_stage_models:
                 stage_models.append(model.clone())
-            current = self._snapshot(model, data, f"the model after pass '{pass_.name}'", pass_.name, proto)
+            current = self._snapshot(model, data, f"the model after pass '{pass_.name}'", pass_.name, serialized)
             vs_previous = previous.outputs.compare(current.outputs)
             vs_original = original.outputs.compare(current.outputs)
             if vs_previous.max_abs_error != vs_previous.max_abs_error or vs_previous.max_abs_error == float("inf"):
@@ -210,24 +209,24 @@ class PipelineManager(ir.passes.PassBase):
             return {}
 
     def _snapshot(self, model: ir.Model, data: DataSource, what: str, pass_name: str | None = None,
-                  proto: onnx.ModelProto | None = None) -> _Snapshot:
+                  serialized: bytes | None = None) -> _Snapshot:
         options = self.options
         try:
             outputs = collect_outputs(model, data, batch_size=options.eval_batch_size,
                                       max_samples=options.max_eval_samples, threads=self.context.threads,
-                                      provider=self.context.provider, what=what, proto=proto)
+                                      provider=self.context.provider, what=what, serialized=serialized)
         except BadInputError as exc:
             if pass_name is None:
                 raise
             raise PassFailedError(pass_name, str(exc)) from None
-        metrics = self._metrics(model, outputs, proto)
+        metrics = self._metrics(model, outputs, serialized)
         return _Snapshot(metrics, outputs)
 
-    def _metrics(self, model: ir.Model, outputs: ModelOutputs, proto: onnx.ModelProto | None = None) -> StepMetrics:
+    def _metrics(self, model: ir.Model, outputs: ModelOutputs, serialized: bytes | None = None) -> StepMetrics:
         from onnxopt.stats import model_stats
 
         shapes = self._shape_hints(model)
-        stats = model_stats(model, input_shapes=shapes, proto=proto)
+        stats = model_stats(model, input_shapes=shapes, serialized=serialized)
         metrics = StepMetrics(
             size_bytes=stats.size_bytes, params=stats.params, macs=stats.macs, num_nodes=stats.num_nodes,
             macs_by_op=dict(stats.macs_by_op), op_counts=dict(stats.op_counts), accuracy=outputs.accuracy,
@@ -276,9 +275,9 @@ class PipelineManager(ir.passes.PassBase):
                 "runs": before.runs, "method": "round-robin interleaved, one run"}
 
     def _validate_structure(self, pass_: OnnxoptPass, model: ir.Model,
-                            proto: onnx.ModelProto | None = None) -> None:
+                            serialized: bytes | None = None) -> None:
         try:
-            run_checker(model, proto)
+            run_checker(model, serialized)
         except Exception as exc:
             raise PassFailedError(pass_.name, f"the model it produced fails the ONNX checker: {_cause(exc)}") from None
 
