@@ -61,6 +61,25 @@ def test_latency_of_a_kept_fp32_graph_is_fp32_speed_not_noise() -> None:
     assert checks["latency ratio >= 0.98 (every setting, median-based)"]["pass"] is False
 
 
+def test_latency_pooled_over_rows_with_the_same_graph() -> None:
+    """Rows whose model is byte-identical to ours are the same model timed more often: the pooled check takes the
+    median of all their runs' ratios, and is reported beside the per-row check (which stays)."""
+    bench = _bench()
+    result = _result(bench, 0.98, 0.97, 1.2, 1.0, 2.0)
+    ours, twin = result["rows"][bench.OURS], result["rows"][bench.OURS_ALL]
+    ours["graph_sha256"] = twin["graph_sha256"] = "ab"
+    result["rows"][bench.FP32]["graph_sha256"] = "fp"
+    ours["speed"]["b8_t2"] = 0.85  # its own three runs: 0.85, 0.58, 6.61
+    ours["speed_runs"] = {"b1_t1": [1.2, 1.2, 1.3], "b8_t2": [0.85, 0.58, 6.61]}
+    twin["speed_runs"] = {"b1_t1": [1.1, 1.2, 1.2], "b8_t2": [7.29, 5.29, 4.92]}
+    checks = {c["target"]: c for c in bench.targets(result)}
+    assert checks["latency ratio >= 0.98 (every setting, median-based)"]["pass"] is False
+    pooled = checks["latency ratio >= 0.98 (every setting, median-based, pooled over the 2 rows with our graph)"]
+    assert pooled["pass"] is True and "b8_t2 5.11x" in pooled["detail"]  # median of the six runs
+    twin["graph_sha256"] = "cd"  # another graph: nothing to pool
+    assert not any("pooled" in c["target"] for c in bench.targets(result))
+
+
 def test_wall_time_target_is_judged_for_both_placements() -> None:
     bench = _bench()
     result = _result(bench, 0.978, 0.97, 1.0, 3.0, 2.0)
