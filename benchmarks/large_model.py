@@ -46,6 +46,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+sys.path.insert(0, str(REPO / "tests"))  # onnx_builders: the 2 GiB sparse model of the tests
 from children import wait_with_usage  # noqa: E402 - beside this script
 from report_files import write_report  # noqa: E402
 
@@ -84,28 +85,6 @@ def build_mlp(folder: Path, width: int, seed: int = 0) -> tuple[Path, Path]:
     calib = folder / "calib.npz"
     np.savez(calib, x=rng.standard_normal((SAMPLES, width)).astype(np.float32))
     return path, calib
-
-
-def build_sparse_gather(folder: Path) -> Path:
-    """``big.onnx``: Gather(W, idx[4]) with W a 1-D float weight of 2 GiB + 4 KiB of zeros in the sparse file
-    ``big.bin`` (no disk blocks, created at once)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    count = 2**31 // 4 + 1024
-    weight = TensorProto(name="W", data_type=TensorProto.FLOAT, data_location=TensorProto.EXTERNAL, dims=[count])
-    for key, value in (("location", "big.bin"), ("offset", "0"), ("length", str(count * 4))):
-        weight.external_data.add(key=key, value=value)
-    graph = helper.make_graph([helper.make_node("Gather", ["W", "idx"], ["y"], name="pick")], "big",
-                              [helper.make_tensor_value_info("idx", TensorProto.INT64, [4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    path = folder / "big.onnx"
-    onnx.save(model, str(path))
-    with open(folder / "big.bin", "wb") as handle:
-        handle.truncate(count * 4)
-    return path
 
 
 def ort_worker(model: str, calib: str, out: str) -> None:
@@ -204,7 +183,9 @@ def measure_sparse(workdir: Path, versions: list[tuple[str, Path | None]]) -> di
     """The default recipe on the 2 GiB sparse Gather model (no calibration data, no quantizer to compare with)."""
     folder = workdir / "sparse"
     folder.mkdir()
-    model = build_sparse_gather(folder)
+    from onnx_builders import sparse_gather_model  # tests/: the model test_reliability.py runs
+
+    model, _ = sparse_gather_model(folder)
     rows = onnxopt_rows("sparse", model, [("onnxopt optimize (default recipe)", ["optimize"])], versions, [])
     shutil.rmtree(folder, ignore_errors=True)
     return {"title": "1-D weight of 2 GiB in a sparse file (Gather of 4 values)", "rows": rows}

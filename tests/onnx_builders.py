@@ -243,3 +243,23 @@ def relative_error(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray])
 def compare_models(reference: ModelLike, candidate: ModelLike, feeds: Mapping[str, np.ndarray]) -> float:  # type: ignore[valid-type]
     """Relative error of ``candidate``'s outputs against ``reference``'s on the same inputs."""
     return relative_error(run(reference, feeds), run(candidate, feeds))
+
+
+def sparse_gather_model(folder: Path) -> tuple[Path, Path]:
+    """``big.onnx``, whose one initializer (a 1-D float weight, 2 GiB + 4 KiB of zeros) lives in the sparse file
+    ``big.bin``: Gather picks four values, so inputs and outputs stay tiny. No disk blocks, no time to create.
+    (tests/test_reliability.py; benchmarks/large_model.py)"""
+    count = 2**31 // 4 + 1024
+    weight = TensorProto(name="W", data_type=TensorProto.FLOAT, data_location=TensorProto.EXTERNAL, dims=[count])
+    for key, value in (("location", "big.bin"), ("offset", "0"), ("length", str(count * 4))):
+        weight.external_data.add(key=key, value=value)
+    graph = helper.make_graph([helper.make_node("Gather", ["W", "idx"], ["y"], name="pick")], "big",
+                              [helper.make_tensor_value_info("idx", TensorProto.INT64, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path, data = folder / "big.onnx", folder / "big.bin"
+    onnx.save(model, str(path))
+    with open(data, "wb") as handle:
+        handle.truncate(count * 4)
+    return path, data

@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxopt
-from onnx_builders import conv_classifier, labelled_npz, save
+from onnx_builders import conv_classifier, labelled_npz, save, sparse_gather_model
 from onnxopt.modelio import file_sha256
 from test_cli import assert_refused, run_cli
 
@@ -123,36 +123,13 @@ def test_budget_that_cannot_be_met_still_writes(capsys, model_path: Path, data_p
     assert file_sha256(model_path) == before
 
 
-def _big_external_model(folder: Path) -> tuple[Path, Path]:
-    """A model whose one initializer (2 GiB + 4 KiB of float zeros) lives in a sparse external file: Gather picks
-    four values, so inputs and outputs stay tiny. Costs no disk blocks and no time to create."""
-    count = 2**31 // 4 + 1024
-    weight = TensorProto()
-    weight.name, weight.data_type, weight.data_location = "W", TensorProto.FLOAT, TensorProto.EXTERNAL
-    weight.dims.append(count)
-    for key, value in (("location", "big.bin"), ("offset", "0"), ("length", str(count * 4))):
-        entry = weight.external_data.add()
-        entry.key, entry.value = key, value
-    graph = helper.make_graph([helper.make_node("Gather", ["W", "idx"], ["y"], name="pick")], "big",
-                              [helper.make_tensor_value_info("idx", TensorProto.INT64, [4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    path = folder / "big.onnx"
-    onnx.save(model, str(path))
-    data = folder / "big.bin"
-    with open(data, "wb") as handle:
-        handle.truncate(count * 4)
-    return path, data
-
-
 def test_model_over_2gb_with_external_data(tmp_path: Path):
     """A >2 GB external-data model is opened lazily: a refusal comes at once, in a process capped at 3 GB of address
     space, and leaves both files as they were. A full optimize of it (default recipe) writes a valid model with
     external data, with a peak resident memory below the model's size: shape inference (MAC counting, normalize)
     once grew past 18 GB on it (ONNX's data propagation through Gather expanded the 1-D weight one dim per
     element)."""
-    path, data = _big_external_model(tmp_path)
+    path, data = sparse_gather_model(tmp_path)
     out = tmp_path / "o.onnx"
     try:
         stat, digest = data.stat(), file_sha256(path)
