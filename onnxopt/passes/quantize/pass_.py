@@ -756,7 +756,7 @@ def _with_inferred_shapes(model: ir.Model) -> onnx.ModelProto:
     """The model as ORT's quantizer wants it: value_info inferred, ORT's "onnx.infer" metadata mark set.
 
     ORT's ``save_and_reload_model_with_shape_infer`` does this through two files on disk; here the inference runs in
-    memory, on the graph with its float weights' bytes held aside (:func:`_infer_shapes_without_weight_bytes`).
+    memory, on a copy of the graph without its float weights' bytes (:func:`_infer_shapes_without_weight_bytes`).
     Above the external-data threshold the ir model keeps its tensors mapped from their file and the proto holds a
     copy (over 2 GB: held in memory, never serialized as one message; ORT sessions get it through
     ``modelio.proto_file``).
