@@ -335,9 +335,12 @@ def proto_tensor_bytes(proto: onnx.ModelProto) -> int:
     fails above 2 GB."""
     total = 0
     for init in proto.graph.initializer:
-        if init.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        if init.data_type == onnx.TensorProto.STRING:
             continue
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize  # 4-bit types count a byte
+        except KeyError:  # UNDEFINED, or a type newer than this onnx: not counted (ORT reports it, if it matters)
+            continue
         total += int(np.prod(init.dims, dtype=np.int64)) * itemsize
     return total
 
