@@ -35,8 +35,8 @@ def prepared():
 
 
 def test_shape_inference_without_weight_bytes_equals_plain_inference():
-    """The quantize pass infers value_info with the float weights' bytes held aside: the model it hands ORT is
-    byte-identical to plain inference's, on the example (Conv/BN/Gemm) and on a MatMul net with a Reshape whose
+    """The quantize pass infers value_info on a copy of the graph without the float weights' bytes: the model it
+    hands ORT is byte-identical to plain inference's, on the example (Conv/BN/Gemm) and on a MatMul net with a Reshape whose
     target is an int64 initializer (kept: inference propagates its values)."""
     from onnxopt.passes.quantize.pass_ import _infer_shapes_without_weight_bytes
 
@@ -55,6 +55,27 @@ def test_shape_inference_without_weight_bytes_equals_plain_inference():
         light = _infer_shapes_without_weight_bytes(to_proto(model))
         assert light.SerializeToString() == plain.SerializeToString()
         assert any(info.name == "m" for info in light.graph.value_info) or model is not mlp
+
+
+def test_large_model_memory_savers_change_no_output(monkeypatch):
+    """What keeps a model over 2 GB in memory changes nothing in the int8 model: ORT's rewrite copied into a fresh
+    message, and the search's sessions held for one thread setting at a time (both forced on for the example)."""
+    from onnxopt.passes.quantize import pass_
+
+    def quantize(placement: str) -> bytes:
+        context = PassContext(calib=open_data(str(examples.default_calib_path())))
+        model = load_model(examples.default_model_path())
+        return to_proto(QuantizePass(placement=placement).bind(context).apply(model)).SerializeToString()
+
+    reference = quantize("all")
+    monkeypatch.setattr(pass_, "_REPACK_BYTES", 0)
+    monkeypatch.setattr(pass_, "_ONE_SETTING_BYTES", 0)
+    assert quantize("all") == reference
+    searched = quantize("auto")  # the search, with one thread setting's sessions at a time, ends in a valid model
+    onnx.checker.check_model(searched, full_check=True)
+    import onnxruntime as ort
+
+    ort.InferenceSession(searched, providers=["CPUExecutionProvider"])
 
 
 # ---------------------------------------------------------------- calibration
