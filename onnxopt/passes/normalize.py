@@ -25,7 +25,6 @@ import inspect
 import io
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
