@@ -21,6 +21,11 @@ from start to exit, its peak memory the child's own high-water mark (``VmHWM``, 
 * with ``--before REF``: the onnxopt rows again with the code of git ref ``REF`` (checked out in a temporary git
   worktree and put first on PYTHONPATH), so a change is measured side by side with what it replaced.
 
+Beside them, for each width, what ORT's weight prepacking costs and buys (the figures behind
+``onnxopt.runtime.PREPACK_SKIP_BYTES``): in one subprocess, the FP32 model's session created from its file with and
+without prepacking, alternately, twice each (the faster creation is reported), and the median of 5 runs at batch 1
+and at batch 16 in each session.
+
 Each output is checked: exit code (and the error's last line), ONNX checker (full check), ORT load, and the number
 of DequantizeLinear nodes (int8 placement). ``--no-latency`` for onnxopt: the rows time the passes, not the final
 latency comparison.
@@ -105,6 +110,42 @@ def ort_worker(model: str, calib: str, out: str) -> None:
     quantize_static(model, out, Reader(), use_external_data_format=size >= PROTOBUF_LIMIT)
 
 
+def prepack_worker(model: str, calib: str) -> None:
+    """Prints session creation and run times (s) with and without ORT's weight prepacking, as JSON."""
+    import onnxruntime as ort
+
+    from onnxopt.runtime import session_options
+
+    data = np.load(calib)["x"]
+    out: dict[str, dict[str, list[float]]] = {}
+    for _ in range(2):
+        for prepack in (True, False):
+            record = out.setdefault("on" if prepack else "off", {"create": [], "batch 1": [], "batch 16": []})
+            started = time.perf_counter()
+            session = ort.InferenceSession(model, session_options(prepack=prepack),
+                                           providers=["CPUExecutionProvider"])
+            record["create"].append(time.perf_counter() - started)
+            for batch in (1, 16):
+                feed = {"x": data[:batch]}
+                session.run(None, feed)  # warm-up
+                times = []
+                for _ in range(5):
+                    began = time.perf_counter()
+                    session.run(None, feed)
+                    times.append(time.perf_counter() - began)
+                record[f"batch {batch}"].append(float(np.median(times)))
+            del session
+    print(json.dumps(out))
+
+
+def measure_prepacking(model: Path, calib: Path) -> dict:
+    out = subprocess.run(["nice", "-n", "5", sys.executable, str(Path(__file__).resolve()), "--prepack-worker",
+                          str(model), str(calib)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip()[-300:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) -> dict:
     """Wall time, peak RSS (MB) and exit code of ``argv``; the last non-empty output line on failure."""
     started = time.perf_counter()
@@ -169,6 +210,8 @@ def measure(width: int, workdir: Path, versions: list[tuple[str, Path | None]]) 
             ("onnxopt quantize pass (placement all)", ["optimize", "--pass", "quantize:placement=all"]),
             ("onnxopt quantize command (normalize, quantize)", ["quantize"])]
     rows = onnxopt_rows(f"w{width}", model, runs, versions, ["--calib", str(calib)])
+    prepacking = measure_prepacking(model, calib)
+    print(f"  w{width}: prepacking: {json.dumps(prepacking)}", file=sys.stderr, flush=True)
     out = folder / "ort.onnx"
     result = run([sys.executable, str(Path(__file__).resolve()), "--ort-worker", str(model), str(calib), str(out)])
     if result["exit"] == 0 and out.exists():
@@ -176,7 +219,7 @@ def measure(width: int, workdir: Path, versions: list[tuple[str, Path | None]]) 
     rows.append({"row": "ORT quantize_static (QDQ MinMax defaults)", "code": "onnxruntime", **result})
     print(f"  w{width}: ORT: {json.dumps(result)}", file=sys.stderr, flush=True)
     shutil.rmtree(folder, ignore_errors=True)
-    return {"title": f"W = {width} ({weights_mb} MB on disk)", "rows": rows}
+    return {"title": f"W = {width} ({weights_mb} MB on disk)", "rows": rows, "prepacking": prepacking}
 
 
 def measure_sparse(workdir: Path, versions: list[tuple[str, Path | None]]) -> dict:
@@ -239,7 +282,23 @@ def render(payload: dict) -> str:
                          f"{row.get('size_mb', '')}{' MB' if 'size_mb' in row else ''} | "
                          f"{row.get('error', '').replace('|', '/')} |")
         lines.append("")
+        lines += render_prepacking(case.get("prepacking"))
     return "\n".join(lines)
+
+
+def render_prepacking(prepacking: dict | None) -> list[str]:
+    if not prepacking:
+        return []
+    if "error" in prepacking:
+        return [f"ORT weight prepacking: not measured ({prepacking['error']})", ""]
+    lines = ["ORT weight prepacking (the FP32 model's session from its file, default threads; the faster of 2 "
+             "creations, the median of 5 runs per session, each session's figure shown):", "",
+             "| prepacking | session creation | run at batch 1 | run at batch 16 |", "|---|---|---|---|"]
+    for key, label in (("on", "on (ORT's default)"), ("off", "off (`session.disable_prepacking`)")):
+        record = prepacking[key]
+        runs = ["/".join(f"{1000 * t:.1f}" for t in record[batch]) + " ms" for batch in ("batch 1", "batch 16")]
+        lines.append(f"| {label} | {min(record['create']):.2f} s | {runs[0]} | {runs[1]} |")
+    return lines + [""]
 
 
 def main() -> None:
@@ -250,7 +309,11 @@ def main() -> None:
     parser.add_argument("--before", metavar="REF", help="also run the onnxopt rows with the code of this git ref")
     parser.add_argument("--ort-worker", nargs=3, metavar=("MODEL", "CALIB", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--check-output", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--prepack-worker", nargs=2, metavar=("MODEL", "CALIB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.prepack_worker:
+        prepack_worker(*args.prepack_worker)
+        return
     if args.ort_worker:
         ort_worker(*args.ort_worker)
         return

@@ -41,7 +41,18 @@ def resolve_provider(name: str) -> str:
     return provider
 
 
-def session_options(threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
+#: ORT prepacks MatMul/Gemm weights into its kernels' layout when it creates a session: about 2 s per GB of weights
+#: here, which pays back only after some hundreds of samples (a batch-16 run of a 1 GB MatMul chain took twice as
+#: long unpacked, a batch-1 run 7% longer: ``benchmarks/large_model.py``, "ORT weight prepacking"). A session that
+#: will run at most ``FEW_SAMPLES`` samples of a model with at least ``PREPACK_SKIP_BYTES`` of weights is created
+#: without it: calibration and the pipeline's evaluation runs, never the timed sessions (placement, benchmarks),
+#: which must run as deployed.
+PREPACK_SKIP_BYTES = 256 * 2**20
+FEW_SAMPLES = 256
+
+
+def session_options(threads: int | None = None, optimization: str = "all", prepack: bool = True
+                    ) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = _LEVELS[optimization]
@@ -49,7 +60,25 @@ def session_options(threads: int | None = None, optimization: str = "all") -> or
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
+
+
+def worth_prepacking(model: ir.Model | onnx.ModelProto | bytes | str | os.PathLike[str], samples: int | None) -> bool:
+    """False for a session that will run at most ``FEW_SAMPLES`` samples (``samples``: None when not known) of a
+    model with at least ``PREPACK_SKIP_BYTES`` of weights in memory."""
+    if samples is None or samples > FEW_SAMPLES:
+        return True
+    if isinstance(model, bytes):
+        size = len(model)
+    elif isinstance(model, onnx.ModelProto):
+        size = proto_tensor_bytes(model)
+    elif isinstance(model, ir.Model):
+        size = tensor_bytes(model)
+    else:
+        return True
+    return size < PREPACK_SKIP_BYTES
 
 
 def make_session(
@@ -59,13 +88,20 @@ def make_session(
     provider: str = "cpu",
     optimization: str = "all",
     what: str = "model",
+    samples: int | None = None,
 ) -> ort.InferenceSession:
     """Create an ORT session (from a path, a proto, serialized bytes or an ir model); failures become
-    :class:`BadInputError` naming ``what``."""
+    :class:`BadInputError` naming ``what``. ``samples``: how many samples the session will run, when the caller
+    knows (a few on a large model: no weight prepacking, :func:`worth_prepacking`).
+
+    Above the external-data threshold ORT gets a temporary file whose data it maps, reading only what it uses.
+    Handing it the tensors from memory instead (``add_external_initializers``, which copies them) was tried on
+    the 2.4 GB MLP: no faster, 1.8 GB more peak memory, and every byte of the sparse test model's 2 GiB of zeros
+    read (over 4 GB resident in tests/test_reliability.py)."""
     providers = [resolve_provider(provider)]
     if providers[0] != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
-    options = session_options(threads, optimization)
+    options = session_options(threads, optimization, prepack=worth_prepacking(model, samples))
     try:
         if isinstance(model, (str, os.PathLike)):
             return ort.InferenceSession(str(model), options, providers=providers)
@@ -101,4 +137,5 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-__all__ = ["make_session", "resolve_provider", "run_batches", "session_options", "Path"]
+__all__ = ["FEW_SAMPLES", "PREPACK_SKIP_BYTES", "make_session", "resolve_provider", "run_batches",
+           "session_options", "worth_prepacking", "Path"]

@@ -296,3 +296,57 @@ def test_int8_properties_and_reduce_range():
     arm = _host("aarch64", {"asimd": True, "asimddp": True, "i8mm": False})
     assert arm.is_arm and arm.has_arm_dot and not suggest_reduce_range(arm)
     assert "dot product" in int8_kernel_notes(arm)
+
+
+# ------------------------------------------------------------------------------------------------------ prepacking
+def _prepacking(session) -> bool:
+    options = session.get_session_options()
+    try:
+        return options.get_session_config_entry("session.disable_prepacking") != "1"
+    except RuntimeError:  # never set: ORT's default, prepacking on
+        return True
+
+
+def test_few_samples_on_large_weights_skip_prepacking(monkeypatch):
+    """ORT's weight prepacking is skipped only for a session that will run a few samples of a model with large
+    weights (the threshold lowered here); a timed session (samples unknown) always prepacks, like a deployed one."""
+    model = gemm()
+    assert runtime.worth_prepacking(model, 1)  # 240 bytes of weights
+    monkeypatch.setattr(runtime, "PREPACK_SKIP_BYTES", 100)
+    for source in (model, model.SerializeToString()):
+        assert not runtime.worth_prepacking(source, runtime.FEW_SAMPLES)
+        assert runtime.worth_prepacking(source, runtime.FEW_SAMPLES + 1)
+        assert runtime.worth_prepacking(source, None)
+    assert not _prepacking(runtime.make_session(model, samples=8))
+    assert _prepacking(runtime.make_session(model))
+    feed = {"v": np.random.default_rng(2).standard_normal((3, 12)).astype(np.float32)}
+    np.testing.assert_allclose(runtime.make_session(model, samples=8).run(None, feed)[0],
+                               runtime.make_session(model).run(None, feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_and_evaluation_sessions_say_how_many_samples_they_run(monkeypatch):
+    """The quantize pass's calibration session and the pipeline's evaluation sessions pass their sample counts
+    (what decides prepacking); the placement search's timed sessions do not."""
+    import onnxopt
+    from onnxopt import examples
+
+    counts: dict[str, list] = {}
+    real = runtime.make_session
+
+    def make_session(model, **kwargs):
+        counts.setdefault(kwargs.get("what", ""), []).append(kwargs.get("samples"))
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(runtime, "make_session", make_session)
+    for module in ("onnxopt.pipeline.evaluation", "onnxopt.passes.quantize.collect"):
+        monkeypatch.setattr(f"{module}.make_session", make_session, raising=False)
+    onnxopt.optimize(examples.default_model_path(), ["quantize"], calib=str(examples.default_calib_path()),
+                     measure_latency=False)
+    from onnxopt.calib_data import open_data
+
+    from onnxopt.passes.quantize import QuantizePass
+
+    samples = open_data(str(examples.default_calib_path())).num_samples()  # 300: the calibration and the evaluation
+    assert counts["the model prepared for calibration"] == [min(samples, QuantizePass().calib_samples)]
+    assert counts["the input model"] and all(n == samples for n in counts["the input model"])
+    assert counts["a placement candidate"] and all(n is None for n in counts["a placement candidate"])

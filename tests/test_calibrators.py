@@ -458,6 +458,33 @@ def test_mse_weight_scales_never_lose_to_minmax_and_clip_heavy_tails():
     assert weight_range(w, method="sqnr") == weight_range(w, method="mse")
 
 
+@pytest.mark.parametrize("shape", [(7,), (5, 3), (4, 3, 2, 2)])
+def test_minmax_weight_range_reduces_in_place_like_the_channel_rows(shape):
+    """minmax reduces over the other axes of the weight itself: the same extremes as the rows that the other
+    methods build (a transposed copy), for every axis, and NaN/Inf refused on every path."""
+    from onnxopt.passes.quantize.weights import _channel_rows
+
+    w = np.random.default_rng(len(shape)).standard_normal(shape).astype(np.float32)
+    for axis in [None, *range(-len(shape), len(shape))]:
+        for symmetric in (True, False):
+            rows = _channel_rows(w, axis, "w")
+            low, high = rows.min(axis=1), rows.max(axis=1)
+            if symmetric:
+                high = np.maximum(-low, high)
+                low = -high
+            got = weight_range(w, axis=axis, symmetric=symmetric)
+            if axis is None:
+                assert (got.low, got.high) == (float(low[0]), float(high[0]))
+            else:
+                assert np.array_equal(got.low, low) and np.array_equal(got.high, high)
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = w.copy()
+        broken.flat[len(broken.flat) // 2] = bad
+        for axis in (None, 0, -1):
+            with pytest.raises(DataError, match="NaN/Inf"):
+                weight_range(broken, axis=axis)
+
+
 def test_weight_errors():
     with pytest.raises(RecipeError, match="entropy needs activation histograms"):
         weight_range(np.ones(3), method="entropy")

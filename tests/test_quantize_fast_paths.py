@@ -375,12 +375,17 @@ def test_per_channel_scales_follow_ort_for_zero_and_tiny_channels():
 
 
 # ---------------------------------------------------------------- ORT's weight quantization, vectorized
+@pytest.mark.parametrize("block", [1 << 16, 7, 1])
 @pytest.mark.parametrize("axis", [0, 1, -1])
 @pytest.mark.parametrize("quant_type", [onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16])
-def test_vectorized_per_channel_weights_are_byte_identical(axis, quant_type):
+def test_vectorized_per_channel_weights_are_byte_identical(axis, quant_type, block, monkeypatch):
+    """Per channel and per tensor, in one block or in blocks of 7 and 1 elements (rows, then channels, split)."""
     from onnxruntime.quantization.quant_utils import quantize_onnx_initializer
 
+    from onnxopt.passes.quantize import ort_fast
     from onnxopt.passes.quantize.ort_fast import vectorize_per_channel
+
+    monkeypatch.setattr(ort_fast, "BLOCK_ELEMENTS", block)
 
     rng = np.random.default_rng(abs(axis) + quant_type)
     weight = rng.normal(0, 0.3, (6, 5, 3, 2)).astype(np.float32)
@@ -394,9 +399,15 @@ def test_vectorized_per_channel_weights_are_byte_identical(axis, quant_type):
     ours = fast(proto, quant_type, zero_point, scale, axis)
     reference = quantize_onnx_initializer(proto, quant_type, zero_point, scale, axis)
     assert ours.SerializeToString() == reference.SerializeToString()
-    # per-tensor and named outputs pass through unchanged
-    assert fast(proto, quant_type, zero_point[:1], scale[:1], None, "q").SerializeToString() == \
-        quantize_onnx_initializer(proto, quant_type, zero_point[:1], scale[:1], None, "q").SerializeToString()
+    # per tensor (a 0-d and a 1-element scale), with a named output
+    for one_scale, one_zero in ((scale[:1], zero_point[:1]), (scale[0].reshape(()), zero_point[0].reshape(()))):
+        assert fast(proto, quant_type, one_zero, one_scale, None, "q").SerializeToString() == \
+            quantize_onnx_initializer(proto, quant_type, one_zero, one_scale, None, "q").SerializeToString()
+    # a float16 weight and a float64 scale take the same float arithmetic as ORT's
+    half = onnx.numpy_helper.from_array(weight.astype(np.float16), "h")
+    wide = scale.astype(np.float64)
+    assert fast(half, quant_type, zero_point, wide, axis).SerializeToString() == \
+        quantize_onnx_initializer(half, quant_type, zero_point, wide, axis).SerializeToString()
 
 
 @pytest.mark.parametrize("params", [{}, {"reduce_range": "on"}, {"format": "qoperator"}])

@@ -56,8 +56,10 @@ def collect_outputs(
 ) -> ModelOutputs:
     """Outputs (and labels) of ``model`` over up to ``max_samples`` samples of ``data``; ``serialized``: the model's
     ``modelio.serialized_in_memory``, when the caller has it (ORT then loads it without serializing again)."""
+    available = data.num_samples()
+    runs = available if max_samples is None or available is None else min(available, max_samples)
     session = make_session(model if serialized is None else serialized, threads=threads, provider=provider,
-                           what=what)
+                           what=what, samples=runs)
     names = [o.name for o in session.get_outputs()]
     chunks: list[list[np.ndarray]] = [[] for _ in names]
     labels: list[np.ndarray] = []

@@ -58,13 +58,15 @@ def collect_statistics(
     # ORT's full optimization level (fusions that keep every fetched tensor, NCHWc kernels) ran the calibration 1.0-1.7x
     # faster than the basic level on the benchmark nets; the ranges differ by float rounding only (< 1e-6 relative):
     # reports/calibration_paths.md.
+    available = data.num_samples()
+    runs = samples if available is None else min(samples, available)
     with _exposing(model, tensors) as augmented:
         try:
             session = make_session(augmented, threads=threads, provider=provider, optimization="all",
-                                   what="the model prepared for calibration")
+                                   what="the model prepared for calibration", samples=runs)
         except BadInputError:  # an optimizer ORT applies only at the full level fails on this graph: the plain level
             session = make_session(augmented, threads=threads, provider=provider, optimization="basic",
-                                   what="the model prepared for calibration")
+                                   what="the model prepared for calibration", samples=runs)
     output_names = [o.name for o in session.get_outputs()]
     keep = set(tensors)
     calibrator = Calibrator(histograms=histograms)

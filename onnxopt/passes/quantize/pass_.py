@@ -221,7 +221,8 @@ class QuantizePass(OnnxoptPass):
             evaluator = Evaluator.build(fp32, self.context, specs, self.eval_samples)
             exclude = self._mixed_precision(proto, ranges, reduce_range, op_types, exclude, evaluator, budget)
 
-        quantized, _ = self._build(proto, ranges, reduce_range, op_types, exclude)
+        # placement=all uses ``proto`` no more: ORT may rewrite it in place instead of a copy (2.4 GB on a 2.4 GB MLP)
+        quantized, _ = self._build(proto, ranges, reduce_range, op_types, exclude, consume=self.placement == "all")
         if self.placement == "auto":
             from onnxopt.passes.quantize.placement import sharing_sessions
 
@@ -645,11 +646,12 @@ class QuantizePass(OnnxoptPass):
                 if (key := (id(proto), name, axis, reduce_range)) in self._scales}
 
     def _build(self, proto: onnx.ModelProto, ranges: dict[str, Any], reduce_range: bool, op_types: list[str],
-               exclude: list[str], per_channel: bool | None = None, fmt: str | None = None
+               exclude: list[str], per_channel: bool | None = None, fmt: str | None = None, consume: bool = False
                ) -> tuple[onnx.ModelProto, bool]:
         """ORT's rewrite of ``proto`` for (``op_types``, ``exclude``), and whether it was derived (:meth:`_derive`)
         from one built earlier in this call with the same op types and settings and fewer excluded nodes instead:
-        the placement regions and the budget search's bisection steps would each be a run of ORT's quantizer."""
+        the placement regions and the budget search's bisection steps would each be a run of ORT's quantizer.
+        ``consume``: the caller uses ``proto`` no more, and ORT may rewrite it in place (:meth:`_rewrite`)."""
         setting = (self.per_channel if per_channel is None else per_channel, fmt or self.format)
         key = (id(proto), id(ranges), reduce_range, frozenset(op_types), setting)
         skip = frozenset(exclude)
@@ -660,7 +662,7 @@ class QuantizePass(OnnxoptPass):
         derived = (self._derive(base, base_skip, proto, op_types, exclude)
                    if base is not None and setting[1] == "qdq" else None)
         model = derived if derived is not None else self._rewrite(proto, ranges, reduce_range, op_types, exclude,
-                                                                  per_channel=per_channel, fmt=fmt)
+                                                                  per_channel=per_channel, fmt=fmt, consume=consume)
         if derived is None:  # bases are ORT's builds only: derived models would just be held in memory longer
             self._built.setdefault(key, []).append((skip, model))
         return model, derived is not None
@@ -680,8 +682,12 @@ class QuantizePass(OnnxoptPass):
         return keep_float(full, proto, int8, skip - full_exclude)
 
     def _rewrite(self, proto: onnx.ModelProto, ranges: dict[str, Any], reduce_range: bool, op_types: list[str],
-                 exclude: list[str], per_channel: bool | None = None, fmt: str | None = None) -> onnx.ModelProto:
-        """ORT's quantizer on ``proto`` with our ranges (it never calibrates); returns the quantized model."""
+                 exclude: list[str], per_channel: bool | None = None, fmt: str | None = None,
+                 consume: bool = False) -> onnx.ModelProto:
+        """ORT's quantizer on ``proto`` with our ranges (it never calibrates); returns the quantized model.
+
+        ORT rewrites the graph it is given in place, so it gets a copy, unless ``consume`` (the caller is done with
+        ``proto``, which is then left half rewritten)."""
         from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
         from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
         from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -705,9 +711,10 @@ class QuantizePass(OnnxoptPass):
         common = dict(per_channel=per_channel, reduce_range=reduce_range, weight_qType=QuantType.QInt8,
                       activation_qType=QuantType.QUInt8, tensors_range=tensors_range, nodes_to_quantize=[],
                       nodes_to_exclude=exclude, op_types_to_quantize=op_types, extra_options=extra)
-        original = proto
-        proto = onnx.ModelProto()
-        proto.CopyFrom(original)  # ORT rewrites the graph it is given in place; placement reuses the original
+        original_bytes = proto_tensor_bytes(proto)
+        if not consume:  # placement and the budget search reuse the original
+            original, proto = proto, onnx.ModelProto()
+            proto.CopyFrom(original)
         from onnxopt.passes.quantize.ort_fast import vectorized_weight_quantization
 
         with _quiet_ort(), vectorized_weight_quantization():
@@ -718,7 +725,7 @@ class QuantizePass(OnnxoptPass):
             quantizer.quantize_model()
             quantizer.model.topological_sort()  # ORT sorts only when it saves the file itself
         result = quantizer.model.model
-        if proto_tensor_bytes(original) >= _REPACK_BYTES:
+        if original_bytes >= _REPACK_BYTES:
             # ORT removed the float weights from its copy, but a protobuf message frees its memory only as a whole:
             # a fresh copy holds the int8 model alone (0.6 GB instead of 3 GB for a 2.4 GB MLP).
             packed = onnx.ModelProto()

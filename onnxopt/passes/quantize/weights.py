@@ -33,8 +33,11 @@ def weight_range(
     if method not in WEIGHT_METHODS:
         hint = " (entropy needs activation histograms)" if method == "entropy" else ""
         raise RecipeError(f"unknown weight method '{method}'{hint}; use one of {', '.join(WEIGHT_METHODS)}")
-    rows = _channel_rows(weight, axis, name)
-    low, high = rows.min(axis=1), rows.max(axis=1)
+    if method == "minmax":
+        low, high = _extremes(weight, axis, name)
+    else:
+        rows = _channel_rows(weight, axis, name)
+        low, high = rows.min(axis=1), rows.max(axis=1)
     if method == "percentile":
         percentile = float(percentile)
         if not 0.0 < percentile <= 100.0:
@@ -84,19 +87,37 @@ def weight_quant_params(
 
 def _channel_rows(weight: np.ndarray, axis: int | None, name: str) -> np.ndarray:
     """``weight`` as a float32 matrix with one row per channel (a single row per tensor)."""
+    w = _numeric(weight, axis, name)
+    if not np.all(np.isfinite(w)):
+        raise DataError(f"weight '{name}' of shape {tuple(w.shape)} has NaN/Inf values")
+    if axis is None:
+        return w.reshape(1, -1)
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def _extremes(weight: np.ndarray, axis: int | None, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel (one entry per tensor) min and max, reduced in place over the other axes: the same numbers as
+    the rows of :func:`_channel_rows`, without its transposed copy and its NaN/Inf mask of the whole weight (a NaN
+    makes the min NaN, an infinity shows in the min or the max)."""
+    w = _numeric(weight, axis, name)
+    others = tuple(range(w.ndim)) if axis is None else tuple(a for a in range(w.ndim) if a != axis % w.ndim)
+    low = np.atleast_1d(w.min(axis=others)) if others else w.copy()
+    high = np.atleast_1d(w.max(axis=others)) if others else w.copy()
+    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+        raise DataError(f"weight '{name}' of shape {tuple(w.shape)} has NaN/Inf values")
+    return low, high
+
+
+def _numeric(weight: np.ndarray, axis: int | None, name: str) -> np.ndarray:
+    """``weight`` as a non-empty float32 array, ``axis`` checked against it."""
     w = np.asarray(weight)
     if w.dtype.kind not in "biuf":
         raise DataError(f"weight '{name}' has dtype {w.dtype}; only numeric weights can be quantized")
     if w.size == 0:
         raise DataError(f"weight '{name}' of shape {tuple(w.shape)} is empty")
-    w = w.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(w)):
-        raise DataError(f"weight '{name}' of shape {tuple(w.shape)} has NaN/Inf values")
-    if axis is None:
-        return w.reshape(1, -1)
-    if not -w.ndim <= axis < w.ndim:
+    if axis is not None and not -w.ndim <= axis < w.ndim:
         raise DataError(f"axis {axis} is out of range for weight '{name}' of shape {tuple(w.shape)}")
-    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    return w.astype(np.float32, copy=False)
 
 
 def _mse_range(
