@@ -431,16 +431,53 @@ def test_vectorized_weight_quantization_restores_ort():
 
     before = qdq_quantizer.quantize_onnx_initializer
     loop = BaseQuantizer.quantize_weight_per_channel_impl
+    params = qdq_quantizer.QDQQuantizer._calc_initializer_quant_params
+    reader = qdq_quantizer.tensor_proto_to_array
     with vectorized_weight_quantization():
         inside = qdq_quantizer.quantize_onnx_initializer
         inside_loop = BaseQuantizer.quantize_weight_per_channel_impl
+        inside_params = qdq_quantizer.QDQQuantizer._calc_initializer_quant_params
         with vectorized_weight_quantization():  # re-entrant: not wrapped twice
             assert qdq_quantizer.quantize_onnx_initializer is inside
             assert BaseQuantizer.quantize_weight_per_channel_impl is inside_loop
+            assert qdq_quantizer.QDQQuantizer._calc_initializer_quant_params is inside_params
         assert inside is not before and getattr(inside, "_onnxopt_vectorized", False)
         assert getattr(inside_loop, "_onnxopt_vectorized", False)
+        assert inside_params is not params and getattr(inside_params, "_onnxopt_vectorized", False)
     assert qdq_quantizer.quantize_onnx_initializer is before
     assert BaseQuantizer.quantize_weight_per_channel_impl is loop
+    assert qdq_quantizer.QDQQuantizer._calc_initializer_quant_params is params
+    assert qdq_quantizer.tensor_proto_to_array is reader
+
+
+def test_fixed_weights_are_not_read_for_their_parameters(monkeypatch):
+    """In ``_calc_initializer_quant_params``, the weights whose scale and zero point our overrides fix are given as
+    zero-memory stand-ins (ORT uses only their type and rank there), and ORT's reader is restored after; the
+    model is byte-identical with ORT's own reads (test_quantize_pass_output_is_the_same_with_ort_own_weight_loop)."""
+    from onnxruntime.quantization import qdq_quantizer
+
+    reads: list[tuple[str, bool]] = []
+    real = qdq_quantizer.tensor_proto_to_array
+    params = qdq_quantizer.QDQQuantizer._calc_initializer_quant_params
+
+    def spying(self):
+        inner = qdq_quantizer.tensor_proto_to_array
+
+        def read(initializer):
+            array = inner(initializer)
+            reads.append((initializer.name, array.strides == (0,) * array.ndim and array.size > 1))
+            return array
+
+        qdq_quantizer.tensor_proto_to_array = read
+        try:
+            return params(self)
+        finally:
+            qdq_quantizer.tensor_proto_to_array = inner
+
+    monkeypatch.setattr(qdq_quantizer.QDQQuantizer, "_calc_initializer_quant_params", spying)
+    _example_quantizer({})()
+    assert reads and all(stand_in for _, stand_in in reads)  # the example's weights are all per-channel overrides
+    assert qdq_quantizer.tensor_proto_to_array is real
 
 
 def test_qoperator_weights_take_the_vectorized_path(monkeypatch):

@@ -10,6 +10,10 @@ same float32 operation and the initializer is byte-identical (tests/test_quantiz
 weights and whole models with and without it). Anything else (block-wise, float8, int4, a mismatched scale) goes to
 ORT's own function untouched.
 
+ORT's QDQ writer also reads every weight in ``_calc_initializer_quant_params`` (a copy of its bytes: 0.3-0.6 s per
+600 MB weight here), even where overrides fix its scale and zero point, when it then uses only the weight's type and
+rank: :func:`shape_only_reads` hands it a zero-strided stand-in of the right shape and type for those weights.
+
 The QOperator writer (``ONNXQuantizer``) has its own loop, ``BaseQuantizer.quantize_weight_per_channel_impl``:
 there, when every channel's float32 scale and zero point are given as overrides (what the quantize pass always
 hands it), :func:`vectorize_per_channel_impl` quantizes the weight with :func:`quantize_blocks` and writes the three
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +34,8 @@ import onnx
 #: Integer types whose per-tensor branch is plain numpy arithmetic (float8 runs a reference evaluator, int4 packs).
 _VECTORIZABLE = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
                            onnx.TensorProto.INT16, onnx.TensorProto.UINT16})
+#: Serializes :func:`shape_only_reads`' swaps of ORT's module-level weight reader.
+_READS_LOCK = threading.Lock()
 #: ORT modules that call quantize_onnx_initializer by its module-level name.
 _CALLERS = ("onnxruntime.quantization.qdq_quantizer", "onnxruntime.quantization.onnx_quantizer")
 
@@ -166,9 +173,41 @@ def _override_plan(quantizer: Any, weight_name: str, quant_type: int, channel_ax
     return initializer, weights, axis, quant_type, np.array([s.reshape(()) for s in scales]), zero_points
 
 
+def shape_only_reads(original: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
+    """Wrap ``QDQQuantizer._calc_initializer_quant_params`` so that, while it runs, ORT's weight reader gives a
+    weight whose scale and zero point the overrides fix a stand-in (``np.broadcast_to`` of a zero: no memory) of its
+    shape and type, the only things that branch uses; every other tensor is read as before."""
+
+    @functools.wraps(original)
+    def calc(self: Any) -> dict[str, Any]:
+        from onnxruntime.quantization import qdq_quantizer
+
+        fixed = {name for name in self.tensors_to_quantize if self.tensor_quant_overrides.overrides_scale_zp(name)}
+
+        def read(initializer: onnx.TensorProto) -> np.ndarray:
+            if initializer.name in fixed and initializer.data_type in (onnx.TensorProto.FLOAT,
+                                                                       onnx.TensorProto.FLOAT16):
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)
+                return np.broadcast_to(np.zeros((), dtype), tuple(initializer.dims))
+            return reader(initializer)  # bound below, before ORT calls this
+
+        with _READS_LOCK:  # the reader is a module global: one swap at a time, restored in order
+            reader = qdq_quantizer.tensor_proto_to_array
+            qdq_quantizer.tensor_proto_to_array = read
+            try:
+                return original(self)
+            finally:
+                qdq_quantizer.tensor_proto_to_array = reader
+
+    calc._onnxopt_vectorized = True  # type: ignore[attr-defined]
+    return calc
+
+
 @contextlib.contextmanager
 def vectorized_weight_quantization() -> Iterator[None]:
-    """Within the block, ORT's quantizers quantize per-channel weights vectorized (restored on exit; re-entrant).
+    """Within the block, ORT's quantizers quantize weights in blocks (:func:`vectorize_per_channel`,
+    :func:`vectorize_per_channel_impl`) and skip the weight reads of :func:`shape_only_reads` (restored on exit;
+    re-entrant).
 
     The patch is module-wide: another thread quantizing meanwhile takes whichever path is installed at the time,
     and both give the same bytes."""
@@ -176,6 +215,7 @@ def vectorized_weight_quantization() -> Iterator[None]:
 
     patched: list[tuple[Any, Callable[..., onnx.TensorProto]]] = []
     patched_loop: Callable[..., tuple[str, str, str]] | None = None
+    patched_params: Callable[[Any], dict[str, Any]] | None = None
     try:
         for name in _CALLERS:
             module = importlib.import_module(name)
@@ -185,6 +225,7 @@ def vectorized_weight_quantization() -> Iterator[None]:
             module.quantize_onnx_initializer = vectorize_per_channel(current)
             patched.append((module, current))
         from onnxruntime.quantization.base_quantizer import BaseQuantizer
+        from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
         loop = BaseQuantizer.quantize_weight_per_channel_impl
         if not getattr(loop, "_onnxopt_vectorized", False):
@@ -192,12 +233,18 @@ def vectorized_weight_quantization() -> Iterator[None]:
             patched_loop = loop
         else:
             patched_loop = None
+        params = QDQQuantizer._calc_initializer_quant_params
+        patched_params = None if getattr(params, "_onnxopt_vectorized", False) else params
+        if patched_params is not None:
+            QDQQuantizer._calc_initializer_quant_params = shape_only_reads(params)
         yield
     finally:
         for module, current in patched:
             module.quantize_onnx_initializer = current
         if patched_loop is not None:
             BaseQuantizer.quantize_weight_per_channel_impl = patched_loop
+        if patched_params is not None:
+            QDQQuantizer._calc_initializer_quant_params = patched_params
 
 
-__all__ = ["quantize_blocks", "vectorize_per_channel", "vectorize_per_channel_impl", "vectorized_weight_quantization"]
+__all__ = ["quantize_blocks", "shape_only_reads", "vectorize_per_channel", "vectorize_per_channel_impl", "vectorized_weight_quantization"]
