@@ -247,4 +247,5 @@ def vectorized_weight_quantization() -> Iterator[None]:
             QDQQuantizer._calc_initializer_quant_params = patched_params
 
 
-__all__ = ["quantize_blocks", "shape_only_reads", "vectorize_per_channel", "vectorize_per_channel_impl", "vectorized_weight_quantization"]
+__all__ = ["quantize_blocks", "shape_only_reads", "vectorize_per_channel", "vectorize_per_channel_impl",
+           "vectorized_weight_quantization"]
