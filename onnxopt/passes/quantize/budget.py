@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from onnxopt.calib_data.base import Batch
 from onnxopt.fidelity import top1
 from onnxopt.modelio import InputSpec
 from onnxopt.pipeline.context import PassContext
@@ -54,7 +55,7 @@ class Evaluator:
 
     def outputs(self, model: onnx.ModelProto) -> np.ndarray:
         session = make_session(model, threads=self.threads, what="a quantization candidate",
-                               samples=sum(_batch_size(feed) for feed in self.feeds))
+                               samples=sum(Batch(feed).size for feed in self.feeds))
         name = session.get_outputs()[0].name
         return np.concatenate([np.asarray(session.run([name], feed)[0]) for feed in self.feeds], axis=0)
 
@@ -73,12 +74,6 @@ class Evaluator:
     def drop(self, model: onnx.ModelProto) -> float:
         """Baseline score minus the model's score (positive = worse)."""
         return self.baseline - self.score(self.outputs(model))
-
-
-def _batch_size(feed: dict[str, np.ndarray]) -> int:
-    """The samples in one feed: its first input's leading dim (1 for a scalar input or no input)."""
-    first = next(iter(feed.values()), None)
-    return int(first.shape[0]) if first is not None and np.ndim(first) else 1
 
 
 __all__ = ["Evaluator"]
