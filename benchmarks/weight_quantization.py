@@ -37,7 +37,7 @@ def cases() -> list[tuple[str, tuple[int, ...], int | None]]:
 def measure(shape: tuple[int, ...], axis: int | None, repeats: int) -> dict:
     from onnxruntime.quantization.quant_utils import quantize_onnx_initializer
 
-    from onnxopt.passes.quantize.ort_fast import vectorize_per_channel
+    from onnxopt.passes.quantize.ort_fast import blockwise_initializer
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal(shape, dtype=np.float32)
@@ -48,7 +48,7 @@ def measure(shape: tuple[int, ...], axis: int | None, repeats: int) -> dict:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
     proto = onnx.numpy_helper.from_array(weight, "w")
     del weight
-    ours = vectorize_per_channel(quantize_onnx_initializer)
+    ours = blockwise_initializer(quantize_onnx_initializer)
     runners: dict[str, Callable[[], onnx.TensorProto]] = {
         "ORT": lambda: quantize_onnx_initializer(proto, onnx.TensorProto.INT8, zero_point, scale, axis),
         "onnxopt (blocks)": lambda: ours(proto, onnx.TensorProto.INT8, zero_point, scale, axis)}

@@ -383,7 +383,7 @@ def test_vectorized_per_channel_weights_are_byte_identical(axis, quant_type, blo
     from onnxruntime.quantization.quant_utils import quantize_onnx_initializer
 
     from onnxopt.passes.quantize import ort_fast
-    from onnxopt.passes.quantize.ort_fast import vectorize_per_channel
+    from onnxopt.passes.quantize.ort_fast import blockwise_initializer
 
     monkeypatch.setattr(ort_fast, "BLOCK_ELEMENTS", block)
 
@@ -395,7 +395,7 @@ def test_vectorized_per_channel_weights_are_byte_identical(axis, quant_type, blo
     dtype = onnx.helper.tensor_dtype_to_np_dtype(quant_type)
     zero_point = rng.integers(0, 5, channels).astype(dtype)
     proto = onnx.numpy_helper.from_array(weight, "w")
-    fast = vectorize_per_channel(quantize_onnx_initializer)
+    fast = blockwise_initializer(quantize_onnx_initializer)
     ours = fast(proto, quant_type, zero_point, scale, axis)
     reference = quantize_onnx_initializer(proto, quant_type, zero_point, scale, axis)
     assert ours.SerializeToString() == reference.SerializeToString()

@@ -88,7 +88,7 @@ def _blocks(shape: tuple[int, int, int]) -> Iterator[tuple[slice, slice]]:
             yield slice(start, start + 1), slice(first, first + step)
 
 
-def vectorize_per_channel(original: Callable[..., onnx.TensorProto]) -> Callable[..., onnx.TensorProto]:
+def blockwise_initializer(original: Callable[..., onnx.TensorProto]) -> Callable[..., onnx.TensorProto]:
     """Wrap ORT's ``quantize_onnx_initializer`` so integer weights, per tensor or per channel, are quantized by
     :func:`quantize_blocks`."""
 
@@ -206,7 +206,7 @@ def shape_only_reads(original: Callable[[Any], dict[str, Any]]) -> Callable[[Any
 
 @contextlib.contextmanager
 def vectorized_weight_quantization() -> Iterator[None]:
-    """Within the block, ORT's quantizers quantize weights in blocks (:func:`vectorize_per_channel`,
+    """Within the block, ORT's quantizers quantize weights in blocks (:func:`blockwise_initializer`,
     :func:`vectorize_per_channel_impl`) and skip the weight reads of :func:`shape_only_reads` (restored on exit;
     re-entrant).
 
@@ -223,7 +223,7 @@ def vectorized_weight_quantization() -> Iterator[None]:
             current = getattr(module, "quantize_onnx_initializer", None)
             if current is None or getattr(current, "_onnxopt_vectorized", False):
                 continue
-            module.quantize_onnx_initializer = vectorize_per_channel(current)
+            module.quantize_onnx_initializer = blockwise_initializer(current)
             patched.append((module, current))
         from onnxruntime.quantization.base_quantizer import BaseQuantizer
         from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -248,5 +248,5 @@ def vectorized_weight_quantization() -> Iterator[None]:
             QDQQuantizer._calc_initializer_quant_params = patched_params
 
 
-__all__ = ["quantize_blocks", "shape_only_reads", "vectorize_per_channel", "vectorize_per_channel_impl",
+__all__ = ["blockwise_initializer", "quantize_blocks", "shape_only_reads", "vectorize_per_channel_impl",
            "vectorized_weight_quantization"]
