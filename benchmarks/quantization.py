@@ -123,7 +123,8 @@ def _run_onnxopt(spec: dict) -> Callable[[], dict]:
         out: dict[str, Any] = {"search_seconds": search["seconds"]} if "seconds" in search else {}
         if search:
             out["placement"] = {key: search.get(key) for key in ("chosen", "verdict", "head_to_head")}
-            out["placement"]["confirmed"] = [{k: c.get(k) for k in ("label", "speedup", "elsewhere")}
+            out["placement"]["confirmed"] = [{k: c.get(k) for k in ("label", "speedup", "best_run_speedup",
+                                                                    "elsewhere")}
                                              for c in search.get("confirmations", [])]
         return out
 
@@ -626,8 +627,10 @@ def _placement_lines(rows: dict[str, dict]) -> list[str]:
                 last = confirmed[-1]
                 elsewhere = ", ".join(f"{k} {v:.2f}x" for k, v in (last.get("elsewhere") or {}).items()
                                       if v is not None)
-                text += f" (confirmed {last['label']} {last['speedup']:.2f}x" + (f"; {elsewhere}" if elsewhere
-                                                                                  else "") + ")"
+                best_run = last.get("best_run_speedup")
+                text += (f" (confirmed {last['label']} {last['speedup']:.2f}x"
+                         + (f", fastest run {best_run:.2f}x" if best_run is not None else "")
+                         + (f"; {elsewhere}" if elsewhere else "") + ")")
             for duel in decision.get("head_to_head") or []:
                 ratio = duel.get("speedup")
                 text += (f"; head to head {duel['label']} vs {duel['rival']}: "

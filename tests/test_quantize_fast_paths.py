@@ -289,22 +289,22 @@ def test_pool_of_a_large_model_holds_one_thread_setting(prepared):
         assert {key[1] for key in pool._sessions} == {None, 1}
 
 
-def test_time_models_returns_a_median_per_model(prepared):
+def test_time_models_returns_a_median_and_fastest_run_per_model(prepared):
     """The real timing path runs (no assertion on the figures: the machine is shared)."""
     proto, _ = prepared
     other = onnx.ModelProto()
     other.CopyFrom(proto)
     with placement.sharing_sessions():
-        medians = placement.time_models({placement.FP32: proto, "copy": other}, 1, {})
-    assert set(medians) == {placement.FP32, "copy"}  # a runner stopped early still has its screening runs
-    assert all(ms > 0 for ms in medians.values())
+        timings = placement.time_models({placement.FP32: proto, "copy": other}, 1, {})
+    assert set(timings) == {placement.FP32, "copy"}  # a runner stopped early still has its screening runs
+    assert all(0 < t.min_ms <= t.median_ms for t in timings.values())
     assert placement._timing_shape("x", ["N", 3, 8], {}) == (1, 3, 8)
     assert placement._timing_shape("x", ["N", "H"], {"x": (1, 5)}) == (1, 5)
     with pytest.raises(BadInputError, match="dynamic dim 1"):
         placement._timing_shape("x", ["N", "H"], {})
 
 
-def test_placement_builds_identical_candidates_once(monkeypatch):
+def test_placement_builds_identical_candidates_once(fake_time_models):
     """With a single conv, 'first' and 'head' name the same node: the second candidate is not built again."""
     rng = np.random.default_rng(5)
     weight = onnx.numpy_helper.from_array(rng.normal(0, 0.5, (6, 3, 3, 3)).astype(np.float32), "w")
@@ -316,7 +316,7 @@ def test_placement_builds_identical_candidates_once(monkeypatch):
         "one_conv", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, ["N", 6])], [weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    monkeypatch.setattr(placement, "time_models", lambda models, threads, shapes: {
+    fake_time_models(lambda models, threads, shapes: {
         label: (2.0 if label == placement.FP32 else 1.0) for label in models})
     step = QuantizePass(placement="auto", placement_search="full")  # int8 faster: staged would try no region
     step.bind(PassContext(calib=ArraySource(rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32))))
@@ -555,7 +555,7 @@ def test_derivation_refuses_node_names_it_cannot_match(prepared):
     assert keep_float(full, twice, set(), [convs[0].name]) is None
 
 
-def test_placement_and_budget_search_give_the_same_models_derived_or_built(monkeypatch):
+def test_placement_and_budget_search_give_the_same_models_derived_or_built(monkeypatch, fake_time_models):
     """The pass with derive_candidates on and off: the same candidates (each with the same outputs), the same
     bisection steps of the budget search, and the same final model."""
     from onnxopt.passes.quantize import budget
@@ -567,7 +567,7 @@ def test_placement_and_budget_search_give_the_same_models_derived_or_built(monke
         return original(self, candidates)
 
     monkeypatch.setattr(placement.Trial, "time", spy)
-    monkeypatch.setattr(placement, "time_models", lambda models, threads, shapes: {
+    fake_time_models(lambda models, threads, shapes: {
         label: (1.0 if label == placement.FP32 else 2.0) for label in models})  # int8 "slower": every region built
 
     def drop(self, model):  # 0.1 pt per int8 Conv/Gemm: the budget (2 pt) needs 9 of the 29 in FP32
@@ -592,7 +592,7 @@ def test_placement_and_budget_search_give_the_same_models_derived_or_built(monke
     assert np.array_equal(_outputs(finals[True]), _outputs(finals[False]))
 
 
-def test_a_region_candidate_must_beat_the_whole_int8_model_head_to_head(monkeypatch):
+def test_a_region_candidate_must_beat_the_whole_int8_model_head_to_head(fake_time_models):
     """A candidate with FP32 regions that wins the race but ties the whole int8 model head to head is dropped for
     the whole model; one that beats it head to head is kept."""
     def run(head_to_head_ms: float):
@@ -607,7 +607,7 @@ def test_a_region_candidate_must_beat_the_whole_int8_model_head_to_head(monkeypa
             return {label: 2.0 if label == placement.FP32 else (0.8 if label == "conv_gemm_matmul_fp32_first"
                                                                  else 1.0) for label in models}
 
-        monkeypatch.setattr(placement, "time_models", fake_time)
+        fake_time_models(fake_time)
         model = load_model(examples.default_model_path())
         NormalizePass().apply(model)
         step = QuantizePass(calib_samples=16, placement_search="full")

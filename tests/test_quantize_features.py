@@ -329,11 +329,11 @@ def test_mixed_precision_keeps_the_most_sensitive_layers_fp32(monkeypatch):
     assert any("kept 2 most sensitive layer(s) in FP32" in note for note in step.notes)
 
 
-def test_budget_from_context_and_placement_rejects_over_budget(monkeypatch):
+def test_budget_from_context_and_placement_rejects_over_budget(monkeypatch, fake_time_models):
     """--budget accuracy_drop reaches the pass; placement drops candidates over it even when they are faster."""
     from onnxopt.passes.quantize import placement
 
-    monkeypatch.setattr(placement, "time_models", lambda models, threads, shapes: {
+    fake_time_models(lambda models, threads, shapes: {
         label: (2.0 if label == placement.FP32 else 1.0) for label in models})
     monkeypatch.setattr(budget.Evaluator, "drop", lambda self, model: 0.05)
     step = QuantizePass(placement="auto", calib_samples=32)
