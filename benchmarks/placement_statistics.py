@@ -10,12 +10,13 @@ and minimum ratios (a burst of load inflates a median, never a fastest run), the
 
 This script records many races of the same models, exactly as the search runs them (its sessions, its random
 inputs, 3 warm-up runs, 30 rounds, no early stop), quiet and beside each ``--busy`` count of competing busy-loop
-processes. It scores each statistic of a race against the reference, FP32 time / int8 time pooled over every
-quiet race, by median and by minimum (a candidate whose two references disagree is 'either': no error counted).
-For a candidate clearly faster (reference >= ``FASTER``) a race that does not show >= 1.02x is a miss; for one
-clearly not faster (reference <= ``NOT_FASTER``) a race that shows >= 1.02x is a false pick. 'race +
-confirmation' pairs each race with the next one (both must show >= 1.02x), as the search does. It also replays
-each race with two early-stop rules, to see how many rounds each would save and whether a decision would change.
+processes. It scores each statistic of a race against the reference of the same condition, FP32 time / int8 time
+pooled over every race of that condition, by median and by minimum (a ratio can change with the load itself; a
+candidate whose two references disagree is 'either': no error counted). For a candidate clearly faster (reference
+>= ``FASTER``) a race that does not show >= 1.02x is a miss; for one clearly not faster (reference <=
+``NOT_FASTER``) a race that shows >= 1.02x is a false pick. 'race + confirmation' pairs each race with the next one
+(both must show >= 1.02x), as the search does. It also replays each race with two early-stop rules, to see how many
+rounds each would save and whether a decision would change.
 
 Models: the digits example and the zoo nets of the quantization benchmark, each as FP32 (normalized) and as
 onnxopt's whole-model int8 QDQ and QOperator (``placement=all``, MinMax, per-channel).
@@ -146,16 +147,20 @@ def busy(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
-def score(quiet: list[dict[str, np.ndarray]], loaded: dict[str, list[dict[str, np.ndarray]]]) -> dict:
+def score(conditions: dict[str, list[dict[str, np.ndarray]]]) -> dict:
+    """Per candidate and condition: the reference (every race of that condition pooled), what it expects, and each
+    statistic's and early-stop rule's record. A speed ratio can change with the load itself (int8 kernels and FP32
+    ones suffer unlike from a busy machine), so each condition is judged against its own reference."""
     result: dict = {}
     for label in CANDIDATES:
-        fp32 = np.concatenate([r["fp32"] for r in quiet])
-        cand = np.concatenate([r[label] for r in quiet])
-        reference = {"median": float(np.median(fp32) / np.median(cand)), "minimum": float(fp32.min() / cand.min())}
-        values = list(reference.values())
-        expect = ("faster" if min(values) >= FASTER else "not faster" if max(values) <= NOT_FASTER else "either")
-        row: dict = {"reference": reference, "expect": expect, "conditions": {}}
-        for condition, races in (("quiet", quiet), *loaded.items()):
+        row: dict = {}
+        for condition, races in conditions.items():
+            fp32 = np.concatenate([r["fp32"] for r in races])
+            cand = np.concatenate([r[label] for r in races])
+            reference = {"median": float(np.median(fp32) / np.median(cand)),
+                         "minimum": float(fp32.min() / cand.min())}
+            values = list(reference.values())
+            expect = ("faster" if min(values) >= FASTER else "not faster" if max(values) <= NOT_FASTER else "either")
             stats = {}
             for name, statistic in STATISTICS.items():
                 ratios = [statistic(r["fp32"], r[label]) for r in races]
@@ -164,14 +169,13 @@ def score(quiet: list[dict[str, np.ndarray]], loaded: dict[str, list[dict[str, n
                 stats[name] = {"ratios": [round(x, 4) for x in ratios], "shows_faster": sum(shows),
                                "pairs_faster": sum(pairs), "pairs": len(pairs),
                                "errors": _errors(expect, shows), "pair_errors": _errors(expect, pairs)}
-            row["conditions"][condition] = stats
             full = [float(np.median(r["fp32"]) / np.median(r[label])) >= THRESHOLD for r in races]
             stops = {}
             for name, rule in EARLY_STOPS.items():
                 outcomes = [early_stop(r["fp32"], r[label], rule) for r in races]
                 stops[name] = {"mean_rounds": float(np.mean([rounds for rounds, _ in outcomes])),
                                "differs": sum(shows != whole for (_, shows), whole in zip(outcomes, full))}
-            row.setdefault("early_stop", {})[condition] = stops
+            row[condition] = {"reference": reference, "expect": expect, "statistics": stats, "early_stop": stops}
         result[label] = row
     return result
 
@@ -199,32 +203,33 @@ def render(payload: dict) -> str:
         f"times quiet and {races} times beside each count of busy-loop processes ({n_busy}), exactly as the "
         "placement search "
         "times (its sessions at ORT's default thread count, its seeded inputs at batch 1, 3 warm-up and 30 timed "
-        "rounds, no early stop). Reference = FP32 / int8 pooled over every quiet race (by median; by minimum). "
+        "rounds, no early stop). Reference = FP32 / int8 pooled over every race of the same condition (by median; "
+        "by minimum): a ratio can change with the load itself. "
         f"Expected: 'faster' when both references are >= {FASTER}x, 'not faster' when both are <= {NOT_FASTER}x, "
         f"else 'either' (no error counted). A race shows int8 faster when its ratio is >= {THRESHOLD}x; errors = "
         "races (or race + confirmation pairs, both needed) that contradict the expectation.",
         "",
-        "| model | candidate | reference (median; min) | expected | condition | statistic | ratio range "
+        "| model | candidate | condition | reference (median; min) | expected | statistic | ratio range "
         "| races showing faster | errors (races) | errors (race + confirmation) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    totals: dict[tuple[str, str], list[int]] = {}
+    totals: dict[tuple[str, str], dict[str, list[int]]] = {}
     for case, per_candidate in results.items():
         for label, row in per_candidate.items():
-            ref = row["reference"]
-            for condition, stats in row["conditions"].items():
-                for name, s in stats.items():
+            for condition, record in row.items():
+                ref, expect = record["reference"], record["expect"]
+                for name, s in record["statistics"].items():
                     err = "-" if s["errors"] is None else f"{s['errors']}/{len(s['ratios'])}"
                     perr = "-" if s["pair_errors"] is None else f"{s['pair_errors']}/{s['pairs']}"
-                    lines.append(f"| {case} | {label} | {ref['median']:.2f}x; {ref['minimum']:.2f}x | {row['expect']} "
-                                 f"| {condition} | {name} | {min(s['ratios']):.2f}-{max(s['ratios']):.2f}x "
+                    lines.append(f"| {case} | {label} | {condition} | {ref['median']:.2f}x; {ref['minimum']:.2f}x "
+                                 f"| {expect} | {name} | {min(s['ratios']):.2f}-{max(s['ratios']):.2f}x "
                                  f"| {s['shows_faster']}/{len(s['ratios'])} | {err} | {perr} |")
                     if s["errors"] is not None:
-                        total = totals.setdefault((condition, name), [0, 0, 0, 0])
-                        total[0] += s["errors"]
-                        total[1] += len(s["ratios"])
-                        total[2] += s["pair_errors"]
-                        total[3] += s["pairs"]
+                        kind = "misses" if expect == "faster" else "false picks"
+                        for key in ((condition, name), ("all", name)):
+                            total = totals.setdefault(key, {"misses": [0, 0], "false picks": [0, 0]})[kind]
+                            total[0] += s["pair_errors"]
+                            total[1] += s["pairs"]
     lines += ["", "## Early stop: a lone candidate beside FP32", "",
               "Each race replayed as a two-model race of FP32 and one candidate: from round "
               f"{SCREEN} on, an early-stop rule may end it; 'differs' = races whose median-based decision "
@@ -232,14 +237,17 @@ def render(payload: dict) -> str:
               "| model | candidate | condition | rule | mean rounds | differs |", "|---|---|---|---|---|---|"]
     for case, per_candidate in results.items():
         for label, row in per_candidate.items():
-            for condition, stops in row["early_stop"].items():
-                for name, stop in stops.items():
+            for condition, record in row.items():
+                for name, stop in record["early_stop"].items():
                     lines.append(f"| {case} | {label} | {condition} | {name} | {stop['mean_rounds']:.1f} "
                                  f"| {stop['differs']}/{races} |")
-    lines += ["", "## Totals over the candidates with a clear expectation", "",
-              "| condition | statistic | errors (races) | errors (race + confirmation) |", "|---|---|---|---|"]
-    for (condition, name), (errors, races, pair_errors, pairs) in totals.items():
-        lines.append(f"| {condition} | {name} | {errors}/{races} | {pair_errors}/{pairs} |")
+    lines += ["", "## Totals: race + confirmation pairs against the candidates' expectations", "",
+              "misses = pairs that do not show a clearly faster candidate faster; false picks = pairs that show a "
+              "candidate that is not faster as faster.", "",
+              "| condition | statistic | misses | false picks |", "|---|---|---|---|"]
+    for (condition, name), total in sorted(totals.items(), key=lambda item: item[0][0] == "all"):
+        (misses, faster), (picks, slower) = total["misses"], total["false picks"]
+        lines.append(f"| {condition} | {name} | {misses}/{faster} | {picks}/{slower} |")
     return "\n".join(lines) + "\n"
 
 
@@ -256,20 +264,19 @@ def main() -> None:
     results, loads = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for case, paths in build(Path(tmp)):
-            quiet = record(paths, args.races)
-            loaded = {}
+            conditions = {"quiet": record(paths, args.races)}
             for count in (int(n) for n in args.busy.split(",")):
                 hogs = busy(count)
                 try:
                     time.sleep(0.5)
-                    loaded[f"{count} busy"] = record(paths, args.races)
+                    conditions[f"{count} busy"] = record(paths, args.races)
                 finally:
                     for hog in hogs:
                         hog.kill()
                         hog.wait()
                 time.sleep(0.5)
             loads.append(os.getloadavg()[0])
-            results[case] = score(quiet, loaded)
+            results[case] = score(conditions)
             print(f"{case} done", file=sys.stderr, flush=True)
     command = f"nice -n 5 python benchmarks/placement_statistics.py --races {args.races} --busy {args.busy}"
     payload = {"command": command, "minutes": (time.perf_counter() - started) / 60,
