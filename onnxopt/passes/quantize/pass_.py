@@ -535,7 +535,7 @@ class QuantizePass(OnnxoptPass):
                     chosen = trial.pick(candidates, fp32_ms)
                     continue
             # A second, two-model run against FP32: one burst of load on a shared machine cannot pick a winner.
-            _, again = pl.ratio_to_fp32(fp32, chosen.label, chosen.model, threads, shapes)
+            again = pl.time_models({pl.FP32: fp32, chosen.label: chosen.model}, threads, shapes)
             fp32_again, chosen_again = again.get(pl.FP32), again.get(chosen.label)
             ratio, best_run = pl.ratios(fp32_again, chosen_again)
             confirmations.append({"label": chosen.label, "fp32_ms": fp32_again and fp32_again.median_ms,
