@@ -488,6 +488,82 @@ def test_models_above_2gb_skip_onnxsim(monkeypatch, torch_models):
     assert step.details["folded_batchnorms"] == 9
 
 
+def _mlp_with_folds() -> onnx.ModelProto:
+    """x -> MatMul(W1) -> Add(b) -> Relu -> MatMul(Transpose(W2)) -> y: W1 (256 KB) can be lent; W2 feeds a
+    Transpose that only onnxsim's constant folding resolves, so it must stay an initializer; b is small."""
+    rng = np.random.default_rng(3)
+    w1 = onnx.numpy_helper.from_array(rng.normal(0, 0.05, (256, 256)).astype(np.float32), "W1")
+    w2 = onnx.numpy_helper.from_array(rng.normal(0, 0.05, (10, 256)).astype(np.float32), "W2")
+    b = onnx.numpy_helper.from_array(rng.normal(0, 0.05, (256,)).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+         helper.make_node("Add", ["h", "b"], ["hb"], name="add"),
+         helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+         helper.make_node("Transpose", ["W2"], ["W2t"], name="t"),
+         helper.make_node("MatMul", ["r", "W2t"], ["y"], name="mm2")],
+        "mlp", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 256])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10])], [w1, w2, b])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_lendable_weights_are_those_no_folding_can_touch():
+    from onnxopt.passes import lent_weights
+
+    model = ir.serde.deserialize_model(_mlp_with_folds())
+    assert [v.name for v in lent_weights.lendable(model.graph, min_bytes=2048)] == ["W1"]
+    assert [v.name for v in lent_weights.lendable(model.graph, min_bytes=0)] == ["W1", "b"]
+    assert lent_weights.lendable(model.graph, min_bytes=10**6) == []
+    model.graph.outputs.append(model.graph.initializers["W1"])  # a weight that is also an output stays
+    assert lent_weights.lendable(model.graph, min_bytes=2048) == []
+    # a weight a subgraph reads from the outer scope stays too
+    proto = _mlp_with_folds()
+    branch = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["z"], name="inner")], "branch", [],
+                               [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)])
+    proto.graph.input.append(helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []))
+    proto.graph.node.append(helper.make_node("If", ["c"], ["w"], name="if", then_branch=branch, else_branch=branch))
+    proto.graph.output.append(helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, None))
+    model = ir.serde.deserialize_model(proto)
+    assert lent_weights.lendable(model.graph, min_bytes=2048) == []
+
+
+def test_weights_lent_to_onnxsim_give_the_same_model():
+    """Lending W1 to onnxsim (forced with lend_weights_from_mb=0) writes the very model it writes without lending,
+    initializer order included, and the lent weight is the caller's tensor again."""
+    source = _mlp_with_folds()
+    lent, step = normalize(source, lend_weights_from_mb=0)
+    plain, _ = normalize(source, lend_weights=False)
+    assert step.details["onnxsim_lent_weights"] == 1 and step.details["simplified"]
+    assert any(note.startswith("lent 1 weights") for note in step.notes)
+    assert op_count(lent, "Transpose") == 0  # onnxsim still folded the Transpose of the weight it kept
+    assert lent.SerializeToString() == plain.SerializeToString()
+    assert_valid(lent)
+    assert compare_models(source, lent, random_feeds(source)) <= TOLERANCE
+    _, default = normalize(source)  # 256 KB of weights: far below the default threshold, nothing lent
+    assert "onnxsim_lent_weights" not in default.details
+
+
+def test_lent_weights_come_back_when_onnxsim_fails(monkeypatch):
+    import onnxsim
+
+    seen = {}
+
+    def broken(model, check_n=0, input_data=None):
+        seen["inputs"] = [value.name for value in model.graph.input]
+        seen["data"] = sorted(input_data or {})
+        raise RuntimeError("simulated onnxsim crash")
+
+    monkeypatch.setattr(onnxsim, "simplify", broken)
+    source = _mlp_with_folds()
+    result, step = normalize(source, lend_weights_from_mb=0)
+    assert seen == {"inputs": ["x", "W1"], "data": ["W1", "x"]}  # lent as an input, real values for the check
+    assert "onnxsim failed (simulated onnxsim crash); kept the model unsimplified" in step.notes
+    assert [value.name for value in result.graph.input] == ["x"]
+    assert sorted(init.name for init in result.graph.initializer) == ["W1", "W2", "b"]
+    assert compare_models(source, result, random_feeds(source)) <= TOLERANCE
+    with pytest.raises(ValueError, match="lend_weights_from_mb"):
+        NormalizePass(lend_weights_from_mb=-1)
+
+
 # -- configuration -----------------------------------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ from onnx_ir.passes import common as ir_passes
 
 from onnxopt.irutil import adopt
 from onnxopt.modelio import PROTOBUF_LIMIT, input_specs, model_file, tensor_bytes, to_proto
-from onnxopt.passes import act_fusion, bn_fold, opset, shapes, shuffle_fusion
+from onnxopt.passes import act_fusion, bn_fold, lent_weights, opset, shapes, shuffle_fusion
 from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.registry import register
 
@@ -56,6 +56,10 @@ class NormalizePass(OnnxoptPass):
         lift_constants: turn Constant nodes into initializers.
         fold_batchnorm: fold inference BatchNormalization into the preceding Conv/ConvTranspose/Gemm.
         simplify: run onnxsim (constant folding, redundant-op elimination).
+        lend_weights: on models with at least ``lend_weights_from_mb`` MB of weights, give onnxsim the weights no
+            constant folding can touch as graph inputs, not their bytes (:mod:`onnxopt.passes.lent_weights`: much
+            faster on large models; onnxsim then skips the fusions that rewrite such a weight).
+        lend_weights_from_mb: the weight size from which ``lend_weights`` applies (default 256).
         fix_shapes: fix dynamic input dims from ``context.input_shapes`` or, failing that, the calibration data.
         name_nodes: give unnamed nodes deterministic names.
         fuse_activations: replace hard-swish / hard-sigmoid chains of elementwise ops by the single ONNX op.
@@ -70,6 +74,8 @@ class NormalizePass(OnnxoptPass):
     lift_constants: bool = True
     fold_batchnorm: bool = True
     simplify: bool = True
+    lend_weights: bool = True
+    lend_weights_from_mb: float = lent_weights.LEND_FROM_BYTES / 2**20
     fix_shapes: bool = True
     name_nodes: bool = True
     fuse_activations: bool = True
@@ -80,6 +86,8 @@ class NormalizePass(OnnxoptPass):
         newest = onnx.defs.onnx_opset_version()
         if not 0 <= self.min_opset <= newest:
             raise ValueError(f"min_opset must be between 0 (keep) and {newest}, got {self.min_opset}")
+        if not self.lend_weights_from_mb >= 0:
+            raise ValueError(f"lend_weights_from_mb must be >= 0, got {self.lend_weights_from_mb}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         changed = False
@@ -217,9 +225,19 @@ class NormalizePass(OnnxoptPass):
         kwargs = {key: value for key, value in kwargs.items() if key in accepted}
         before = _count_nodes(model)
         bytes_before = tensor_bytes(model)
+        lend = self.lend_weights and bytes_before >= self.lend_weights_from_mb * 2**20
+        lent = lent_weights.lendable(model.graph) if lend else []
+        order = list(model.graph.initializers)
+        data_inputs = {value.name or "": value.dtype.numpy() for value in shapes.data_inputs(model)
+                       if value.dtype is not None}
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                tensors = stack.enter_context(lent_weights.lent_as_inputs(model.graph, lent))
+                if tensors and kwargs.get("check_n") and "input_data" in accepted:
+                    # onnxsim's check then needs every input's data: the lent weights' own, random data inputs
+                    kwargs["input_data"] = lent_weights.check_feeds(
+                        tensors, {name: (data_inputs[name], dims) for name, dims in test_shapes.items()})
                 if _has_external_tensors(model):
                     source: str | onnx.ModelProto = os.fspath(stack.enter_context(model_file(model)))
                 else:
@@ -231,7 +249,13 @@ class NormalizePass(OnnxoptPass):
         if not ok:
             self.note("onnxsim's check of its result failed; kept the model unsimplified")
             return False
-        adopt(model, ir.serde.deserialize_model(simplified))
+        result = ir.serde.deserialize_model(simplified)
+        lent_weights.take_back(result.graph, tensors, order)
+        adopt(model, result)
+        if lent:
+            self.details["onnxsim_lent_weights"] = len(lent)
+            self.note(f"lent {len(lent)} weights ({sum(t.nbytes for t in tensors.values()) / 1e6:.0f} MB) to onnxsim "
+                      "as graph inputs: it skipped any fusion that rewrites them (ONNX Runtime makes those itself)")
         shapes.normalize_negative_dims(model)  # onnxsim writes -1 for dims it could not name
         after = _count_nodes(model)
         self.details.update(simplified=True, nodes_before_simplify=before, nodes_after_simplify=after)
