@@ -95,7 +95,9 @@ def take_back(graph: ir.Graph, tensors: dict[str, ir.TensorProtocol], order: lis
     """Make the graph inputs of a simplified ``graph`` that carry a lent weight's name initializers again, holding the
     weight's own tensor (not copied), in the initializer order ``order`` (the names before lending; others after
     them), so that the model is written as it would have been without lending; a lent weight that onnxsim left
-    unused is dropped."""
+    unused is dropped. Nothing lent: nothing to do."""
+    if not tensors:
+        return
     by_name = {value.name: value for value in graph.inputs}
     for name, tensor in tensors.items():
         value = by_name.get(name)

@@ -228,16 +228,16 @@ class NormalizePass(OnnxoptPass):
         lend = self.lend_weights and bytes_before >= self.lend_weights_from_mb * 2**20
         lent = lent_weights.lendable(model.graph) if lend else []
         order = list(model.graph.initializers)
-        data_inputs = {value.name or "": value.dtype.numpy() for value in shapes.data_inputs(model)
-                       if value.dtype is not None}
+        if lent and kwargs.get("check_n") and "input_data" in accepted and test_shapes:
+            # onnxsim's check then needs every input's data: the lent weights' own, random data inputs
+            dtypes = {value.name: value.dtype.numpy() for value in shapes.data_inputs(model) if value.dtype}
+            kwargs["input_data"] = lent_weights.check_feeds(
+                {value.name or "": value.const_value for value in lent},  # type: ignore[misc]
+                {name: (dtypes[name], dims) for name, dims in test_shapes.items()})
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
                 tensors = stack.enter_context(lent_weights.lent_as_inputs(model.graph, lent))
-                if tensors and kwargs.get("check_n") and "input_data" in accepted:
-                    # onnxsim's check then needs every input's data: the lent weights' own, random data inputs
-                    kwargs["input_data"] = lent_weights.check_feeds(
-                        tensors, {name: (data_inputs[name], dims) for name, dims in test_shapes.items()})
                 if _has_external_tensors(model):
                     source: str | onnx.ModelProto = os.fspath(stack.enter_context(model_file(model)))
                 else:
