@@ -1,10 +1,11 @@
 """Weights lent to onnxsim as graph inputs, so that it works on the graph and not on the weights' bytes.
 
 onnxsim serializes the model about ten times and, for its numeric check, creates two ORT sessions of it: on the
-268 MB MLP of ``benchmarks/large_model.py`` that was 4.4 s of the normalize pass's 5.0 s. A weight whose every
-consumer also reads a value computed from the graph inputs can never be constant-folded, so its bytes give onnxsim
-nothing to work with: it gets such a weight as a graph input of the same type and shape (and, for its check, the
-weight's real values as that input's data), and the weight goes back into the graph as an initializer afterwards.
+268 MB MLP of ``benchmarks/large_model.py`` that was 4.4 s of the normalize pass's 5.0 s (an ad-hoc profile;
+``benchmarks/lent_weights.py`` measures the whole command both ways). A weight whose every consumer also reads a
+value computed from the graph inputs can never be constant-folded, so its bytes give onnxsim nothing to work with:
+it gets such a weight as a graph input of the same type and shape (and, for its check, the weight's real values as
+that input's data), and the weight goes back into the graph as an initializer afterwards.
 Weights of a node onnxsim could fold (every input constant), weights read inside subgraphs, and small ones (biases,
 shapes, scales, which some of onnxsim's fusions need as constants) stay initializers.
 
