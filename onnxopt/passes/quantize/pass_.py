@@ -709,8 +709,9 @@ class QuantizePass(OnnxoptPass):
         per_channel = self.per_channel if per_channel is None else per_channel
         if per_channel:
             qdq = (fmt or self.format) == "qdq"
-            # QOperator: only QLinearConv and QGemm weights are per channel (MatMul's per tensor)
-            ops = op_types if qdq else [op for op in op_types if op in ("Conv", "Gemm")]
+            # QOperator: QLinearConv, QGemm and QLinearMatMul weights are per channel (a 2-D MatMul weight along its
+            # last axis, as in QDQ); other ops' weights are per tensor
+            ops = op_types if qdq else [op for op in op_types if op in ("Conv", "Gemm", "MatMul")]
             axes = self._per_channel_axes(proto, ops, exclude, reduce_range)
             if qdq and self.per_channel_min_gain_db > 0:
                 per_channel = False  # ORT takes a per-channel axis per weight as an override of a per-tensor run
