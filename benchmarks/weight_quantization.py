@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -54,9 +55,16 @@ def measure(shape: tuple[int, ...], axis: int | None, repeats: int) -> dict:
     proto = onnx.numpy_helper.from_array(weight, "w")
     del weight
     ours = blockwise_initializer(quantize_onnx_initializer)
-    runners: dict[str, Callable[[], onnx.TensorProto]] = {
+    seconds, outputs = alternate({
         "ORT": lambda: quantize_onnx_initializer(proto, onnx.TensorProto.INT8, zero_point, scale, axis),
-        "onnxopt (blocks)": lambda: ours(proto, onnx.TensorProto.INT8, zero_point, scale, axis)}
+        "onnxopt (blocks)": lambda: ours(proto, onnx.TensorProto.INT8, zero_point, scale, axis)}, repeats)
+    return {"seconds": seconds, "identical": outputs["ORT"] == outputs["onnxopt (blocks)"],
+            "weight_mb": round(int(np.prod(shape)) * 4 / 1e6, 1)}
+
+
+def alternate(runners: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, list[float]], dict[str, bytes]]:
+    """Each runner ``repeats`` times, alternately: its times, and its last result's bytes (a protobuf message is
+    serialized outside the clock; bytes are taken as they are)."""
     seconds: dict[str, list[float]] = {label: [] for label in runners}
     outputs: dict[str, bytes] = {}
     for _ in range(repeats):
@@ -64,10 +72,9 @@ def measure(shape: tuple[int, ...], axis: int | None, repeats: int) -> dict:
             started = time.perf_counter()
             result = run()
             seconds[label].append(time.perf_counter() - started)
-            outputs[label] = result.SerializeToString()
+            outputs[label] = result if isinstance(result, bytes) else result.SerializeToString()
             del result
-    return {"seconds": seconds, "identical": outputs["ORT"] == outputs["onnxopt (blocks)"],
-            "weight_mb": round(int(np.prod(shape)) * 4 / 1e6, 1)}
+    return seconds, outputs
 
 
 def measure_qoperator(shape: tuple[int, int], repeats: int) -> dict:
@@ -107,14 +114,7 @@ def measure_qoperator(shape: tuple[int, int], repeats: int) -> dict:
             quantizer.quantize_model()
         return quantizer.model.model.SerializeToString()
 
-    runners = {"ORT": lambda: write(False), "onnxopt (blocks)": lambda: write(True)}
-    seconds: dict[str, list[float]] = {label: [] for label in runners}
-    outputs: dict[str, bytes] = {}
-    for _ in range(repeats):
-        for label, run in runners.items():
-            started = time.perf_counter()
-            outputs[label] = run()
-            seconds[label].append(time.perf_counter() - started)
+    seconds, outputs = alternate({"ORT": lambda: write(False), "onnxopt (blocks)": lambda: write(True)}, repeats)
     return {"seconds": seconds, "identical": outputs["ORT"] == outputs["onnxopt (blocks)"],
             "weight_mb": round(int(np.prod(shape)) * 4 / 1e6, 1)}
 
