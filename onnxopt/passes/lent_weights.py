@@ -45,8 +45,7 @@ def lendable(graph: ir.Graph, min_bytes: int = MIN_LENT_BYTES) -> list[ir.Value]
                     if id(out) not in dynamic:
                         dynamic.add(id(out))
                         changed = True
-    in_subgraphs = {v.name for sub in _subgraphs(graph) for node in ir.traversal.RecursiveGraphIterator(sub)
-                    for v in node.inputs if v is not None}
+    in_subgraphs = {v.name for sub in graph.subgraphs() for node in sub for v in node.inputs if v is not None}
     lent = []
     for value in graph.initializers.values():
         tensor = value.const_value
@@ -58,15 +57,6 @@ def lendable(graph: ir.Graph, min_bytes: int = MIN_LENT_BYTES) -> list[ir.Value]
                          for node in users):
             lent.append(value)
     return lent
-
-
-def _subgraphs(graph: ir.Graph) -> Iterator[ir.Graph]:
-    for node in graph:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                yield attr.value
-            elif attr.type == ir.AttributeType.GRAPHS:
-                yield from attr.value
 
 
 @contextlib.contextmanager
