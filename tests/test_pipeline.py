@@ -96,6 +96,20 @@ def test_optimize_default_recipe_writes_valid_model_and_reports(model_path: Path
     assert (tmp_path / "out.onnx.report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_without_latency_shows_size_against_accuracy(model_path: Path, data_path: Path, tmp_path: Path):
+    from onnxopt.report.writers import trajectory_points
+
+    result = onnxopt.optimize(model_path, calib=data_path, eval=data_path, output=tmp_path / "out.onnx",
+                              measure_latency=False)
+    data = result.report.to_dict()
+    points, xlabel = trajectory_points(data)
+    assert xlabel.startswith("model size, MB")
+    assert [name for name, _, _ in points] == ["input", "normalize"]
+    assert [x for _, x, _ in points] == [s["metrics"]["size_bytes"] / 1e6 for s in data["steps"]]
+    assert [q for _, _, q in points] == [s["metrics"]["accuracy"] for s in data["steps"]]
+    assert (tmp_path / "out.onnx.report.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_python_list_recipe_and_in_memory_models(data_path: Path):
     proto = conv_classifier()
     copy = onnx.ModelProto()

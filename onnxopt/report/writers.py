@@ -107,22 +107,16 @@ def render_markdown(report: RunReport, plot_name: str | None = None) -> str:
 
 
 def render_plot(report: RunReport) -> bytes:
-    """Latency against accuracy (or SQNR vs the input when there are no labels), one point per step."""
+    """Latency against accuracy (or top-1 agreement with the input when there are no labels), one point per step;
+    model size on the x axis instead when latency was not measured (``--no-latency``), so the plot still shows
+    what each pass traded."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     data = report.to_dict()
-    points = []
-    for step in data["steps"]:
-        latency = _latency(step)
-        metrics = step.get("metrics") or {}
-        accuracy = metrics.get("accuracy")
-        agreement = (step.get("fidelity_vs_original") or {}).get("top1_agreement")
-        quality = accuracy if accuracy is not None else (agreement if agreement is not None else 1.0)
-        if latency:
-            points.append((step["name"], latency[0], quality))
+    points, xlabel = trajectory_points(data)
     has_labels = any((s.get("metrics") or {}).get("accuracy") is not None for s in data["steps"])
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     if points:
@@ -131,8 +125,8 @@ def render_plot(report: RunReport) -> bytes:
         for index, (name, x, y) in enumerate(points):
             ax.annotate(f"{index}:{name}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     else:
-        ax.text(0.5, 0.5, "latency was not measured", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("ORT latency, median ms (batch %s)" % data["settings"]["latency_batch_size"])
+        ax.text(0.5, 0.5, "nothing measured to plot", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy" if has_labels else "top-1 agreement with input")
     ax.set_title("onnxopt: per-pass trajectory")
     ax.grid(True, alpha=0.3)
@@ -141,6 +135,28 @@ def render_plot(report: RunReport) -> bytes:
     fig.savefig(buffer, format="png", metadata={"Software": None})
     plt.close(fig)
     return buffer.getvalue()
+
+
+def trajectory_points(data: dict[str, Any]) -> tuple[list[tuple[str, float, float]], str]:
+    """(step name, x, quality) per step of a report's dict, and the x axis label: latency when it was measured,
+    else model size; quality = accuracy, else top-1 agreement with the input (1.0 for the input itself)."""
+    by_latency = any(_latency(step) for step in data["steps"])
+    points = []
+    for step in data["steps"]:
+        metrics = step.get("metrics") or {}
+        latency = _latency(step)
+        if by_latency:
+            x = latency[0] if latency else None
+        else:
+            x = metrics["size_bytes"] / 1e6 if metrics.get("size_bytes") else None
+        accuracy = metrics.get("accuracy")
+        agreement = (step.get("fidelity_vs_original") or {}).get("top1_agreement")
+        quality = accuracy if accuracy is not None else (agreement if agreement is not None else 1.0)
+        if x:
+            points.append((step["name"], x, quality))
+    if by_latency:
+        return points, f"ORT latency, median ms (batch {data['settings']['latency_batch_size']})"
+    return points, "model size, MB (latency not measured)"
 
 
 def _latency(step: dict[str, Any]) -> tuple[float, float] | None:
