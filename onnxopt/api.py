@@ -17,8 +17,8 @@ import onnx_ir as ir
 
 from onnxopt.budgets import parse_budgets
 from onnxopt.errors import BadInputError
-from onnxopt.modelio import (as_ir_model, check_output_path, file_sha256, input_specs, internalize, load_model,
-                             save_model, to_proto)
+from onnxopt.modelio import (as_ir_model, check_model, check_output_path, file_sha256, input_specs, internalize,
+                             load_model, save_model, to_proto)
 from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.context import PassContext
 from onnxopt.pipeline.manager import ManagerOptions, PipelineManager
@@ -81,7 +81,8 @@ def optimize(
         check_output_path(output, *([source_path] if source_path else []))
         if report is not None:
             check_output_path(report, *([source_path] if source_path else []))
-    working = load_model(source_path) if source_path else _copy(model)
+    # checked by the pipeline, on the serialization its input snapshot makes (ManagerOptions.check_input_as)
+    working = load_model(source_path, check=False) if source_path else _copy(model)
     plan = _resolve_recipe(recipe)
     shapes = {**plan.input_shapes, **{k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}}
     _check_shape_names(working, shapes)
@@ -94,7 +95,7 @@ def optimize(
     calib_source = open_data(calib, preprocess=preprocess, seed=run_seed, input_shapes=shapes) if calib is not None else None
     eval_source = open_data(eval, preprocess=preprocess, seed=run_seed, input_shapes=shapes) if eval is not None else None
     context = PassContext(calib=calib_source, eval=eval_source, input_shapes=shapes, seed=run_seed,
-                          original=working.clone(), provider=provider, threads=threads, quiet=quiet,
+                          provider=provider, threads=threads, quiet=quiet,
                           budgets={b.name: b.limit for b in budget_list})
     options = ManagerOptions(measure_latency=measure_latency, max_eval_samples=max_eval_samples,
                              cache_dir=str(cache_dir) if cache_dir is not None else None)
@@ -105,11 +106,14 @@ def optimize(
     if target is not None or search:
         from onnxopt.pipeline.search import run_selection
 
+        if source_path:
+            check_model(working, source=str(source_path))
         named = None if recipe is None and calib_source is not None else plan
         outcome = run_selection(working, named, context, options, budget_list, input_info=input_info,
                                 target=target or "latency", search=search, max_candidates=max_candidates)
         result = outcome.result
     else:
+        options.check_input_as = str(source_path) if source_path else None
         manager = PipelineManager(plan.build(), context, options, budget_list, plan.to_dict())
         result = manager.run(working, input_info=input_info)
     written: list[Path] = []

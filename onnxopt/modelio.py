@@ -116,8 +116,9 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def check_model(model: ir.Model, *, source: str = "model") -> None:
-    """Structural checks a foreign export must pass before any pass touches it."""
+def check_model(model: ir.Model, *, source: str = "model", serialized: bytes | None = None) -> None:
+    """Structural checks a foreign export must pass before any pass touches it (``serialized``: the model's
+    :func:`serialized_in_memory`, when the caller has it)."""
     function_domains = {function.domain for function in model.functions.values()}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.domain not in KNOWN_DOMAINS and node.domain not in function_domains:
@@ -126,7 +127,7 @@ def check_model(model: ir.Model, *, source: str = "model") -> None:
                 f"'{node.domain}'; ONNX Runtime cannot run it, so onnxopt cannot validate any change to it"
             )
     try:
-        run_checker(model)
+        run_checker(model, serialized)
     except Exception as exc:
         raise BadInputError(f"{source} fails the ONNX checker: {_short(exc)}") from None
 

@@ -102,6 +102,19 @@ def test_labels_out_of_range(capsys, model_path: Path, data_path: Path, tmp_path
                    absent=tmp_path / "o.onnx")
 
 
+@pytest.mark.parametrize("target", [None, "latency"])
+def test_model_failing_the_checker(capsys, tmp_path: Path, data_path: Path, target: str | None):
+    """Checked by the pipeline on its input snapshot's serialization (or at load, for a target's selection): the same
+    refusal naming the file either way."""
+    proto = conv_classifier()
+    proto.graph.node[0].input[0] = "no_such_value"  # read before anything produces it
+    model = save(proto, tmp_path / "unchecked.onnx")
+    args = ["optimize", model, "-o", tmp_path / "o.onnx", "--calib", data_path, "--no-latency"]
+    err = assert_refused(capsys, [*args, *(["--target", target] if target else [])], "fails the ONNX checker",
+                         model, data_path, absent=tmp_path / "o.onnx")
+    assert str(model) in err
+
+
 def test_empty_npz(capsys, model_path: Path, tmp_path: Path):
     empty = tmp_path / "empty.npz"
     np.savez(empty, input=np.zeros((0, 3, 8, 8), np.float32))
