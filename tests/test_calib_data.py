@@ -105,6 +105,18 @@ def test_npz_round_trip_with_labels_and_batching(tmp_path: Path):
     assert all(b.labels.dtype == np.int64 for b in batches)
 
 
+def test_iter_samples_cuts_the_last_batch_unless_the_model_fixes_its_batch():
+    x = np.arange(10 * 3 * 8 * 8, dtype=np.float32).reshape(10, 3, 8, 8)
+    source = ArraySource({"x": x}, labels=np.arange(10))
+    batches = list(source.iter_samples(IMAGE, 7, batch_size=4))
+    assert [b.size for b in batches] == [4, 3]
+    assert [list(b.labels) for b in batches] == [[0, 1, 2, 3], [4, 5, 6]]
+    np.testing.assert_array_equal(batches[1].inputs["x"], x[4:7])
+    fixed = [InputSpec("x", (5, 3, 8, 8), F32)]  # ORT refuses any batch but 5: whole batches, 10 samples for 7
+    assert [b.size for b in source.iter_samples(fixed, 7, batch_size=4)] == [5, 5]
+    assert [b.size for b in source.iter_samples(fixed, 5)] == [5]
+
+
 def test_npz_members_are_memory_mapped_and_compressed_ones_loaded(tmp_path: Path):
     x = samples(6)
     np.savez(tmp_path / "plain.npz", x=x)

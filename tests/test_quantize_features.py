@@ -8,6 +8,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from onnx_builders import conv_classifier
 from onnxopt import examples
 from onnxopt.calib_data import open_data
 from onnxopt.cli import main
@@ -131,6 +132,17 @@ def test_quantize_alone_normalizes_a_model_that_needs_it():
     normalized = NormalizePass().apply(_paddle_style_net())
     _, step = _quantize(normalized, calib={"x": x})
     assert "normalized_first" not in step.details  # nothing left to normalize: not run twice
+
+
+@pytest.mark.parametrize("params", [{}, {"bias_correction": True, "sensitivity": True, "eval_samples": 3}])
+def test_a_fixed_batch_is_calibrated_whole(params):
+    """A model whose batch dim is fixed at 4 (onnx's torch test models fix 20): calibration, bias correction and the
+    evaluator take whole batches, even when the sample counts asked for end mid-batch (ORT refused the cut batch)."""
+    model = conv_classifier(batch=4)
+    x = np.random.default_rng(5).normal(size=(12, 3, 8, 8)).astype(np.float32)
+    quantized, step = _quantize(model, calib={"input": x}, calib_samples=6, **params)
+    assert step.details["calib_samples"] == 8  # two whole batches of 4 for the 6 asked for
+    assert sqnr_db(_run(model, x[:4]), _run(quantized, x[:4])) > 20
 
 
 def test_a_bias_near_the_int32_limit_stays_int32(tmp_path):

@@ -52,7 +52,29 @@ class DataSource(abc.ABC):
         NaN/Inf, and when the source is empty. A model whose batch dimension is fixed gets batches of that size.
         """
 
+    def iter_samples(self, specs: Sequence[InputSpec], samples: int, batch_size: int = 1) -> Iterator[Batch]:
+        """:meth:`iter_batches` up to ``samples`` samples in all, the last batch cut to fit; but a model that fixes
+        its batch size gets whole batches (ORT refuses any other size), so those may pass ``samples``."""
+        fixed = fixed_batch(specs) is not None
+        seen = 0
+        for batch in self.iter_batches(specs, batch_size=batch_size):
+            if not fixed and batch.size > samples - seen:
+                take = samples - seen
+                batch = Batch({name: array[:take] for name, array in batch.inputs.items()},
+                              None if batch.labels is None else batch.labels[:take])
+            yield batch
+            seen += batch.size
+            if seen >= samples:
+                return
+
     def sample_shapes(self, specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
         """Shapes of one batch of size 1, used to fix dynamic input dims from the data."""
         batch = next(iter(self.iter_batches(specs, batch_size=1)))
         return {name: tuple(int(d) for d in array.shape) for name, array in batch.inputs.items()}
+
+
+def fixed_batch(specs: Sequence[InputSpec]) -> int | None:
+    """The batch size every input of the model fixes above 1 (onnx's torch test models: 20), else None."""
+    sizes = {spec.shape[0] for spec in specs if spec.shape}
+    size = next(iter(sizes)) if len(sizes) == 1 else None
+    return size if isinstance(size, int) and size > 1 else None

@@ -62,14 +62,10 @@ def correct_biases(model: onnx.ModelProto, nodes: Sequence[str], quantize_weight
     session = make_session(probe, threads=threads, optimization="basic", what="the bias-correction probe")
     sums = [np.zeros(1) for _ in outputs]
     seen = 0
-    for batch in data.iter_batches(specs, batch_size=_BATCH):
-        take = min(batch.size, samples - seen)
-        inputs = {name: array[:take] for name, array in batch.inputs.items()}
-        for k, value in enumerate(session.run(outputs, inputs)):
-            sums[k] = sums[k] + np.asarray(value, dtype=np.float64) * take
-        seen += take
-        if seen >= samples:
-            break
+    for batch in data.iter_samples(specs, samples, batch_size=_BATCH):
+        for k, value in enumerate(session.run(outputs, batch.inputs)):
+            sums[k] = sums[k] + np.asarray(value, dtype=np.float64) * batch.size
+        seen += batch.size
     shifts: dict[str, float] = {}
     for k, node in enumerate(targets):
         shift = (sums[k] / max(seen, 1)).astype(np.float32)

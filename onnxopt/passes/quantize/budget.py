@@ -37,14 +37,11 @@ class Evaluator:
         feeds: list[dict[str, np.ndarray]] = []
         labels: list[np.ndarray] = []
         seen = 0
-        for batch in source.iter_batches(specs, batch_size=_BATCH):
-            take = min(batch.size, samples - seen)
-            feeds.append({name: array[:take] for name, array in batch.inputs.items()})
+        for batch in source.iter_samples(specs, samples, batch_size=_BATCH):
+            feeds.append(batch.inputs)
             if batch.labels is not None:
-                labels.append(np.asarray(batch.labels[:take]))
-            seen += take
-            if seen >= samples:
-                break
+                labels.append(np.asarray(batch.labels))
+            seen += batch.size
         labelled = source is context.eval and len(labels) == len(feeds) and bool(labels)
         what = (f"accuracy on {seen} labelled eval samples" if labelled
                 else f"top-1 agreement with FP32 on {seen} {'eval' if source is context.eval else 'calibration'} "

@@ -71,18 +71,12 @@ def collect_statistics(
     keep = set(tensors)
     calibrator = Calibrator(histograms=histograms)
     seen = 0
-    for batch in data.iter_batches(specs, batch_size=CALIB_BATCH):
-        inputs = batch.inputs
-        take = min(batch.size, samples - seen)
-        if take < batch.size:
-            inputs = {name: array[:take] for name, array in inputs.items()}
-        outputs = session.run(output_names, inputs)
+    for batch in data.iter_samples(specs, samples, batch_size=CALIB_BATCH):
+        outputs = session.run(output_names, batch.inputs)
         calibrator.update_many({n: a for n, a in zip(output_names, outputs) if n in keep})
         # Graph inputs are not outputs of any node: fold them in directly.
-        calibrator.update_many({n: a for n, a in inputs.items() if n in keep and n not in output_names})
-        seen += take
-        if seen >= samples:
-            break
+        calibrator.update_many({n: a for n, a in batch.inputs.items() if n in keep and n not in output_names})
+        seen += batch.size
     if seen == 0:
         raise DataError(f"the calibration data ({data.description}) yielded no samples")
     missing = [name for name in tensors if name not in calibrator]
