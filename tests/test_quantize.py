@@ -13,7 +13,7 @@ from onnxopt import examples, hostinfo
 from onnxopt.api import optimize
 from onnxopt.calib_data import open_data
 from onnxopt.cli import main
-from onnxopt.errors import BadInputError, DataError
+from onnxopt.errors import BadInputError, DataError, RecipeError
 from onnxopt.modelio import as_ir_model, load_model, serialized_size, to_proto
 from onnxopt.passes import NormalizePass
 from onnxopt.passes.quantize import QuantizePass, placement
@@ -293,9 +293,9 @@ def test_placement_checks_agreement_only_where_a_candidate_could_be_chosen(norma
     checked: list[int] = []
     real = placement.top1_agreement
 
-    def agreement(reference, outputs):
+    def agreement(reference, outputs, axis=None):
         checked.append(len(checked))
-        return 0.5 if len(checked) == 1 else real(reference, outputs)  # the first one checked ('all') disagrees
+        return 0.5 if len(checked) == 1 else real(reference, outputs, axis)  # the first one checked ('all') disagrees
 
     monkeypatch.setattr(placement, "top1_agreement", agreement)
     model, step = _quantize(normalized, placement="auto", calib_samples=32)
@@ -307,11 +307,84 @@ def test_placement_checks_agreement_only_where_a_candidate_could_be_chosen(norma
 
 def test_placement_drops_disagreeing_candidates(normalized, monkeypatch, fake_time_models):
     _fake_timing(fake_time_models, int8_ms=1.0)
-    monkeypatch.setattr(placement, "top1_agreement", lambda ref, out: 0.5)
+    monkeypatch.setattr(placement, "top1_agreement", lambda ref, out, axis=None: 0.5)
     model, step = _quantize(normalized, placement="auto", calib_samples=32)
     assert not any(node.op_type == "QuantizeLinear" for node in model.graph.node)
     assert all("agreement" in c["rejected"] for c in step.details["placement"]["candidates"])
     assert "kept the model in FP32" in " ".join(step.notes)
+
+
+def _head_net(head: str, seed: int = 0) -> onnx.ModelProto:
+    """Conv -> Relu -> Conv, then ``head``: "sigmoid" (a detector's probability map [N, 1, 8, 8]), "sequence" (a
+    recognizer's [N, T=8, C=6] class probabilities: Reshape, Transpose, Softmax over the last axis)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    out_channels = 1 if head == "sigmoid" else 6
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (out_channels, 8, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([0, out_channels, 8 * 8], np.int64), "flat")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1])]
+    if head == "sigmoid":
+        nodes.append(helper.make_node("Sigmoid", ["c2"], ["y"], name="prob"))
+        shape = ["N", 1, 8, 8]
+    else:
+        nodes += [helper.make_node("Reshape", ["c2", "flat"], ["seq"], name="flatten"),
+                  helper.make_node("Transpose", ["seq"], ["seq_t"], name="to_ntc", perm=[0, 2, 1]),
+                  helper.make_node("Softmax", ["seq_t"], ["y"], name="softmax", axis=-1)]
+        shape = ["N", 64, 6]
+    graph = helper.make_graph(nodes, head, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_agreement_measure_follows_the_output():
+    from onnxopt.passes.quantize import agreement
+
+    assert agreement.class_axis(_head_net("sequence")) == -1 and agreement.class_axis(_head_net("sigmoid")) is None
+    scores, probs_ntc = np.random.default_rng(0).normal(size=(4, 5)), np.full((4, 7, 3), 1 / 3)
+    assert agreement.check_kind(scores, agreement.decision_axis(None, scores)) == "top-1"
+    assert agreement.decision_axis(None, probs_ntc) == 2  # found from the data: sums to 1 along the last axis
+    assert agreement.check_kind(probs_ntc, 2) == "top-1 per position"
+    assert agreement.check_kind(np.zeros((4, 1, 8, 8)), agreement.decision_axis(None, np.zeros((4, 1, 8, 8)))) == "sqnr"
+    ref = np.zeros((2, 3, 4))
+    ref[:, :, 1] = 1.0
+    out = ref.copy()
+    out[0, 2] = [0, 0, 0, 1]  # one position of six changes its class
+    assert agreement.top1_agreement([ref], [out], axis=2) == pytest.approx(5 / 6)
+    assert agreement.top1_agreement([ref], [out]) == 1.0  # one arg-max over the whole sample: blind to it
+    assert agreement.output_sqnr_db([ref], [ref]) == float("inf")
+    assert agreement.output_sqnr_db([ref], [ref * 1.1]) == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("head, check", [("sigmoid", "sqnr"), ("sequence", "top-1 per position")])
+def test_placement_judges_each_output_by_its_own_measure(head, check, fake_time_models, monkeypatch):
+    """A probability map is judged by SQNR and a sequence per position (one arg-max over a whole map or sequence
+    flips on any change: the PaddleOCR v4 detector and recognizer were dropped at "top-1 agreement 0.000")."""
+    _fake_timing(fake_time_models, int8_ms=1.0)
+    x = np.random.default_rng(1).normal(size=(32, 3, 8, 8)).astype(np.float32)
+    model, step = _quantize(as_ir_model(_head_net(head)), calib={"x": x}, placement="auto", calib_samples=32)
+    search = step.details["placement"]
+    assert search["agreement_measure"] == check
+    chosen = next(c for c in search["candidates"] if c["label"] == search["chosen"])
+    if check == "sqnr":
+        assert chosen["sqnr_db"] >= placement.MIN_SQNR_DB and chosen["agreement"] is None
+    else:
+        assert chosen["agreement"] >= placement.MIN_AGREEMENT
+    assert any(n.op_type in ("QuantizeLinear", "QLinearConv") for n in model.graph.node)
+    if check == "sqnr":  # below the SQNR floor, every candidate goes
+        monkeypatch.setattr(placement, "output_sqnr_db", lambda ref, out: placement.MIN_SQNR_DB - 1)
+        model, step = _quantize(as_ir_model(_head_net(head)), calib={"x": x}, placement="auto", calib_samples=32)
+        assert step.details["placement"]["chosen"] == placement.FP32
+        assert all("SQNR" in c["rejected"] for c in step.details["placement"]["candidates"])
+
+
+def test_accuracy_budget_on_an_unlabelled_output_without_classes_is_refused():
+    x = np.random.default_rng(1).normal(size=(32, 3, 8, 8)).astype(np.float32)
+    with pytest.raises(RecipeError, match="holds no classes.*min_sqnr_db"):
+        _quantize(as_ir_model(_head_net("sigmoid")), calib={"x": x}, accuracy_drop=0.01, calib_samples=32)
 
 
 def test_top1_agreement_and_nan():

@@ -1,4 +1,5 @@
-"""How much a quantized candidate loses: accuracy on labelled eval data, else top-1 agreement with FP32.
+"""How much a quantized candidate loses: accuracy on labelled eval data, else top-1 agreement with FP32 (per position
+along the class axis of a sequence output, :mod:`onnxopt.passes.quantize.agreement`).
 
 Loaded once per run (at most ``samples`` samples, batches of 32) and reused by the sensitivity table, the
 mixed-precision search and placement, so every decision is taken on the same samples.
@@ -13,7 +14,9 @@ import numpy as np
 import onnx
 
 from onnxopt.calib_data.base import Batch
+from onnxopt.errors import RecipeError
 from onnxopt.fidelity import top1
+from onnxopt.passes.quantize.agreement import check_kind, class_axis, decision_axis, top1_agreement
 from onnxopt.modelio import InputSpec
 from onnxopt.pipeline.context import PassContext
 from onnxopt.runtime import make_session
@@ -28,6 +31,10 @@ class Evaluator:
     reference: np.ndarray  # FP32 first output over all feeds
     what: str
     threads: int | None = None
+    #: The class axis of the first output when there are no labels (None: one decision per sample).
+    axis: int | None = None
+    #: How an unlabelled candidate is scored (:func:`agreement.check_kind`): "sqnr" means it cannot be.
+    kind: str = "top-1"
 
     @classmethod
     def build(cls, model: onnx.ModelProto, context: PassContext, specs: Sequence[InputSpec],
@@ -43,11 +50,18 @@ class Evaluator:
                 labels.append(np.asarray(batch.labels))
             seen += batch.size
         labelled = source is context.eval and len(labels) == len(feeds) and bool(labels)
-        what = (f"accuracy on {seen} labelled eval samples" if labelled
-                else f"top-1 agreement with FP32 on {seen} {'eval' if source is context.eval else 'calibration'} "
-                     "samples")
-        evaluator = cls(feeds, np.concatenate(labels) if labelled else None, np.empty(0), what, context.threads)
+        evaluator = cls(feeds, np.concatenate(labels) if labelled else None, np.empty(0), "", context.threads)
         evaluator.reference = evaluator.outputs(model)
+        samples_text = f"{seen} {'eval' if source is context.eval else 'calibration'} samples"
+        if labelled:
+            evaluator.what = f"accuracy on {seen} labelled eval samples"
+            return evaluator
+        evaluator.axis = decision_axis(class_axis(model), evaluator.reference)
+        evaluator.kind = check_kind(evaluator.reference, evaluator.axis)
+        evaluator.what = {"top-1": f"top-1 agreement with FP32 on {samples_text}",
+                          "top-1 per position": f"top-1 agreement per position with FP32 on {samples_text}",
+                          "sqnr": f"output SQNR on {samples_text} (the output holds no classes to agree on)"}[
+                              evaluator.kind]
         return evaluator
 
     def outputs(self, model: onnx.ModelProto) -> np.ndarray:
@@ -57,12 +71,19 @@ class Evaluator:
         return np.concatenate([np.asarray(session.run([name], feed)[0]) for feed in self.feeds], axis=0)
 
     def score(self, outputs: np.ndarray) -> float:
-        """Accuracy (labels) or top-1 agreement with FP32; 0 for non-finite outputs."""
+        """Accuracy (labels) or top-1 agreement with FP32 (per position along :attr:`axis`); 0 for non-finite
+        outputs. An unlabelled output without classes has no score: a clear error, not a meaningless arg-max over a
+        whole map."""
+        if self.labels is None and self.kind == "sqnr":
+            raise RecipeError(
+                f"an accuracy budget needs labelled eval data (--eval with labels) for this model: its first output "
+                f"{list(self.reference.shape)} holds no classes, so top-1 agreement with FP32 says nothing; use "
+                "min_sqnr_db for an unlabelled budget")
         if not np.all(np.isfinite(outputs)):
             return 0.0
-        predicted = top1(outputs)
-        target = self.labels if self.labels is not None else top1(self.reference)
-        return float(np.mean(predicted == target))
+        if self.labels is not None:
+            return float(np.mean(top1(outputs) == self.labels))
+        return top1_agreement([self.reference], [outputs], self.axis)
 
     @property
     def baseline(self) -> float:

@@ -556,6 +556,7 @@ class QuantizePass(OnnxoptPass):
                        "no region was kept FP32" if staged else self.placement_search),
             "candidates": [c.to_dict() for c in candidates], "agreement_samples": len(feeds),
             "agreement_checked": "only for candidates fast enough to be chosen, fastest first",
+            "agreement_measure": trial.check,
             # building the candidates vs the rest (sessions, timing, agreement checks, confirmations)
             "derived": derived_labels,
             "seconds": {"build": round(build_seconds, 3),
@@ -568,11 +569,13 @@ class QuantizePass(OnnxoptPass):
                 text = f"{cand.label} {cand.median_ms:.3f} ms ({_speeds(cand.speedup, cand.best_run_speedup)}"
             else:
                 text = f"{cand.label} ("
-            text += f", top-1 {cand.agreement:.3f}" if cand.agreement is not None else ""
+            text += f", {cand.check_text()}" if cand.check_text() else ""
             text += f", dropped: {cand.rejected}" if cand.rejected else ""
             parts.append(text.replace("(, ", "(") + ")")
+        check = {"top-1": "top-1 agreement", "top-1 per position": "top-1 agreement per position",
+                 "sqnr": "SQNR (no classes in the output)"}[trial.check]
         self.note("placement candidates (batch 1, median ms; speed-up over FP32 by median and by fastest run, "
-                  "faster by either counts; top-1 agreement with FP32 checked only for a candidate fast enough to be "
+                  f"faster by either counts; {check} with FP32 checked only for a candidate fast enough to be "
                   "chosen): " + "; ".join(parts)
                   + (f" (staged search: regions not tried, whole model {best:.2f}x FP32)" if staged else ""))
         if chosen is None:

@@ -1,0 +1,108 @@
+"""How a quantized candidate's first output is compared with FP32's: top-1 agreement per sample for class scores,
+per position along the class axis of a sequence of them (an OCR recognizer's [N, T, C]), SQNR for an output without
+classes (a detector's probability map), where one arg-max over the whole map flips on any change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from onnxopt.fidelity import is_score_vector, top1
+
+
+def top1_agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], axis: int | None = None) -> float:
+    """Share of samples whose first output has the same top-1 class as the reference; NaN outputs give 0. With
+    ``axis`` (the classes' axis), the share of positions whose arg-max along it agrees: a sequence of class scores
+    (an OCR recognizer's [N, T, C]) is judged per position, not by one arg-max over all T x C values.
+
+    Both sides are stacked along the batch dim first, so one batched output and a list of per-sample outputs (see
+    :func:`first_outputs`) compare alike.
+    """
+    if not reference:
+        return 1.0
+    ref, out = _stacked(reference, outputs)
+    if not np.all(np.isfinite(out)):
+        return 0.0
+    if axis is not None and ref.ndim > 1:
+        return float(np.mean(ref.argmax(axis % ref.ndim) == out.argmax(axis % ref.ndim)))
+    return float(np.mean(top1(ref) == top1(out)))
+
+
+def output_sqnr_db(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
+    """SQNR (dB) of the candidate's first outputs against the reference's; -inf for NaN/Inf outputs."""
+    if not reference:
+        return math.inf
+    ref, out = _stacked(reference, outputs)
+    if not np.all(np.isfinite(out)):
+        return -math.inf
+    ref, out = ref.astype(np.float64), out.astype(np.float64)
+    noise, signal = float(np.sum((ref - out) ** 2)), float(np.sum(ref ** 2))
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def _stacked(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    ref = np.concatenate([np.atleast_2d(r) for r in reference], axis=0)
+    out = np.concatenate([np.atleast_2d(o) for o in outputs], axis=0) if len(outputs) else np.empty((0,))
+    if out.shape[0] != ref.shape[0]:
+        raise ValueError(f"{out.shape[0]} candidate samples for {ref.shape[0]} reference samples")
+    return ref, out
+
+
+def probabilities_along(array: np.ndarray, axis: int) -> bool:
+    """True when ``array`` is >= 0 and sums to 1 along ``axis`` everywhere (a Softmax's output)."""
+    if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)) or np.any(array < 0):
+        return False
+    return bool(np.allclose(array.sum(axis=axis, dtype=np.float64), 1.0, atol=1e-3))
+
+
+#: Ops whose output holds class scores along their ``axis`` attribute (default -1 from opset 13, 1 before).
+_CLASS_OPS = ("Softmax", "LogSoftmax", "Hardmax")
+
+
+def class_axis(model: onnx.ModelProto) -> int | None:
+    """The axis along which the graph's first output holds class scores, when the graph says so: the ``axis`` of a
+    Softmax/LogSoftmax/Hardmax that produces it (through Identity); None otherwise."""
+    if not model.graph.output:
+        return None
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers.get(model.graph.output[0].name)
+    while node is not None and node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+        node = producers.get(node.input[0])
+    if node is None or node.op_type not in _CLASS_OPS or node.domain not in ("", "ai.onnx"):
+        return None
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if version >= 13 else 1)
+    return int(axis)
+
+
+def decision_axis(graph_axis: int | None, reference: np.ndarray) -> int | None:
+    """The class axis of ``reference`` (a first output, batch first), non-negative: ``graph_axis``
+    (:func:`class_axis`) when it fits, else an axis along which it holds probabilities (>= 0, summing to 1: a Softmax
+    the opset conversion wrapped in Reshapes); None for none, or the batch axis."""
+    first = np.atleast_2d(reference)
+    ndim = first.ndim
+    if graph_axis is not None and -ndim <= graph_axis < ndim:
+        return graph_axis % ndim or None
+    for axis in dict.fromkeys((ndim - 1, 1)):
+        if axis and first.shape[axis] > 1 and probabilities_along(first, axis):
+            return axis
+    return None
+
+
+def check_kind(reference: np.ndarray, axis: int | None) -> str:
+    """"top-1" (one decision per sample), "top-1 per position" (a class axis beside other non-trivial axes) or "sqnr"
+    (no classes: neither a class axis nor a [N, C] score vector)."""
+    first = np.atleast_2d(reference)
+    if axis is None:
+        return "top-1" if is_score_vector(first) else "sqnr"
+    positions = [d for i, d in enumerate(first.shape[1:], 1) if i != axis]
+    return "top-1 per position" if any(d != 1 for d in positions) else "top-1"
+
+
+__all__ = ["check_kind", "class_axis", "decision_axis", "output_sqnr_db", "probabilities_along", "top1_agreement"]
