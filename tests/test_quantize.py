@@ -372,13 +372,15 @@ def test_placement_judges_each_output_by_its_own_measure(head, check, fake_time_
     if check == "sqnr":
         assert chosen["sqnr_db"] >= placement.MIN_SQNR_DB and chosen["agreement"] is None
     else:
-        assert chosen["agreement"] >= placement.MIN_AGREEMENT
+        assert chosen["agreement"] >= placement.MIN_AGREEMENT and chosen["sqnr_db"] >= placement.SQNR_FLOOR_DB
     assert any(n.op_type in ("QuantizeLinear", "QLinearConv") for n in model.graph.node)
-    if check == "sqnr":  # below the SQNR floor, every candidate goes
-        monkeypatch.setattr(placement, "output_sqnr_db", lambda ref, out: placement.MIN_SQNR_DB - 1)
-        model, step = _quantize(as_ir_model(_head_net(head)), calib={"x": x}, placement="auto", calib_samples=32)
-        assert step.details["placement"]["chosen"] == placement.FP32
-        assert all("SQNR" in c["rejected"] for c in step.details["placement"]["candidates"])
+    # Below the SQNR bar, every candidate goes: 20 dB for an output without classes, 10 dB (the floor) for one whose
+    # classes agree.
+    bar = placement.MIN_SQNR_DB if check == "sqnr" else placement.SQNR_FLOOR_DB
+    monkeypatch.setattr(placement, "output_sqnr_db", lambda ref, out: bar - 1)
+    model, step = _quantize(as_ir_model(_head_net(head)), calib={"x": x}, placement="auto", calib_samples=32)
+    assert step.details["placement"]["chosen"] == placement.FP32
+    assert all("SQNR" in c["rejected"] for c in step.details["placement"]["candidates"])
 
 
 def test_accuracy_budget_on_an_unlabelled_output_without_classes_is_refused():
