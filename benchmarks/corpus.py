@@ -581,7 +581,9 @@ def render(result: dict[str, Any]) -> str:
         if r["status"] == "budget missed":
             message = r.get("verdict", "")
         if r["status"] == "ok" and r.get("notes") and r["recipe"] not in ("normalize", "optimize(default)"):
-            message = r["notes"][-1]  # what the pass said last: e.g. that it left the model unchanged, and why
+            # the pass's verdict (quantize's placement search), else what it said last: e.g. that it left the
+            # model unchanged, and why
+            message = next((n for n in r["notes"] if n.startswith("verdict:")), r["notes"][-1])
         if r.get("constant_reference"):
             message = (message + "; " if message else "") + "the input's outputs are the same for every sample: " \
                 "the comparison proves little"
@@ -610,6 +612,7 @@ def main() -> None:
     parser.add_argument("--heavy", action="store_true",
                         help="run every recipe on the heavy light models too (alexnet, vgg19, zfnet512; slow)")
     parser.add_argument("--merge", nargs="+", help="combine the JSON results of sweeps run side by side (--only)")
+    parser.add_argument("--render", metavar="JSON", help="only write the Markdown report again from a sweep's JSON")
     parser.add_argument("--recipes", help="comma list of the recipes to run (pass names, 'optimize(default)')")
     parser.add_argument("--pass-params", metavar="JSON",
                         help='replace passes\' sweep parameters, e.g. \'{"quantize": {"placement": "auto"}}\'')
@@ -618,6 +621,9 @@ def main() -> None:
         PASS_PARAMS.update(json.loads(args.pass_params))
     if args.worker:
         _worker()
+        return
+    if args.render:
+        Path(args.out).write_text(render(json.loads(Path(args.render).read_text())))
         return
     wanted = args.recipes.split(",") if args.recipes else None
     result = merge(args.merge) if args.merge else sweep(args.subset, args.timeout, args.tf_python, args.only,

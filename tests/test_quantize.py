@@ -381,6 +381,8 @@ def test_placement_judges_each_output_by_its_own_measure(head, check, fake_time_
     model, step = _quantize(as_ir_model(_head_net(head)), calib={"x": x}, placement="auto", calib_samples=32)
     assert step.details["placement"]["chosen"] == placement.FP32
     assert all("SQNR" in c["rejected"] for c in step.details["placement"]["candidates"])
+    verdict = step.details["placement"]["verdict"]  # names the fastest candidate dropped and why
+    assert "(fastest: " in verdict and f"dB < {bar:g} dB" in verdict
 
 
 def test_accuracy_budget_on_an_unlabelled_output_without_classes_is_refused():

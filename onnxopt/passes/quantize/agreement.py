@@ -95,6 +95,11 @@ def decision_axis(graph_axis: int | None, reference: np.ndarray) -> int | None:
     return None
 
 
+#: Each :func:`check_kind` as notes name it.
+CHECK_NAMES = {"top-1": "top-1 agreement", "top-1 per position": "top-1 agreement per position",
+               "sqnr": "SQNR (no classes in the output)"}
+
+
 def check_kind(reference: np.ndarray, axis: int | None) -> str:
     """"top-1" (one decision per sample), "top-1 per position" (a class axis beside other non-trivial axes) or "sqnr"
     (no classes: neither a class axis nor a [N, C] score vector)."""
@@ -105,4 +110,5 @@ def check_kind(reference: np.ndarray, axis: int | None) -> str:
     return "top-1 per position" if any(d != 1 for d in positions) else "top-1"
 
 
-__all__ = ["check_kind", "class_axis", "decision_axis", "output_sqnr_db", "probabilities_along", "top1_agreement"]
+__all__ = ["CHECK_NAMES", "check_kind", "class_axis", "decision_axis", "output_sqnr_db", "probabilities_along",
+           "top1_agreement"]

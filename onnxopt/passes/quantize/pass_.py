@@ -438,6 +438,7 @@ class QuantizePass(OnnxoptPass):
         build_seconds = 0.0
         derived_labels: list[str] = []  # built by float_nodes.keep_float, not by a run of ORT's quantizer
         from onnxopt.passes.quantize import placement as pl
+        from onnxopt.passes.quantize.agreement import CHECK_NAMES
 
         candidates = [pl.Candidate("all", full)]
         settings: dict[str, tuple[bool, str]] = {"all": (self.per_channel, self.format)}
@@ -572,8 +573,7 @@ class QuantizePass(OnnxoptPass):
             text += f", {cand.check_text()}" if cand.check_text() else ""
             text += f", dropped: {cand.rejected}" if cand.rejected else ""
             parts.append(text.replace("(, ", "(") + ")")
-        check = {"top-1": "top-1 agreement", "top-1 per position": "top-1 agreement per position",
-                 "sqnr": "SQNR (no classes in the output)"}[trial.check]
+        check = CHECK_NAMES[trial.check]
         self.note("placement candidates (batch 1, median ms; speed-up over FP32 by median and by fastest run, "
                   f"faster by either counts; {check} with FP32 checked only for a candidate fast enough to be "
                   "chosen): " + "; ".join(parts)
@@ -588,6 +588,11 @@ class QuantizePass(OnnxoptPass):
                 why = f"int8 is slower than FP32 on this CPU (best candidate {max(gains):.2f}x)"
             else:
                 why = "no int8 candidate both meets the accuracy checks and could be timed"
+                checked = [c for c in candidates if c.rejected and (c.agreement is not None or c.sqnr_db is not None)]
+                if checked:  # the fastest one that failed its check, and why
+                    first = min(checked, key=lambda c: c.median_ms or float("inf"))
+                    speeds = _speeds(first.speedup, first.best_run_speedup)
+                    why += f" (fastest: {first.label}, {speeds}, {first.rejected})"
             self.note(f"verdict: {why}; kept the model in FP32")
             self.details["placement"]["verdict"] = f"{why}; kept the model in FP32"
             return None

@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 
 from onnxopt.errors import BadInputError
-from onnxopt.passes.quantize.agreement import (check_kind, class_axis, decision_axis, output_sqnr_db,
-                                               top1_agreement)
+from onnxopt.passes.quantize.agreement import (CHECK_NAMES, check_kind, class_axis, decision_axis,
+                                               output_sqnr_db, top1_agreement)
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime as ort
@@ -460,10 +460,11 @@ class Trial:
             else:
                 cand.agreement = top1_agreement(self._reference, outputs, self._axis())
                 if cand.agreement < MIN_AGREEMENT:
-                    self.reject(cand, f"top-1 agreement{check[5:]} {cand.agreement:.3f} < {MIN_AGREEMENT}")
+                    self.reject(cand, f"{CHECK_NAMES[check]} {cand.agreement:.3f} < {MIN_AGREEMENT}")
                 elif cand.sqnr_db < SQNR_FLOOR_DB:
-                    self.reject(cand, f"SQNR {cand.sqnr_db:.1f} dB < {SQNR_FLOOR_DB:g} dB against FP32 (top-1 "
-                                      f"agreement{check[5:]} {cand.agreement:.3f} on the check samples notwithstanding)")
+                    self.reject(cand, f"SQNR {cand.sqnr_db:.1f} dB < {SQNR_FLOOR_DB:g} dB against FP32 "
+                                      f"({CHECK_NAMES[check]} {cand.agreement:.3f} on the check samples "
+                                      "notwithstanding)")
             if cand.rejected is None and self.budget is not None and self.evaluator is not None:
                 cand.drop = self.evaluator.drop(cand.model)
                 if cand.drop > self.budget + 1e-12:
