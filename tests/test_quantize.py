@@ -385,6 +385,27 @@ def test_placement_judges_each_output_by_its_own_measure(head, check, fake_time_
     assert "(fastest: " in verdict and f"dB < {bar:g} dB" in verdict
 
 
+def test_placement_bars_follow_the_run_budgets(fake_time_models, monkeypatch):
+    """--budget min_sqnr_db=12 lets a probability map at 15 dB be int8 (the default bar is 20 dB);
+    min_top1_agreement sets the agreement bar."""
+    _fake_timing(fake_time_models, int8_ms=1.0)
+    monkeypatch.setattr(placement, "output_sqnr_db", lambda ref, out: 15.0)
+    x = np.random.default_rng(1).normal(size=(32, 3, 8, 8)).astype(np.float32)
+
+    def chosen(head: str, budgets: dict[str, float]) -> str:
+        step = QuantizePass(placement="auto", calib_samples=32)
+        step.bind(PassContext(calib=open_data({"x": x}), budgets=budgets))
+        step.apply(as_ir_model(_head_net(head)))
+        return step.details["placement"]["chosen"]
+
+    assert chosen("sigmoid", {}) == placement.FP32
+    assert chosen("sigmoid", {"min_sqnr_db": 12.0}) != placement.FP32
+    assert chosen("sigmoid", {"min_sqnr_db": 16.0}) == placement.FP32
+    monkeypatch.setattr(placement, "top1_agreement", lambda ref, out, axis=None: 0.95)
+    assert chosen("sequence", {}) == placement.FP32
+    assert chosen("sequence", {"min_top1_agreement": 0.9}) != placement.FP32
+
+
 def test_accuracy_budget_on_an_unlabelled_output_without_classes_is_refused():
     x = np.random.default_rng(1).normal(size=(32, 3, 8, 8)).astype(np.float32)
     with pytest.raises(RecipeError, match="holds no classes.*min_sqnr_db"):

@@ -500,7 +500,7 @@ class QuantizePass(OnnxoptPass):
         shapes = dict(self.context.input_shapes) or (
             {name: tuple(shape) for name, shape in zip([s.name for s in specs], [feeds[0][s.name].shape for s in specs])}
             if feeds else {})
-        trial = pl.Trial(fp32, feeds, threads, provider, shapes, budget, evaluator)
+        trial = pl.Trial(fp32, feeds, threads, provider, shapes, budget, evaluator, self.context.budgets)
         # Whole-model candidates first; regions kept FP32 only when those are not clearly faster than FP32 (or
         # always, with placement_search=full): on a CPU where int8 pays, the partial placements were slower than
         # the whole model on every benchmark net, and building each one costs ORT's quantizer a full run.

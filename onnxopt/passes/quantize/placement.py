@@ -405,9 +405,14 @@ class Trial:
 
     def __init__(self, fp32: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], threads: int | None,
                  provider: str, shapes: Mapping[str, tuple[int, ...]], budget: float | None = None,
-                 evaluator: Any = None):
+                 evaluator: Any = None, budgets: Mapping[str, float] | None = None):
         self.fp32, self.feeds, self.threads, self.provider, self.shapes = fp32, list(feeds), threads, provider, shapes
         self.budget, self.evaluator = budget, evaluator
+        # The run's own budgets, where given, set the bars (a detector may accept 12 dB: --budget min_sqnr_db=12).
+        budgets = budgets or {}
+        self.min_agreement = budgets.get("min_top1_agreement", MIN_AGREEMENT)
+        self.min_sqnr_db = budgets.get("min_sqnr_db", MIN_SQNR_DB)
+        self.sqnr_floor_db = budgets.get("min_sqnr_db", SQNR_FLOOR_DB)
         self.axis = class_axis(fp32)
         self._reference: list[np.ndarray] = []
         self._smoke_tested: set[str] = set()
@@ -454,15 +459,15 @@ class Trial:
             check = self.check
             cand.sqnr_db = output_sqnr_db(self._reference, outputs)
             if check == "sqnr":
-                if cand.sqnr_db < MIN_SQNR_DB:
-                    self.reject(cand, f"SQNR {cand.sqnr_db:.1f} dB < {MIN_SQNR_DB:g} dB against FP32 (an output "
-                                      "without classes to agree on)")
+                if cand.sqnr_db < self.min_sqnr_db:
+                    self.reject(cand, f"SQNR {cand.sqnr_db:.1f} dB < {self.min_sqnr_db:g} dB against FP32 (an "
+                                      "output without classes to agree on)")
             else:
                 cand.agreement = top1_agreement(self._reference, outputs, self._axis())
-                if cand.agreement < MIN_AGREEMENT:
-                    self.reject(cand, f"{CHECK_NAMES[check]} {cand.agreement:.3f} < {MIN_AGREEMENT}")
-                elif cand.sqnr_db < SQNR_FLOOR_DB:
-                    self.reject(cand, f"SQNR {cand.sqnr_db:.1f} dB < {SQNR_FLOOR_DB:g} dB against FP32 "
+                if cand.agreement < self.min_agreement:
+                    self.reject(cand, f"{CHECK_NAMES[check]} {cand.agreement:.3f} < {self.min_agreement:g}")
+                elif cand.sqnr_db < self.sqnr_floor_db:
+                    self.reject(cand, f"SQNR {cand.sqnr_db:.1f} dB < {self.sqnr_floor_db:g} dB against FP32 "
                                       f"({CHECK_NAMES[check]} {cand.agreement:.3f} on the check samples "
                                       "notwithstanding)")
             if cand.rejected is None and self.budget is not None and self.evaluator is not None:
