@@ -74,16 +74,21 @@ class Evaluator:
         """Accuracy (labels) or top-1 agreement with FP32 (per position along :attr:`axis`); 0 for non-finite
         outputs. An unlabelled output without classes has no score: a clear error, not a meaningless arg-max over a
         whole map."""
-        if self.labels is None and self.kind == "sqnr":
-            raise RecipeError(
-                f"an accuracy budget needs labelled eval data (--eval with labels) for this model: its first output "
-                f"{list(self.reference.shape)} holds no classes, so top-1 agreement with FP32 says nothing; use "
-                "min_sqnr_db for an unlabelled budget")
+        self.ensure_scorable()
         if not np.all(np.isfinite(outputs)):
             return 0.0
         if self.labels is not None:
             return float(np.mean(top1(outputs) == self.labels))
         return top1_agreement([self.reference], [outputs], self.axis)
+
+    def ensure_scorable(self) -> None:
+        """Raise :class:`RecipeError` when there is no score to judge a budget on: no labels, and a first output
+        without classes."""
+        if self.labels is None and self.kind == "sqnr":
+            raise RecipeError(
+                f"an accuracy budget needs labelled eval data (--eval with labels) for this model: its first output "
+                f"{list(self.reference.shape)} holds no classes, so top-1 agreement with FP32 says nothing; use "
+                "min_sqnr_db for an unlabelled budget")
 
     @property
     def baseline(self) -> float:

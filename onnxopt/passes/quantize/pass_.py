@@ -219,6 +219,8 @@ class QuantizePass(OnnxoptPass):
             from onnxopt.passes.quantize.budget import Evaluator
 
             evaluator = Evaluator.build(fp32, self.context, specs, self.eval_samples)
+            if budget is not None:
+                evaluator.ensure_scorable()  # before the sensitivity table's work, not after it
             exclude = self._mixed_precision(proto, ranges, reduce_range, op_types, exclude, evaluator, budget)
 
         # placement=all uses ``proto`` no more: ORT may rewrite it in place instead of a copy (2.4 GB on a 2.4 GB MLP)
