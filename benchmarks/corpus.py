@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.version_converter
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -352,7 +353,7 @@ def compare_on_data(case: Case, output: Path) -> dict[str, Any]:
     from onnxopt.modelio import load_model
     from onnxopt.runtime import make_session
 
-    reference = make_session(load_model(case.path), threads=1)
+    reference = make_session(_runnable_reference(case.path, load_model), threads=1)
     candidate = make_session(str(output), threads=1)
     names = [o.name for o in reference.get_outputs()]
     accumulator = FidelityAccumulator(names)
@@ -367,6 +368,16 @@ def compare_on_data(case: Case, output: Path) -> dict[str, Any]:
     constant = _constant_outputs(reference, data, inputs, whole)
     return {"max_rel_error": fid.max_rel_error, "sqnr_db": fid.sqnr_db, "top1_agreement": fid.top1_agreement,
             "compared_samples": fid.samples, "constant_reference": constant}
+
+
+def _runnable_reference(path: str, load: Any) -> Any:
+    """The input as ORT can run it: below opset 7 (ORT's range) onnx's own version converter's opset-13 conversion,
+    made here, independently of the pipeline's conversion of the same model."""
+    proto = onnx.load(path, load_external_data=False)
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None or version >= 7:
+        return load(path)
+    return onnx.version_converter.convert_version(onnx.load(path), 13)
 
 
 def _constant_outputs(session: Any, data: dict[str, np.ndarray], inputs: list[str], whole: bool) -> bool:

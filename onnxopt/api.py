@@ -83,6 +83,7 @@ def optimize(
             check_output_path(report, *([source_path] if source_path else []))
     # checked by the pipeline, on the serialization its input snapshot makes (ManagerOptions.check_input_as)
     working = load_model(source_path, check=False) if source_path else _copy(model)
+    converted = _runnable(working, source_path)
     plan = _resolve_recipe(recipe)
     shapes = {**plan.input_shapes, **{k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}}
     _check_shape_names(working, shapes)
@@ -100,6 +101,8 @@ def optimize(
     options = ManagerOptions(measure_latency=measure_latency, max_eval_samples=max_eval_samples,
                              cache_dir=str(cache_dir) if cache_dir is not None else None)
     input_info: dict[str, Any] = {"path": str(source_path) if source_path else None}
+    if converted:
+        input_info["converted"] = converted
     if source_path:
         input_info.update(sha256=file_sha256(source_path), size_bytes=source_path.stat().st_size)
     outcome = None
@@ -133,6 +136,20 @@ def optimize(
 
             written += write_pareto_reports(outcome.to_dict(), stem)
     return OptimizeResult(to_proto(result.model), result.report, result.model, out_path, tuple(written), outcome)
+
+
+def _runnable(model: ir.Model, source_path: Path | None) -> str | None:
+    """A model below ONNX Runtime's opset range, checked as it came and then converted to a runnable opset
+    (:func:`onnxopt.passes.opset.make_ort_runnable`): every later step, the reference run included, sees the
+    conversion. The note to report, or None."""
+    from onnxopt.passes import opset
+
+    current = opset.default_opset(model)
+    if current is None or current >= opset.ORT_MIN_OPSET:
+        return None
+    source = str(source_path) if source_path else "the input model"
+    check_model(model, source=source)
+    return opset.make_ort_runnable(model, source)
 
 
 def _resolve_recipe(recipe: Any) -> Recipe:

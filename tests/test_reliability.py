@@ -115,6 +115,30 @@ def test_model_failing_the_checker(capsys, tmp_path: Path, data_path: Path, targ
     assert str(model) in err
 
 
+@pytest.mark.parametrize("name", ["test_BatchNorm2d_eval", "test_Linear"])
+def test_a_model_below_ort_opset_range_is_converted_first(tmp_path: Path, name: str):
+    """onnx's opset-6 torch test models (BatchNormalization-6, Gemm-6: no ORT kernel) are converted to opset 13
+    before anything runs, and the output matches the output onnx ships with the model (not ORT's: it cannot run
+    them)."""
+    from onnx import numpy_helper
+
+    from onnxopt.runtime import make_session
+
+    folder = Path(onnx.__file__).parent / "backend/test/data/pytorch-converted" / name
+    x = numpy_helper.to_array(onnx.load_tensor(str(folder / "test_data_set_0" / "input_0.pb")))
+    expected = numpy_helper.to_array(onnx.load_tensor(str(folder / "test_data_set_0" / "output_0.pb")))
+    np.savez(tmp_path / "x.npz", x)
+    before = file_sha256(folder / "model.onnx")
+    result = onnxopt.optimize(folder / "model.onnx", ["normalize"], calib=tmp_path / "x.npz",
+                              output=tmp_path / "out.onnx", measure_latency=False)
+    assert file_sha256(folder / "model.onnx") == before
+    assert "opset 6 is below ONNX Runtime's range" in result.report.steps[0].notes[0]
+    assert result.report.input["converted"] == result.report.steps[0].notes[0]
+    session = make_session(str(tmp_path / "out.onnx"))
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0], expected, rtol=1e-4,
+                               atol=1e-5)
+
+
 def test_empty_npz(capsys, model_path: Path, tmp_path: Path):
     empty = tmp_path / "empty.npz"
     np.savez(empty, input=np.zeros((0, 3, 8, 8), np.float32))

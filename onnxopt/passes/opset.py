@@ -63,6 +63,35 @@ def raise_opset(model: ir.Model, target: int, pass_name: str = "normalize") -> i
     return result
 
 
+#: The oldest default-domain opset ONNX Runtime runs (its documented range is opset 7 and later: it has no kernel
+#: for BatchNormalization-6 or Gemm-6, for instance).
+ORT_MIN_OPSET = 7
+#: What a model below that range is converted to (normalize's own ``min_opset``).
+ORT_RUNNABLE_OPSET = 13
+
+
+def make_ort_runnable(model: ir.Model, source: str = "the input model") -> str | None:
+    """Convert ``model`` in place to opset :data:`ORT_RUNNABLE_OPSET` when its default-domain opset is below ONNX
+    Runtime's range, so that it can be run, validated and measured at all; a note saying so, or None when the model
+    was in range. Raises :class:`BadInputError` when onnx's version converter cannot convert it."""
+    from onnxopt.errors import BadInputError
+    from onnxopt.irutil import adopt
+
+    current = default_opset(model)
+    if current is None or current >= ORT_MIN_OPSET:
+        return None
+    replace_image_scalers(model)
+    try:
+        adopt(model, raise_opset(model, ORT_RUNNABLE_OPSET, pass_name="input"))
+    except PassFailedError as exc:  # "pass 'input' failed at node 'n': cannot convert op ..."
+        where = f" (node '{exc.node}')" if exc.node else ""
+        raise BadInputError(f"{source} uses opset {current}, below ONNX Runtime's range (7 and later), and onnx's "
+                            f"version converter cannot raise it{where}: {str(exc).partition(': ')[2]}") from None
+    return (f"the input's opset {current} is below ONNX Runtime's range (7 and later): it was converted to opset "
+            f"{ORT_RUNNABLE_OPSET} by onnx's version converter before anything ran, and every comparison is against "
+            "that conversion")
+
+
 def replace_image_scalers(model: ir.Model) -> int:
     """Rewrite ImageScaler (an experimental op of Caffe2-era exports, gone after opset 9) as Mul + Add.
 

@@ -118,8 +118,9 @@ class PipelineManager(ir.passes.PassBase):
         start = time.perf_counter()
         original = self._snapshot(model, data, "the input model", serialized=serialized)
         del serialized
+        converted = [report.input["converted"]] if report.input.get("converted") else []
         report.steps.append(StepRecord("input", {}, "ok", time.perf_counter() - start, original.metrics,
-                                       notes=self._input_notes(data)))
+                                       notes=converted + self._input_notes(data)))
         report.data = {"eval": _describe(data), "calib": _describe(context.calib) if context.calib else None}
         previous = original
         stage_models: list[ir.Model] = []
