@@ -144,8 +144,7 @@ def _runnable(model: ir.Model, source_path: Path | None) -> str | None:
     conversion. The note to report, or None."""
     from onnxopt.passes import opset
 
-    current = opset.default_opset(model)
-    if current is None or current >= opset.ORT_MIN_OPSET:
+    if not opset.below_ort_range(model):
         return None
     source = str(source_path) if source_path else "the input model"
     check_model(model, source=source)

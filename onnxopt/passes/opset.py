@@ -70,6 +70,12 @@ ORT_MIN_OPSET = 7
 ORT_RUNNABLE_OPSET = 13
 
 
+def below_ort_range(model: ir.Model) -> bool:
+    """True when the model's default-domain opset is below :data:`ORT_MIN_OPSET`."""
+    current = default_opset(model)
+    return current is not None and current < ORT_MIN_OPSET
+
+
 def make_ort_runnable(model: ir.Model, source: str = "the input model") -> str | None:
     """Convert ``model`` in place to opset :data:`ORT_RUNNABLE_OPSET` when its default-domain opset is below ONNX
     Runtime's range, so that it can be run, validated and measured at all; a note saying so, or None when the model
@@ -77,9 +83,9 @@ def make_ort_runnable(model: ir.Model, source: str = "the input model") -> str |
     from onnxopt.errors import BadInputError
     from onnxopt.irutil import adopt
 
-    current = default_opset(model)
-    if current is None or current >= ORT_MIN_OPSET:
+    if not below_ort_range(model):
         return None
+    current = default_opset(model)
     replace_image_scalers(model)
     try:
         adopt(model, raise_opset(model, ORT_RUNNABLE_OPSET, pass_name="input"))

@@ -16,7 +16,7 @@ import onnx
 from onnxopt.calib_data.base import Batch
 from onnxopt.errors import RecipeError
 from onnxopt.fidelity import top1
-from onnxopt.passes.quantize.agreement import check_kind, class_axis, decision_axis, top1_agreement
+from onnxopt.passes.quantize.agreement import CHECK_NAMES, check_kind, class_axis, decision_axis, top1_agreement
 from onnxopt.modelio import InputSpec
 from onnxopt.pipeline.context import PassContext
 from onnxopt.runtime import make_session
@@ -58,10 +58,7 @@ class Evaluator:
             return evaluator
         evaluator.axis = decision_axis(class_axis(model), evaluator.reference)
         evaluator.kind = check_kind(evaluator.reference, evaluator.axis)
-        evaluator.what = {"top-1": f"top-1 agreement with FP32 on {samples_text}",
-                          "top-1 per position": f"top-1 agreement per position with FP32 on {samples_text}",
-                          "sqnr": f"output SQNR on {samples_text} (the output holds no classes to agree on)"}[
-                              evaluator.kind]
+        evaluator.what = f"{CHECK_NAMES[evaluator.kind]} with FP32 on {samples_text}"
         return evaluator
 
     def outputs(self, model: onnx.ModelProto) -> np.ndarray:
