@@ -515,3 +515,55 @@ def test_what_picks_the_kept_epoch(pair, monkeypatch, select_on):
         assert details["best_epoch"] in (1, 2, 3)
         assert ("held-out 24 training samples accuracy" in notes) == (select_on == "holdout")
     assert f"on {72 if select_on == 'holdout' else 96} samples (labelled)" in notes  # the holdout is not trained on
+
+
+def test_chunks_fill_a_fixed_batch_from_the_start():
+    from onnxopt.passes.distill.trainer import chunks
+
+    assert [(list(i), n) for i, n in chunks(5, 2)] == [([0, 1], 2), ([2, 3], 2), ([4], 1)]
+    assert [(list(i), n) for i, n in chunks(5, 64, fixed=3)] == [([0, 1, 2], 3), ([3, 4, 0], 2)]
+    assert [(list(i), n) for i, n in chunks(2, 64, fixed=3)] == [([0, 1, 0], 2)]  # fewer samples than one batch
+
+
+@pytest.fixture(scope="module")
+def fixed_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``pair``'s nets with their batch fixed at 3 (as onnx's torch test models fix it), 50 training / 20 evaluation
+    samples (neither a multiple of 3), labelled by the dynamic-batch teacher."""
+    folder = tmp_path_factory.mktemp("distill_fixed")
+    dynamic = conv_classifier(channels=16, seed=0)
+    paths = {"teacher": save(conv_classifier(channels=16, seed=0, batch=3), folder / "teacher.onnx"),
+             "student": save(conv_classifier(channels=8, seed=5, batch=3), folder / "student.onnx"),
+             "dynamic_student": save(conv_classifier(channels=8, seed=5), folder / "dynamic_student.onnx"),
+             "six": save(conv_classifier(channels=8, seed=5, batch=6), folder / "six.onnx")}
+    paths["data"] = labelled_npz(folder / "data.npz", dynamic, samples=50, seed=1)
+    paths["eval"] = labelled_npz(folder / "eval.npz", dynamic, samples=20, seed=2)
+    return paths
+
+
+@pytest.mark.parametrize("student", ["student", "dynamic_student"])
+def test_fixed_batch_models_train_in_batches_of_their_size(fixed_pair, tmp_path, student):
+    """ONNX Runtime runs a model that fixes its batch on that batch size only: the probe, the teacher's outputs, the
+    training steps and the evaluation all use it, whether the student or only the teacher fixes it."""
+    from onnxopt.cli import main
+
+    out = tmp_path / "out.onnx"
+    assert main(["distill", str(fixed_pair[student]), "--teacher", str(fixed_pair["teacher"]), "-o", str(out),
+                 "--data", str(fixed_pair["data"]), "--eval", str(fixed_pair["eval"]), "--epochs", "4", "--lr",
+                 "0.05", "--batch-size", "16", "--no-latency", "-q"]) == 0
+    report = __import__("json").loads(Path(f"{out}.report.json").read_text())
+    step = report["steps"][-1]
+    assert step["details"]["batch_size"] == 3
+    which = "student" if student == "student" else "teacher"
+    assert any(f"trained in batches of 3, not batch_size=16: the {which} fixes" in n for n in step["notes"])
+    assert step["details"]["best_metric"] > step["details"]["initial_metric"]  # it learned from the teacher
+    trained = onnx.load(out)
+    assert trained.graph.input[0].type.tensor_type.shape.dim[0].dim_value == (3 if student == "student" else 0)
+
+
+def test_student_and_teacher_fixing_different_batches_are_refused(fixed_pair, tmp_path):
+    from onnxopt.cli import main
+
+    out = tmp_path / "out.onnx"
+    assert main(["distill", str(fixed_pair["six"]), "--teacher", str(fixed_pair["teacher"]), "-o", str(out),
+                 "--data", str(fixed_pair["data"]), "--no-latency", "-q"]) == 2
+    assert not out.exists()

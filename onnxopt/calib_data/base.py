@@ -73,8 +73,14 @@ class DataSource(abc.ABC):
         return {name: tuple(int(d) for d in array.shape) for name, array in batch.inputs.items()}
 
 
-def fixed_batch(specs: Sequence[InputSpec]) -> int | None:
-    """The batch size every input of the model fixes above 1 (onnx's torch test models: 20), else None."""
+def static_batch(specs: Sequence[InputSpec]) -> int | None:
+    """The batch size (leading dim) that every input of the model fixes, 1 included, else None."""
     sizes = {spec.shape[0] for spec in specs if spec.shape}
     size = next(iter(sizes)) if len(sizes) == 1 else None
-    return size if isinstance(size, int) and size > 1 else None
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def fixed_batch(specs: Sequence[InputSpec]) -> int | None:
+    """The batch size every input of the model fixes above 1 (onnx's torch test models: 20), else None."""
+    size = static_batch(specs)
+    return size if size is not None and size > 1 else None

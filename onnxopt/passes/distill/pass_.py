@@ -17,15 +17,31 @@ from typing import Any, ClassVar, Literal
 import onnx
 import onnx_ir as ir
 
+from onnxopt.calib_data.base import static_batch
 from onnxopt.errors import BadInputError, DataError
 from onnxopt.irutil import adopt
-from onnxopt.modelio import input_specs, load_model, to_proto
+from onnxopt.modelio import InputSpec, input_specs, load_model, to_proto
 from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.registry import register
 
 
 #: Python objects handed to the pass, by the string handle that stands for them in its params.
 _OBJECTS: dict[str, Any] = {}
+
+
+def _fixed_batch(specs: list[InputSpec], teacher: onnx.ModelProto | None) -> int | None:
+    """The batch size the student or the teacher fixes (both run every batch), or None when both take any."""
+    student = static_batch(specs)
+    other = None
+    if teacher is not None:
+        weights = {init.name for init in teacher.graph.initializer}
+        leading = {value.type.tensor_type.shape.dim[0].dim_value if value.type.tensor_type.shape.dim else 0
+                   for value in teacher.graph.input if value.name not in weights}
+        other = next(iter(leading)) if len(leading) == 1 and 0 not in leading else None
+    if student is not None and other is not None and student != other:
+        raise BadInputError(f"distill: the student fixes its batch size at {student} and the teacher at {other}; "
+                            "both must run the same batches (export one with a dynamic batch dimension)")
+    return student or other
 
 
 def _handle(key: str, obj: Any) -> str:
@@ -193,8 +209,9 @@ class DistillPass(OnnxoptPass):
                        else OrtTeacher(teacher_proto, provider=self.context.provider, threads=self.context.threads))
         out_name = student.graph.output[0].name
         logits = logits_value(student)
+        batch = _fixed_batch(specs, teacher_proto)
         result = train(module, teacher, data, eval_data, cfg, input_names=[s.name for s in specs],
-                       logits_name=None if logits == out_name else logits, what="student")
+                       logits_name=None if logits == out_name else logits, what="student", fixed_batch=batch)
 
         from onnxopt.bridge import write_back
 
@@ -208,6 +225,10 @@ class DistillPass(OnnxoptPass):
                             teacher_runtime=self.teacher_runtime if teacher is not None else None)
         self.note(f"{'quantization-aware ' if use_qat else ''}fine-tuning by {cfg.method} on {result.data}, "
                   f"{result.epochs_run} epoch(s){' (stopped early)' if result.stopped_early else ''}")
+        if batch is not None and batch != cfg.batch_size:
+            self.note(f"trained in batches of {batch}, not batch_size={cfg.batch_size}: the "
+                      f"{'student' if static_batch(specs) == batch else 'teacher'} fixes its batch size (ONNX "
+                      "Runtime, and the Reshapes of such graphs, take no other)")
         if result.metric_name:
             first = "n/a" if result.initial_metric is None else f"{result.initial_metric:.4f}"
             where = (f"held-out {len(eval_data)} training samples" if self.select_on == "holdout"

@@ -124,6 +124,8 @@ class TrainResult:
     pairs: list[dict[str, Any]]
     data: str
     resumed_from: int | None = None
+    #: Samples per training step (the configured batch size, or the one the student or teacher fixes).
+    batch_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -271,16 +273,31 @@ def _tensors(inputs: dict[str, np.ndarray], names: Sequence[str], device: torch.
     return [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(device) for n in names]
 
 
+def chunks(size: int, batch: int, fixed: int | None = None) -> list[tuple[np.ndarray, int]]:
+    """(sample indices, how many of them are new) for each run over ``size`` samples in chunks of ``batch``.
+
+    A model that fixes its batch size (Caffe2's 1, onnx's torch test models' 3 or 20) runs nothing else: with
+    ``fixed`` every chunk holds exactly that many indices, the last one filled up with samples from the start (their
+    outputs are dropped), and a set smaller than one batch is repeated."""
+    step = fixed or batch
+    return [(np.arange(start, start + step) % size if fixed else np.arange(start, min(start + step, size)),
+             min(step, size - start)) for start in range(0, size, step)]
+
+
+def _take(inputs: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[index] for k, v in inputs.items()}
+
+
 def _metric(module: _TrainModule, data: TrainData, names: Sequence[str], device: torch.device,
-            reference: np.ndarray | None, batch: int = 256) -> float:
+            reference: np.ndarray | None, batch: int = 256, fixed: int | None = None) -> float:
     """Accuracy on labelled eval data, else top-1 agreement with ``reference`` (the teacher's predictions)."""
     was_training = module.training
     module.eval()
     preds = []
     with torch.no_grad():
-        for start in range(0, len(data), batch):
-            chunk = {k: v[start:start + batch] for k, v in data.inputs.items()}
-            preds.append(module(*_tensors(chunk, names, device))["logits"].argmax(1).cpu().numpy())
+        for index, new in chunks(len(data), batch, fixed):
+            logits = module(*_tensors(_take(data.inputs, index), names, device))["logits"]
+            preds.append(logits.argmax(1).cpu().numpy()[:new])
     module.train(was_training)
     pred = np.concatenate(preds)
     if data.labels is not None:
@@ -314,8 +331,9 @@ class _TeacherOutputs:
     changes the inputs, else computed batch by batch."""
 
     def __init__(self, teacher: Any, pairs: Sequence[StagePair], features: Sequence[str], data: TrainData,
-                 cached: bool):
+                 cached: bool, fixed: int | None = None):
         self.teacher = teacher
+        self.fixed = fixed
         self.names: dict[str, str] = {}
         for i, pair in enumerate(pairs):
             self.names[f"last{i}"] = pair.teacher.last
@@ -329,12 +347,11 @@ class _TeacherOutputs:
         logits, feats = [], {k: [] for k in self.names}
         size = len(next(iter(inputs.values())))
         wanted = list(dict.fromkeys(self.names.values()))
-        for start in range(0, size, batch):
-            chunk = {k: v[start:start + batch] for k, v in inputs.items()}
-            lg, fs = self.teacher.run(chunk, wanted)
-            logits.append(lg.reshape(len(lg), -1))
+        for index, new in chunks(size, batch, self.fixed):
+            lg, fs = self.teacher.run(_take(inputs, index), wanted)
+            logits.append(lg.reshape(len(lg), -1)[:new])
             for key, name in self.names.items():
-                feats[key].append(fs[name])
+                feats[key].append(fs[name][:new])
         return np.concatenate(logits), {k: np.concatenate(v) for k, v in feats.items()}
 
     def get(self, index: np.ndarray, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -359,13 +376,18 @@ def probe_values(student: nn.Module, inputs: list[torch.Tensor]) -> list[tuple[s
 
 
 def train(student: nn.Module, teacher: Any, data: TrainData, eval_data: TrainData | None, cfg: DistillConfig, *,
-          input_names: Sequence[str], logits_name: str | None = None, what: str = "student") -> TrainResult:
+          input_names: Sequence[str], logits_name: str | None = None, what: str = "student",
+          fixed_batch: int | None = None) -> TrainResult:
     """Train ``student`` in place (best weights kept when there is evaluation data) and say what happened.
 
     ``teacher`` is an :class:`~onnxopt.passes.distill.teacher.OrtTeacher`/``TorchTeacher`` (anything with
     ``run(inputs, features)`` and ``probe(inputs)``), or None for ``method="none"``. ``logits_name`` names the
-    student value holding the logits when it is not the first output (a model ending in Softmax).
+    student value holding the logits when it is not the first output (a model ending in Softmax). ``fixed_batch``:
+    the batch size the student or teacher fixes; every run of either then holds exactly that many samples (training
+    batches too: ``cfg.batch_size`` gives way).
     """
+    if fixed_batch is not None:
+        cfg = dataclasses.replace(cfg, batch_size=fixed_batch)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if cfg.threads:
@@ -386,8 +408,8 @@ def train(student: nn.Module, teacher: Any, data: TrainData, eval_data: TrainDat
                             "logit loss (kd, dkd, dist, ofa) trains the student's outputs")
 
     # ---- probe: output compatibility, label range, layer matching
-    probe_n = min(PROBE_SAMPLES, len(data))
-    probe_inputs = {k: v[:probe_n] for k, v in data.inputs.items()}
+    probe_n = fixed_batch or min(PROBE_SAMPLES, len(data))
+    probe_inputs = _take(data.inputs, np.arange(probe_n) % len(data))
     student.to(device)
     student.eval()
     try:
@@ -449,13 +471,14 @@ def train(student: nn.Module, teacher: Any, data: TrainData, eval_data: TrainDat
         per_sample = num_classes + sum(p.resolution[0] * p.resolution[1] * (p.teacher.last_channels + (
             p.teacher.first_channels if "fsp" in features else 0)) for p in pairs)
         est = len(data) * per_sample * 4
-        t_out = _TeacherOutputs(teacher, pairs, features, data, cached=cfg.augment is None and est < CACHE_LIMIT_BYTES)
+        t_out = _TeacherOutputs(teacher, pairs, features, data, cached=cfg.augment is None and est < CACHE_LIMIT_BYTES,
+                                fixed=fixed_batch)
 
     reference = None
     teacher_metric = None
     if eval_data is not None and teacher is not None:
-        ev_logits = np.concatenate([teacher.run({k: v[s:s + 256] for k, v in eval_data.inputs.items()}, [])[0]
-                                    .reshape(min(256, len(eval_data) - s), -1) for s in range(0, len(eval_data), 256)])
+        ev_logits = np.concatenate([teacher.run(_take(eval_data.inputs, index), [])[0].reshape(len(index), -1)[:new]
+                                    for index, new in chunks(len(eval_data), 256, fixed_batch)])
         reference = ev_logits.argmax(1)
         if eval_data.labels is not None:
             mask = eval_data.labels >= 0
@@ -478,7 +501,7 @@ def train(student: nn.Module, teacher: Any, data: TrainData, eval_data: TrainDat
         resumed_from = state["epoch"]
     initial_metric = None
     if eval_data is not None and start_epoch == 0:
-        initial_metric = _metric(module, eval_data, input_names, device, reference)
+        initial_metric = _metric(module, eval_data, input_names, device, reference, fixed=fixed_batch)
         best_metric, best_epoch, best_state = initial_metric, 0, copy.deepcopy(module.state_dict())
 
     rng = np.random.default_rng(cfg.seed + 7919 * start_epoch)
@@ -496,9 +519,9 @@ def train(student: nn.Module, teacher: Any, data: TrainData, eval_data: TrainDat
         order = order[rank::world][:per_rank] if world > 1 else order
         sums: dict[str, float] = {}
         steps = 0
-        for start in range(0, len(order), cfg.batch_size):
-            index = np.sort(order[start:start + cfg.batch_size])
-            inputs = {k: v[index] for k, v in data.inputs.items()}
+        for index, _new in chunks(len(order), cfg.batch_size, fixed_batch):
+            index = np.sort(order[index])
+            inputs = _take(data.inputs, index)
             if cfg.augment is not None:
                 inputs = cfg.augment(inputs, rng)
             labels = None if data.labels is None else torch.from_numpy(data.labels[index]).to(device)
@@ -526,7 +549,7 @@ def train(student: nn.Module, teacher: Any, data: TrainData, eval_data: TrainDat
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                   **{k: v / max(1, steps) for k, v in sums.items()}}
         if eval_data is not None:
-            metric = _metric(module, eval_data, input_names, device, reference)
+            metric = _metric(module, eval_data, input_names, device, reference, fixed=fixed_batch)
             record[metric_name or "metric"] = metric
             if best_metric is None or metric > best_metric:
                 best_metric, best_epoch, best_state = metric, epoch + 1, copy.deepcopy(module.state_dict())
@@ -556,7 +579,8 @@ def train(student: nn.Module, teacher: Any, data: TrainData, eval_data: TrainDat
         module.load_state_dict(best_state)
     module.eval()
     return TrainResult(cfg.method, history, best_epoch, best_metric, metric_name, initial_metric, teacher_metric,
-                       epoch + 1, stopped_early, [p.to_dict() for p in pairs], data.describe(), resumed_from)
+                       epoch + 1, stopped_early, [p.to_dict() for p in pairs], data.describe(), resumed_from,
+                       cfg.batch_size)
 
 
 def _average_buffers(module: nn.Module, world: int) -> None:
