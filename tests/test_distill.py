@@ -560,6 +560,18 @@ def test_fixed_batch_models_train_in_batches_of_their_size(fixed_pair, tmp_path,
     assert trained.graph.input[0].type.tensor_type.shape.dim[0].dim_value == (3 if student == "student" else 0)
 
 
+def test_a_dynamic_batch_written_as_minus_one_is_not_fixed(fixed_pair, tmp_path):
+    """Paddle writes a dynamic dim as -1: such a teacher takes any batch, and the configured size stands."""
+    from onnxopt.cli import main
+
+    teacher = save(conv_classifier(channels=16, seed=0, batch=-1), tmp_path / "paddle_style.onnx")
+    out = tmp_path / "out.onnx"
+    assert main(["distill", str(fixed_pair["dynamic_student"]), "--teacher", str(teacher), "-o", str(out),
+                 "--data", str(fixed_pair["data"]), "--epochs", "1", "--batch-size", "16", "--no-latency", "-q"]) == 0
+    step = __import__("json").loads(Path(f"{out}.report.json").read_text())["steps"][-1]
+    assert step["details"]["batch_size"] == 16 and not any("batches of" in n for n in step["notes"])
+
+
 def test_student_and_teacher_fixing_different_batches_are_refused(fixed_pair, tmp_path):
     from onnxopt.cli import main
 

@@ -37,7 +37,8 @@ def _fixed_batch(specs: list[InputSpec], teacher: onnx.ModelProto | None) -> int
         weights = {init.name for init in teacher.graph.initializer}
         leading = {value.type.tensor_type.shape.dim[0].dim_value if value.type.tensor_type.shape.dim else 0
                    for value in teacher.graph.input if value.name not in weights}
-        other = next(iter(leading)) if len(leading) == 1 and 0 not in leading else None
+        # 0: a named or unknown dim; Paddle writes -1 for a dynamic one
+        other = next(iter(leading)) if len(leading) == 1 and min(leading) > 0 else None
     if student is not None and other is not None and student != other:
         raise BadInputError(f"distill: the student fixes its batch size at {student} and the teacher at {other}; "
                             "both must run the same batches (export one with a dynamic batch dimension)")
