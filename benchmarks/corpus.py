@@ -525,10 +525,21 @@ def merge(paths: list[str]) -> dict[str, Any]:
     result["rows"] = sorted(rows.values(), key=lambda r: (labels.index(r["model"]) if r["model"] in labels else 1e9,
                                                           r["recipe"]))
     result["wall_s"] = max(p["wall_s"] for p in parts)
-    result["merged_wall_s"] = [p["wall_s"] for p in parts]
+    result["merged"] = [sweep for part in parts for sweep in _sweeps(part)]
+    result["merged_wall_s"] = [sweep["wall_s"] for sweep in result["merged"]]
     result["notes"] = sorted({n for p in parts for n in p["notes"] if not _covered(n, result["rows"])})
     result["cases"] = [c for c in max(parts, key=lambda p: len(p["cases"]))["cases"]]
     return result
+
+
+def _sweeps(part: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sweeps (command, wall time) a result came from: itself, or those it was merged from (an older merge kept
+    only their times, and the first one's command)."""
+    if part.get("merged"):
+        return list(part["merged"])
+    times = part.get("merged_wall_s") or [part["wall_s"]]
+    return [{"command": part.get("command") if index == 0 else None, "wall_s": wall} for index, wall in
+            enumerate(times)]
 
 
 #: (fragment of a "left out" note, fragment of the model labels it is about): a partial sweep that did not build a
@@ -554,6 +565,14 @@ def _fmt(value: Any, spec: str) -> str:
 _FIRST_COMMAND = "nice -n 5 python benchmarks/corpus.py --tf-python /work/venvs/tf/bin/python"
 
 
+def _merged_lines(result: dict[str, Any]) -> list[str]:
+    if not result.get("merged"):
+        return []
+    return ["", "Sweeps merged, in order (a later one's rows replace an earlier one's): " + "; ".join(
+        f"`{sweep['command']}` ({sweep['wall_s']:.0f} s)" if sweep.get("command")
+        else f"one of {sweep['wall_s']:.0f} s whose command was not recorded" for sweep in result["merged"]) + "."]
+
+
 def render(result: dict[str, Any]) -> str:
     rows = result["rows"]
     counts: dict[str, int] = {}
@@ -566,7 +585,8 @@ def render(result: dict[str, Any]) -> str:
         f"time limit {result['timeout_s']:.0f} s). Host: {info['cpu_model']}, {info['logical_cores']} logical cores; "
         f"onnxruntime {info['onnxruntime_version']}. Sweep wall time {result['wall_s']:.0f} s" + (
             f" (merged from sweeps of {', '.join(f'{w:.0f}' for w in result['merged_wall_s'])} s with `--merge`; "
-            "later sweeps replace the rows they re-ran)" if result.get("merged_wall_s") else "") + ".", "",
+            "later sweeps replace the rows they re-ran)" if result.get("merged_wall_s") else "") + ".",
+        *_merged_lines(result), "",
         "Each pass runs alone on the model as exported, with the parameters "
         f"`{json.dumps(result['pass_params'])}` and budgets `{json.dumps(result['pass_budgets'])}`; "
         "`optimize(default)` is the default recipe. Data: random normal inputs at the fixed shapes (the onnx test "
