@@ -288,12 +288,22 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+_TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                       "string_data")
+
+
 def serialized_size(model: ir.Model, serialized: bytes | None = None) -> int:
     """Size in bytes of the model as it would be written to disk (``serialized``: its :func:`serialized_in_memory`)."""
     if serialized is not None:
         return len(serialized)
     if tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
-        return tensor_bytes(model) + len(to_proto(model).SerializeToString())
+        # the weights' bytes, and the graph without them (tensors held in memory would otherwise count twice)
+        proto = to_proto(model)
+        for tensor in proto.graph.initializer:
+            if not onnx.external_data_helper.uses_external_data(tensor):
+                for field in _TENSOR_DATA_FIELDS:
+                    tensor.ClearField(field)
+        return tensor_bytes(model) + proto.ByteSize()
     proto = to_proto(model)
     onnx.external_data_helper.load_external_data_for_model(proto, str(_base_dir(model)))
     return proto.ByteSize()

@@ -254,6 +254,17 @@ def test_size_and_json(tmp_path):
     assert json.loads(json.dumps(stats.to_dict()))["macs"] == stats.macs
 
 
+def test_size_of_a_model_over_the_external_data_threshold_counts_each_weight_once(monkeypatch):
+    """Over the threshold the size is the weights' bytes plus the graph's; weights held in memory (onnxsim's output
+    on a 2.4 GB model) were counted a second time inside the graph."""
+    import onnxopt.modelio as modelio
+
+    model = ir.serde.deserialize_model(conv_model())
+    in_memory = serialized_size(model)
+    monkeypatch.setattr(modelio, "EXTERNAL_DATA_THRESHOLD", 1)
+    assert modelio.tensor_bytes(model) < serialized_size(model) <= in_memory
+
+
 def test_paddle_classifier_needs_its_input_shape(paddle_cls_path):
     stats = model_stats(str(paddle_cls_path))
     assert stats.params > 100_000  # weights in Constant nodes
