@@ -484,7 +484,7 @@ def test_models_above_2gb_skip_onnxsim(monkeypatch, torch_models):
 
     monkeypatch.setattr(module, "tensor_bytes", lambda model: 3 * 2**30)
     _, step = normalize(torch_models["resnet"])
-    assert "skipped onnxsim: the model's weights exceed protobuf's 2 GB limit" in step.notes
+    assert step.notes[0].startswith("skipped onnxsim: the model's weights exceed protobuf's 2 GB limit")
     assert step.details["folded_batchnorms"] == 9
 
 
@@ -540,6 +540,26 @@ def test_weights_lent_to_onnxsim_give_the_same_model():
     assert compare_models(source, lent, random_feeds(source)) <= TOLERANCE
     _, default = normalize(source)  # 256 KB of weights: far below the default threshold, nothing lent
     assert "onnxsim_lent_weights" not in default.details
+
+
+def test_weights_over_the_protobuf_limit_go_to_onnxsim_when_lending_brings_the_rest_under_it(monkeypatch):
+    """A model of 2 GB and more fits onnxsim's one protobuf message once its large weights are lent: with the limit
+    scaled down to 100 kB, the MLP's 267 kB of weights skip onnxsim as they are, and pass with W1 (256 kB) lent."""
+    import onnxopt.passes.normalize as module
+
+    monkeypatch.setattr(module, "PROTOBUF_LIMIT", 100_000)
+    source = _mlp_with_folds()
+    unlent, skipped = normalize(source, lend_weights=False)
+    assert "skipped onnxsim: the model's weights exceed protobuf's 2 GB limit" in skipped.notes
+    assert op_count(unlent, "Transpose") == 1
+    lent, step = normalize(source, lend_weights_from_mb=0)
+    assert step.details["simplified"] and step.details["onnxsim_lent_weights"] == 1
+    assert op_count(lent, "Transpose") == 0
+    assert compare_models(source, lent, random_feeds(source)) <= TOLERANCE
+    monkeypatch.setattr(module, "PROTOBUF_LIMIT", 5_000)  # W2 (10 kB) alone is over it: still skipped, and said so
+    _, over = normalize(source, lend_weights_from_mb=0)
+    assert ("skipped onnxsim: the model's weights exceed protobuf's 2 GB limit (0.0 GB of them even with 1 lent as "
+            "graph inputs)") in over.notes
 
 
 def test_lent_weights_come_back_when_onnxsim_fails(monkeypatch):

@@ -203,8 +203,14 @@ class NormalizePass(OnnxoptPass):
 
     def _simplify(self, model: ir.Model) -> bool:
         self.details["simplified"] = False
-        if tensor_bytes(model) >= PROTOBUF_LIMIT:
-            self.note("skipped onnxsim: the model's weights exceed protobuf's 2 GB limit")
+        bytes_before = tensor_bytes(model)
+        lend = self.lend_weights and bytes_before >= self.lend_weights_from_mb * 2**20
+        lent = lent_weights.lendable(model.graph) if lend else []
+        kept_bytes = bytes_before - sum(value.const_value.nbytes for value in lent)  # type: ignore[union-attr]
+        if kept_bytes >= PROTOBUF_LIMIT:
+            # onnxsim holds the model in one protobuf message; lent weights are not in it
+            self.note("skipped onnxsim: the model's weights exceed protobuf's 2 GB limit" + (
+                f" ({kept_bytes / 1e9:.1f} GB of them even with {len(lent)} lent as graph inputs)" if lent else ""))
             return False
         try:
             onnxsim = _import_onnxsim()
@@ -224,9 +230,6 @@ class NormalizePass(OnnxoptPass):
         accepted = inspect.signature(onnxsim.simplify).parameters
         kwargs = {key: value for key, value in kwargs.items() if key in accepted}
         before = _count_nodes(model)
-        bytes_before = tensor_bytes(model)
-        lend = self.lend_weights and bytes_before >= self.lend_weights_from_mb * 2**20
-        lent = lent_weights.lendable(model.graph) if lend else []
         order = list(model.graph.initializers)
         if lent and kwargs.get("check_n") and "input_data" in accepted and test_shapes:
             # onnxsim's check then needs every input's data: the lent weights' own, random data inputs
