@@ -32,13 +32,7 @@ _OBJECTS: dict[str, Any] = {}
 def _fixed_batch(specs: list[InputSpec], teacher: onnx.ModelProto | None) -> int | None:
     """The batch size the student or the teacher fixes (both run every batch), or None when both take any."""
     student = static_batch(specs)
-    other = None
-    if teacher is not None:
-        weights = {init.name for init in teacher.graph.initializer}
-        leading = {value.type.tensor_type.shape.dim[0].dim_value if value.type.tensor_type.shape.dim else 0
-                   for value in teacher.graph.input if value.name not in weights}
-        # 0: a named or unknown dim; Paddle writes -1 for a dynamic one
-        other = next(iter(leading)) if len(leading) == 1 and min(leading) > 0 else None
+    other = static_batch(input_specs(ir.serde.deserialize_model(teacher))) if teacher is not None else None
     if student is not None and other is not None and student != other:
         raise BadInputError(f"distill: the student fixes its batch size at {student} and the teacher at {other}; "
                             "both must run the same batches (export one with a dynamic batch dimension)")
