@@ -562,6 +562,29 @@ def test_weights_over_the_protobuf_limit_go_to_onnxsim_when_lending_brings_the_r
             "graph inputs)") in over.notes
 
 
+def test_a_long_vector_is_lent_with_a_symbolic_length():
+    """ONNX's data propagation through Gather expands a 1-D input of known length one dim per element (a 2 GiB weight
+    lent to onnxsim passed 16 GB): a lent vector longer than shapes.LONG_VECTOR_ELEMENTS has a symbolic length
+    while lent, and its own shape again afterwards."""
+    from onnxopt.passes import lent_weights, shapes
+
+    table = onnx.numpy_helper.from_array(np.arange(20_000, dtype=np.float32), "table")
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "idx"], ["y"], name="pick")], "g",
+                              [helper.make_tensor_value_info("idx", onnx.TensorProto.INT64, [4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], [table])
+    source = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = ir.serde.deserialize_model(source)
+    lent = lent_weights.lendable(model.graph)
+    assert [value.name for value in lent] == ["table"]
+    with lent_weights.lent_as_inputs(model.graph, lent):
+        assert [str(d) for d in model.graph.inputs[-1].shape] == [f"{shapes.LONG_VECTOR_PREFIX}table"]
+    assert list(model.graph.initializers["table"].shape) == [20_000]
+    result, step = normalize(source, lend_weights_from_mb=0)
+    assert step.details["onnxsim_lent_weights"] == 1 and step.details["simplified"]
+    assert list(result.graph.initializer[0].dims) == [20_000]
+    assert compare_models(source, result, {"idx": np.array([0, 5, 19_999, 7], np.int64)}) == 0.0
+
+
 def test_lent_weights_come_back_when_onnxsim_fails(monkeypatch):
     import onnxsim
 

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.passes import shapes
+
 #: Weights below this size stay initializers: small enough not to matter, and a fusion may need their values (a
 #: Conv bias folded by ``fuse_add_bias_into_conv`` has at most a few thousand channels, well under 64 KiB).
 MIN_LENT_BYTES = 64 * 1024
@@ -63,13 +65,16 @@ def lendable(graph: ir.Graph, min_bytes: int = MIN_LENT_BYTES) -> list[ir.Value]
 def lent_as_inputs(graph: ir.Graph, values: list[ir.Value]) -> Iterator[dict[str, ir.TensorProtocol]]:
     """Within the block, ``values`` are graph inputs of ``graph`` instead of initializers (serializing the model then
     writes none of their bytes); yields their tensors by name. They are initializers again afterwards, whatever
-    happened in the block."""
+    happened in the block. A long 1-D weight is an input of symbolic length, as :func:`shapes.long_vectors_hidden`
+    shows it to shape inference: ONNX's data propagation through Gather expands a 1-D input of known length into one
+    dim per element (onnxsim on a 2 GiB one passed 16 GB of memory)."""
     tensors: dict[str, ir.TensorProtocol] = {}
     for value in values:
         assert value.name is not None and value.const_value is not None
         tensors[value.name] = value.const_value
         graph.initializers.pop(value.name)
         value.const_value = None
+        value.shape = _input_shape(value.name, tensors[value.name])
         graph.inputs.append(value)
     try:
         yield tensors
@@ -79,7 +84,14 @@ def lent_as_inputs(graph: ir.Graph, values: list[ir.Value]) -> Iterator[dict[str
                 graph.inputs.remove(value)
             if value.name not in graph.initializers:
                 value.const_value = tensors[value.name]  # type: ignore[index]
+                value.shape = ir.Shape(tensors[value.name].shape)  # type: ignore[index]
                 graph.register_initializer(value)
+
+
+def _input_shape(name: str, tensor: ir.TensorProtocol) -> ir.Shape:
+    if len(tensor.shape) == 1 and tensor.size > shapes.LONG_VECTOR_ELEMENTS:
+        return ir.Shape([f"{shapes.LONG_VECTOR_PREFIX}{name}"])
+    return ir.Shape(tensor.shape)
 
 
 def take_back(graph: ir.Graph, tensors: dict[str, ir.TensorProtocol], order: list[str]) -> None:
@@ -97,6 +109,7 @@ def take_back(graph: ir.Graph, tensors: dict[str, ir.TensorProtocol], order: lis
         graph.inputs.remove(value)
         if value.uses() or value.is_graph_output():
             value.const_value = tensor
+            value.shape = ir.Shape(tensor.shape)
             graph.register_initializer(value)
     rank = {name: index for index, name in enumerate(order)}
     values = sorted(graph.initializers.values(), key=lambda v: rank.get(v.name or "", len(rank)))  # a stable sort
