@@ -65,16 +65,16 @@ def lendable(graph: ir.Graph, min_bytes: int = MIN_LENT_BYTES) -> list[ir.Value]
 def lent_as_inputs(graph: ir.Graph, values: list[ir.Value]) -> Iterator[dict[str, ir.TensorProtocol]]:
     """Within the block, ``values`` are graph inputs of ``graph`` instead of initializers (serializing the model then
     writes none of their bytes); yields their tensors by name. They are initializers again afterwards, whatever
-    happened in the block. A long 1-D weight is an input of symbolic length, as :func:`shapes.long_vectors_hidden`
-    shows it to shape inference: ONNX's data propagation through Gather expands a 1-D input of known length into one
-    dim per element (onnxsim on a 2 GiB one passed 16 GB of memory)."""
+    happened in the block. A long 1-D weight is an input of symbolic length (:func:`shapes.hidden_length`), as
+    :func:`shapes.long_vectors_hidden` shows it to shape inference: ONNX's data propagation through Gather expands a
+    1-D input of known length into one dim per element (onnxsim on a 2 GiB one passed 16 GB of memory)."""
     tensors: dict[str, ir.TensorProtocol] = {}
     for value in values:
         assert value.name is not None and value.const_value is not None
         tensors[value.name] = value.const_value
         graph.initializers.pop(value.name)
         value.const_value = None
-        value.shape = _input_shape(value.name, tensors[value.name])
+        value.shape = shapes.hidden_length(value.name, tensors[value.name]) or ir.Shape(tensors[value.name].shape)
         graph.inputs.append(value)
     try:
         yield tensors
@@ -86,12 +86,6 @@ def lent_as_inputs(graph: ir.Graph, values: list[ir.Value]) -> Iterator[dict[str
                 value.const_value = tensors[value.name]  # type: ignore[index]
                 value.shape = ir.Shape(tensors[value.name].shape)  # type: ignore[index]
                 graph.register_initializer(value)
-
-
-def _input_shape(name: str, tensor: ir.TensorProtocol) -> ir.Shape:
-    if len(tensor.shape) == 1 and tensor.size > shapes.LONG_VECTOR_ELEMENTS:
-        return ir.Shape([f"{shapes.LONG_VECTOR_PREFIX}{name}"])
-    return ir.Shape(tensor.shape)
 
 
 def take_back(graph: ir.Graph, tensors: dict[str, ir.TensorProtocol], order: list[str]) -> None:

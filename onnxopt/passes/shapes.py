@@ -29,15 +29,22 @@ def long_vectors_hidden(model: ir.Model) -> Iterator[None]:
     after (whatever inference wrote into them)."""
     saved: dict[ir.Value, ir.Shape | None] = {}
     for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is not None and len(tensor.shape) == 1 and tensor.size > LONG_VECTOR_ELEMENTS:
+        hidden = hidden_length(value.name or "", value.const_value)
+        if hidden is not None:
             saved[value] = value.shape
-            value.shape = ir.Shape([f"{LONG_VECTOR_PREFIX}{value.name}"])
+            value.shape = hidden
     try:
         yield
     finally:
         for value, shape in saved.items():
             value.shape = shape
+
+
+def hidden_length(name: str, tensor: ir.TensorProtocol | None) -> ir.Shape | None:
+    """The shape of symbolic length a long 1-D weight ``name`` is shown to shape inference with; None for others."""
+    if tensor is not None and len(tensor.shape) == 1 and tensor.size > LONG_VECTOR_ELEMENTS:
+        return ir.Shape([f"{LONG_VECTOR_PREFIX}{name}"])
+    return None
 
 
 def infer_shapes(model: ir.Model) -> None:
