@@ -8,9 +8,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnx import helper
 
@@ -70,6 +74,7 @@ def test_large_model_memory_savers_change_no_output(monkeypatch):
     reference = quantize("all")
     monkeypatch.setattr(pass_, "_REPACK_BYTES", 0)
     monkeypatch.setattr(pass_, "_ONE_SETTING_BYTES", 0)
+    monkeypatch.setattr(placement, "FILE_FROM_BYTES", 0)
     assert quantize("all") == reference
     searched = quantize("auto")  # the search, with one thread setting's sessions at a time, ends in a valid model
     onnx.checker.check_model(searched, full_check=True)
@@ -287,6 +292,37 @@ def test_pool_of_a_large_model_holds_one_thread_setting(prepared):
         placement._session(proto, None)
         placement._session(proto, 1)
         assert {key[1] for key in pool._sessions} == {None, 1}
+
+
+def test_pool_writes_a_large_model_once_for_all_its_sessions(prepared, monkeypatch):
+    """A model over FILE_FROM_BYTES (forced to 0 here) gets its sessions from one file (a 2.4 GB model was written
+    to disk for each thread setting); a released model's file and, after the block, every file are deleted."""
+    from onnxopt import modelio
+
+    proto, specs = prepared
+    written: list[Path] = []
+    real = modelio.proto_file
+
+    @contextlib.contextmanager
+    def spy(model):
+        with real(model) as path:
+            written.append(path)
+            yield path
+
+    monkeypatch.setattr(modelio, "proto_file", spy)
+    monkeypatch.setattr(placement, "FILE_FROM_BYTES", 0)
+    other = onnx.ModelProto()
+    other.CopyFrom(proto)
+    feed = next(iter(open_data(str(examples.default_calib_path())).iter_batches(specs, batch_size=2))).inputs
+    expected = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    with placement.sharing_sessions() as pool:
+        for threads in (None, 1):
+            np.testing.assert_array_equal(placement._session(proto, threads).run(None, feed)[0], expected[0])
+        assert len(written) == 1 and written[0].exists()
+        placement._session(other, None)
+        pool.release(proto)
+        assert len(written) == 2 and not written[0].exists() and written[1].exists()
+    assert not written[1].exists()
 
 
 def test_time_models_returns_a_median_and_fastest_run_per_model(prepared):

@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Op types of the "heavy" candidate: the ones int8 kernels speed up the most.
 HEAVY_OPS = ("Conv", "Gemm", "MatMul")
+#: A candidate with at least this many bytes of weights gets its sessions from a file written once (SessionPool).
+FILE_FROM_BYTES = 64 << 20
 #: The FP32 reference's label among the timed models.
 FP32 = "fp32"
 MIN_AGREEMENT = 0.98
@@ -138,6 +140,8 @@ class SessionPool:
         #: FP32 one at two settings was 5 GB of the 12 GB the search took on a 2.4 GB MLP); the other setting's are
         #: created again if it is timed again (only after a rejection).
         self.one_setting = one_setting
+        #: A large model's file (``modelio.proto_file``), written once for all its sessions, by model id.
+        self._files: dict[int, tuple[onnx.ModelProto, str, contextlib.ExitStack]] = {}
 
     def get(self, model: onnx.ModelProto, threads: int | None, provider: str = "cpu") -> ort.InferenceSession:
         key = (id(model), threads, provider)
@@ -148,15 +152,38 @@ class SessionPool:
                 for other in [k for k in self._sessions if k[1:] != key[1:]]:
                     del self._sessions[other]
 
-            self._sessions[key] = (model, make_session(model, threads=threads, provider=provider,
+            self._sessions[key] = (model, make_session(self._source(model), threads=threads, provider=provider,
                                                        what="a placement candidate"))
         return self._sessions[key][1]
 
+    def _source(self, model: onnx.ModelProto) -> onnx.ModelProto | str:
+        """What a session of ``model`` is made from: the proto itself (serialized for each session: cheap), or above
+        ``FILE_FROM_BYTES`` of weights a file written once (a 269 MB model was serialized for every thread setting,
+        a 2.4 GB one written to disk for each)."""
+        from onnxopt.modelio import proto_file, proto_tensor_bytes
+
+        if id(model) in self._files:
+            return self._files[id(model)][1]
+        if proto_tensor_bytes(model) < FILE_FROM_BYTES:
+            return model
+        stack = contextlib.ExitStack()
+        self._files[id(model)] = (model, str(stack.enter_context(proto_file(model))), stack)
+        return self._files[id(model)][1]
+
     def release(self, model: onnx.ModelProto) -> None:
-        """Drop ``model``'s sessions: a rejected candidate never runs again, and each session holds a copy of its
-        weights, so a search that rejects its candidates one by one would otherwise hold them all to the end."""
+        """Drop ``model``'s sessions (and file): a rejected candidate never runs again, and each session holds a copy
+        of its weights, so a search that rejects its candidates one by one would otherwise hold them all to the end."""
         for key in [key for key in self._sessions if key[0] == id(model)]:
             del self._sessions[key]
+        if id(model) in self._files:
+            self._files.pop(id(model))[2].close()
+
+    def close(self) -> None:
+        """Drop every session and delete the files."""
+        self._sessions.clear()
+        for _, _, stack in self._files.values():
+            stack.close()
+        self._files.clear()
 
 
 _pool: SessionPool | None = None
@@ -174,6 +201,7 @@ def sharing_sessions(one_setting: bool = False) -> Iterator[SessionPool]:
     try:
         yield _pool
     finally:
+        _pool.close()
         _pool = previous
 
 
@@ -181,7 +209,11 @@ def _session(model: onnx.ModelProto, threads: int | None, provider: str = "cpu")
     """The pooled session inside :func:`sharing_sessions`, else a fresh one."""
     if _pool is not None:
         return _pool.get(model, threads, provider)
-    return SessionPool().get(model, threads, provider)
+    pool = SessionPool()
+    try:
+        return pool.get(model, threads, provider)
+    finally:
+        pool.close()
 
 
 def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
