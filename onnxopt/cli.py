@@ -330,7 +330,8 @@ def quantize(model: str, output: str, calib: str, eval_: str | None, method: str
               help="kd, dkd, dist, ofa, fitnet, fsp, at, a combination such as kd+at, or none (no teacher).")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--lr", type=float, default=0.01, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True,
+              help="Samples per step; a student or teacher that fixes its batch size trains in batches of that size.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd", show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True)
 @click.option("--temperature", type=float, default=4.0, show_default=True)

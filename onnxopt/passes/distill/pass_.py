@@ -55,7 +55,8 @@ class DistillPass(OnnxoptPass):
         unlabelled: extra training data without labels (anything --calib accepts), learnt from the teacher only.
         method: kd (default), dkd, dist, ofa, fitnet, fsp, at, a combination such as kd+at, or none (no teacher:
             cross-entropy on the labels only, the baseline).
-        epochs, lr, batch_size, optimizer (sgd/adam/adamw), schedule (cosine/step/constant), weight_decay.
+        epochs, lr, batch_size, optimizer (sgd/adam/adamw), schedule (cosine/step/constant), weight_decay. A student
+            or teacher that fixes its batch size trains in batches of that size, whatever ``batch_size`` says.
         temperature: softmax temperature of the logit losses. alpha: (1 - alpha) CE + alpha distillation.
         feature_weight: weight of the feature loss (default per method).
         patience: stop after this many epochs without improvement on the selection data (0 = run every epoch).
