@@ -186,10 +186,12 @@ def tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_model(model: ir.Model, path: str | os.PathLike[str]) -> Path:
+def save_model(model: ir.Model, path: str | os.PathLike[str], *, serialized: bytes | None = None) -> Path:
     """Write ``model`` atomically: nothing appears at ``path`` unless the whole write succeeds.
 
     Large models get their tensors in ``<name>.data`` beside the model, moved into place before the model file.
+    ``serialized``: the model's :func:`serialized_in_memory`, when the caller has it (written as it is: ONNX's
+    messages have no maps, so it is the deterministic serialization too).
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -203,6 +205,8 @@ def save_model(model: ir.Model, path: str | os.PathLike[str]) -> Path:
         data_name = f"{path.name}.data"
         if external:
             ir.save(model, tmp_model, external_data=data_name)
+        elif serialized is not None:
+            tmp_model.write_bytes(serialized)
         else:
             _save_in_memory(model, tmp_model)
         if external:

@@ -234,3 +234,21 @@ def test_same_seed_gives_byte_identical_output(model_path: Path, data_path: Path
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert first.report.to_dict()["steps"][1]["fidelity_vs_original"] == \
         second.report.to_dict()["steps"][1]["fidelity_vs_original"]
+
+
+def test_output_is_written_from_the_validation_serialization_byte_for_byte(tmp_path, monkeypatch):
+    """optimize writes the bytes its validation of the last pass serialized (no second serialization of the model):
+    the same file as a fresh deterministic serialization, and ``result.model`` is that model as a proto."""
+    from onnxopt import modelio
+    from onnxopt.modelio import _save_in_memory, serialized_in_memory
+
+    source = tmp_path / "in.onnx"
+    onnx.save(conv_classifier(channels=8, seed=3), str(source))
+    serializations: list[Path] = []
+    monkeypatch.setattr(modelio, "_save_in_memory", lambda model, target: serializations.append(target))
+    result = onnxopt.optimize(str(source), ["normalize"], output=tmp_path / "out.onnx", measure_latency=False)
+    assert serializations == []
+    _save_in_memory(result.ir_model, tmp_path / "fresh.onnx")
+    assert (tmp_path / "out.onnx").read_bytes() == (tmp_path / "fresh.onnx").read_bytes()
+    assert result.model.SerializeToString() == serialized_in_memory(result.ir_model)
+    assert result.model is result.model  # made once

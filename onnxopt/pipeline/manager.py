@@ -52,6 +52,9 @@ class PipelineResult:
     report: RunReport
     #: The model after each pass, in order, when ``ManagerOptions.keep_stage_models`` is set.
     stage_models: list[ir.Model] = field(default_factory=list)
+    #: ``model`` serialized (``modelio.serialized_in_memory``) by its validation, for ``save_model``; None when it
+    #: was not serialized in one piece.
+    serialized: bytes | None = None
 
 
 @dataclass
@@ -182,7 +185,7 @@ class PipelineManager(ir.passes.PassBase):
             "summary": ("all budgets met" if verdicts else "no budgets given") if not missed
             else "missed: " + "; ".join(v.describe() for v in missed),
         }
-        return PipelineResult(model, report, stage_models)
+        return PipelineResult(model, report, stage_models, serialized if self.passes else None)
 
     # ------------------------------------------------------------------------------------------------------------
     def _cache(self) -> Any:
