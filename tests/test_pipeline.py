@@ -110,6 +110,20 @@ def test_plot_without_latency_shows_size_against_accuracy(model_path: Path, data
     assert (tmp_path / "out.onnx.report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_plot_leaves_pyplot_alone(model_path: Path, tmp_path: Path):
+    """The plot is drawn on a bare matplotlib Figure: the API never imports pyplot nor switches its backend (which
+    closes a notebook user's open figures)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, onnxopt; onnxopt.optimize(sys.argv[1], ['normalize'], output=sys.argv[2], "
+            "measure_latency=False); print('matplotlib.pyplot' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(model_path), str(tmp_path / "out.onnx")],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
+    assert (tmp_path / "out.onnx.report.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_python_list_recipe_and_in_memory_models(data_path: Path):
     proto = conv_classifier()
     copy = onnx.ModelProto()

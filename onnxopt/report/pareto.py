@@ -69,16 +69,15 @@ def render_pareto_markdown(summary: dict[str, Any], plot_name: str | None = None
 
 
 def render_pareto_plot(summary: dict[str, Any]) -> bytes:
-    """Two panels: latency vs quality and size vs quality; front points joined, the kept one circled."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    """Two panels: latency vs quality and size vs quality; front points joined, the kept one circled (on a bare
+    Figure, like ``writers.render_plot``: pyplot stays untouched)."""
+    from matplotlib.figure import Figure
 
     points = summary["points"]
     labelled = any(p.get("accuracy") is not None for p in points)
     fronts = summary.get("pareto", {})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig = Figure(figsize=(10, 4), dpi=100)
+    axes = fig.subplots(1, 2)
     for ax, (cost, xlabel, scale) in zip(axes, (("latency", "ORT latency, median ms (batch 1)", 1.0),
                                                 ("size", "file size, KB", 1e-3))):
         key = "latency_ms" if cost == "latency" else "size_bytes"
@@ -111,7 +110,6 @@ def render_pareto_plot(summary: dict[str, Any]) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(fig)
     return buffer.getvalue()
 
 

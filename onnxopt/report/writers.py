@@ -109,16 +109,17 @@ def render_markdown(report: RunReport, plot_name: str | None = None) -> str:
 def render_plot(report: RunReport) -> bytes:
     """Latency against accuracy (or top-1 agreement with the input when there are no labels), one point per step;
     model size on the x axis instead when latency was not measured (``--no-latency``), so the plot still shows
-    what each pass traded."""
-    import matplotlib
+    what each pass traded.
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    A bare :class:`matplotlib.figure.Figure` renders through Agg without pyplot: no pyplot import (0.3 s of a short
+    command's time) and no backend switched under a user who has pyplot open."""
+    from matplotlib.figure import Figure
 
     data = report.to_dict()
     points, xlabel = trajectory_points(data)
     has_labels = any((s.get("metrics") or {}).get("accuracy") is not None for s in data["steps"])
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
     if points:
         xs, ys = [p[1] for p in points], [p[2] for p in points]
         ax.plot(xs, ys, "-o", color="tab:blue")
@@ -133,7 +134,6 @@ def render_plot(report: RunReport) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(fig)
     return buffer.getvalue()
 
 
