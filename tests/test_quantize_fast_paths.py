@@ -325,6 +325,24 @@ def test_pool_writes_a_large_model_once_for_all_its_sessions(prepared, monkeypat
     assert not written[1].exists()
 
 
+def test_pool_falls_back_to_memory_when_the_temporary_folder_is_full(prepared, monkeypatch):
+    import errno
+
+    from onnxopt import modelio
+
+    @contextlib.contextmanager
+    def full(model):
+        raise OSError(errno.ENOSPC, "No space left on device")
+        yield  # pragma: no cover
+
+    proto, _ = prepared
+    monkeypatch.setattr(modelio, "proto_file", full)
+    monkeypatch.setattr(placement, "FILE_FROM_BYTES", 0)
+    with placement.sharing_sessions() as pool:
+        assert placement._session(proto, None).get_outputs()
+        assert pool._files == {}
+
+
 def test_time_models_returns_a_median_and_fastest_run_per_model(prepared):
     """The real timing path runs (no assertion on the figures: the machine is shared)."""
     proto, _ = prepared

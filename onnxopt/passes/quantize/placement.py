@@ -167,8 +167,13 @@ class SessionPool:
         if proto_tensor_bytes(model) < FILE_FROM_BYTES:
             return model
         stack = contextlib.ExitStack()
-        self._files[id(model)] = (model, str(stack.enter_context(proto_file(model))), stack)
-        return self._files[id(model)][1]
+        try:
+            path = str(stack.enter_context(proto_file(model)))
+        except OSError:  # no room in the temporary folder: make_session's own way (from memory below 1.8 GB)
+            stack.close()
+            return model
+        self._files[id(model)] = (model, path, stack)
+        return path
 
     def release(self, model: onnx.ModelProto) -> None:
         """Drop ``model``'s sessions (and file): a rejected candidate never runs again, and each session holds a copy
