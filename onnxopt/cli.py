@@ -337,6 +337,8 @@ def quantize(model: str, output: str, calib: str, eval_: str | None, method: str
 @click.option("--temperature", type=float, default=4.0, show_default=True)
 @click.option("--alpha", type=float, default=0.9, show_default=True, help="(1-alpha) CE + alpha distillation.")
 @click.option("--patience", type=int, default=0, show_default=True, help="Early stopping patience (0 = off).")
+@click.option("--clip-grad-norm", type=float, default=0.0, show_default=True,
+              help="Rescale gradients to this global L2 norm at most before each step (0 = off).")
 @click.option("--select-on", type=click.Choice(["eval", "holdout", "last"]), default="eval", show_default=True,
               help="What picks the kept epoch: --eval data, a held-out slice of --data (keeps --eval unseen), "
                    "or the last epoch.")
@@ -354,7 +356,8 @@ def quantize(model: str, output: str, calib: str, eval_: str | None, method: str
 @_run_options
 def distill(student: str, teacher: str, output: str, data: str, eval_: str | None, unlabelled: str | None,
             method: str, epochs: int, lr: float, batch_size: int, optimizer: str, schedule: str, temperature: float,
-            alpha: float, patience: int, select_on: str, holdout_fraction: float, augment: str, device: str,
+            alpha: float, patience: int, clip_grad_norm: float, select_on: str, holdout_fraction: float, augment: str,
+            device: str,
             teacher_runtime: str, max_samples: int | None,
             checkpoint_dir: str | None, resume: bool, qat: str, stochastic_rounding: bool, preprocess: str | None,
             input_shapes: tuple[str, ...], budgets: tuple[str, ...], report: str | None, seed: int | None,
@@ -368,7 +371,8 @@ def distill(student: str, teacher: str, output: str, data: str, eval_: str | Non
             preprocess=preprocess, threads=threads, input_shapes=parse_input_shapes(input_shapes),
             measure_latency=not no_latency, quiet=quiet, unlabelled=unlabelled, method=method, epochs=epochs, lr=lr,
             batch_size=batch_size, optimizer=optimizer, schedule=schedule, temperature=temperature, alpha=alpha,
-            patience=patience, select_on=select_on, holdout_fraction=holdout_fraction, augment=augment,
+            patience=patience, clip_grad_norm=clip_grad_norm, select_on=select_on,
+            holdout_fraction=holdout_fraction, augment=augment,
             device=device, teacher_runtime=teacher_runtime, max_samples=max_samples,
             checkpoint_dir=checkpoint_dir, resume=resume, qat=qat, stochastic_rounding=stochastic_rounding)
     except ValueError as exc:

@@ -235,6 +235,26 @@ def test_nan_loss_stops_and_keeps_best_checkpoint(pair, tmp_path):
     assert info.value.exit_code == 2
 
 
+def test_clip_grad_norm_bounds_each_step(pair):
+    """Plain SGD (no momentum, decay or schedule) at lr 1 moves the weights by lr x the gradient's norm: clipped to
+    1e-3, one epoch of 3 steps moves them by at most 3e-3 in L2; unclipped, by far more."""
+    import torch
+
+    def moved(clip: float) -> float:
+        student = _module(pair["student"])
+        before = torch.cat([p.detach().flatten().clone() for p in student.parameters() if p.requires_grad])
+        cfg = DistillConfig(method="none", epochs=1, lr=1.0, momentum=0.0, weight_decay=0.0, schedule="constant",
+                            batch_size=32, seed=0, clip_grad_norm=clip)
+        train(student, None, _arrays(pair["data"]), None, cfg, input_names=["input"])
+        after = torch.cat([p.detach().flatten() for p in student.parameters() if p.requires_grad])
+        return float((after - before).norm())
+
+    assert moved(1e-3) <= 3e-3 * (1 + 1e-4)
+    assert moved(0.0) > 0.1
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        DistillConfig(clip_grad_norm=-1.0)
+
+
 def test_augmentation_hooks():
     x = np.arange(2 * 1 * 4 * 4, dtype=np.float32).reshape(2, 1, 4, 4)
     rng = np.random.default_rng(0)
@@ -549,10 +569,10 @@ def test_fixed_batch_models_train_in_batches_of_their_size(fixed_pair, tmp_path,
     out = tmp_path / "out.onnx"
     assert main(["distill", str(fixed_pair[student]), "--teacher", str(fixed_pair["teacher"]), "-o", str(out),
                  "--data", str(fixed_pair["data"]), "--eval", str(fixed_pair["eval"]), "--epochs", "4", "--lr",
-                 "0.05", "--batch-size", "16", "--no-latency", "-q"]) == 0
+                 "0.05", "--batch-size", "16", "--clip-grad-norm", "50", "--no-latency", "-q"]) == 0
     report = __import__("json").loads(Path(f"{out}.report.json").read_text())
     step = report["steps"][-1]
-    assert step["details"]["batch_size"] == 3
+    assert step["details"]["batch_size"] == 3 and step["params"]["clip_grad_norm"] == 50.0
     which = "student" if student == "student" else "teacher"
     assert any(f"trained in batches of 3, not batch_size=16: the {which} fixes" in n for n in step["notes"])
     assert step["details"]["best_metric"] > step["details"]["initial_metric"]  # it learned from the teacher

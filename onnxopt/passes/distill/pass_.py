@@ -66,6 +66,8 @@ class DistillPass(OnnxoptPass):
             estimate) or ``last`` (the final epoch, no selection).
         min_steps: train more epochs when needed so that at least this many optimizer steps run (recovery after
             pruning on a few hundred calibration samples needs it; the end-to-end recipe sets 300).
+        clip_grad_norm: before each step, rescale the gradients to this global L2 norm at most (0 = off); for a net
+            that diverges at a useful lr (a deep net without BatchNorm at batch 1).
         augment: shift[:PIXELS], flip[:P], shift+flip or none; a callable from Python.
         device: cpu or cuda. teacher_runtime: ort (default) or torch (the bridge; e.g. on the GPU).
         seed: None = the run's seed. max_samples: training samples used at most.
@@ -94,6 +96,7 @@ class DistillPass(OnnxoptPass):
     select_on: Literal["eval", "holdout", "last"] = "eval"
     holdout_fraction: float = 0.1
     min_steps: int = 0
+    clip_grad_norm: float = 0.0
     augment: Any = None
     device: str = "cpu"
     teacher_runtime: Literal["ort", "torch"] = "ort"
@@ -142,6 +145,7 @@ class DistillPass(OnnxoptPass):
             method=self.method, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, optimizer=self.optimizer,
             schedule=self.schedule, weight_decay=self.weight_decay, temperature=self.temperature, alpha=self.alpha,
             feature_weight=self.feature_weight, patience=self.patience, min_steps=self.min_steps,
+            clip_grad_norm=self.clip_grad_norm,
             checkpoint_dir=self.checkpoint_dir,
             resume=self.resume, seed=self.seed if self.seed is not None else seed, device=self.device,
             threads=self.torch_threads, quiet=self.context.quiet if hasattr(self, "context") else True,

@@ -70,6 +70,9 @@ class DistillConfig:
     #: Raise the epoch count until at least this many optimizer steps run: recovery after pruning needs a few hundred
     #: steps, which a small calibration set gives only over many epochs (0 = train exactly ``epochs``).
     min_steps: int = 0
+    #: Rescale the gradients so that their global L2 norm is at most this before each step (0 = never): a deep net
+    #: without BatchNorm at batch 1 can diverge in a few steps (Caffe2's VGG-19 at lr 0.01, reports/corpus.md).
+    clip_grad_norm: float = 0.0
     checkpoint_dir: str | None = None
     resume: bool = False
     seed: int = 0
@@ -90,6 +93,8 @@ class DistillConfig:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not self.clip_grad_norm >= 0:
+            raise ValueError(f"clip_grad_norm must be >= 0 (0 = off), got {self.clip_grad_norm}")
 
 
 def parse_method(method: str) -> tuple[str | None, list[str]]:
@@ -459,7 +464,8 @@ def train(student: nn.Module, teacher: Any, data: TrainData, eval_data: TrainDat
     if world > 1:
         train_module = nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    optimizer = _optimizer([p for p in module.parameters() if p.requires_grad], cfg)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = _optimizer(trainable, cfg)
     per_rank = len(data) // world
     steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
     if cfg.min_steps > cfg.epochs * steps_per_epoch:
@@ -539,6 +545,8 @@ def train(student: nn.Module, teacher: Any, data: TrainData, eval_data: TrainDat
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.clip_grad_norm:
+                nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm)
             optimizer.step()
             scheduler.step()
             steps += 1
@@ -613,4 +621,4 @@ def _diverged(module: _TrainModule, best_state: dict[str, Any] | None, best_metr
         else:
             where = f"; best weights so far (epoch {best_epoch}) restored"
     raise TrainingDivergedError("distill", f"the loss of {what} became NaN/Inf at epoch {epoch + 1}, step {step + 1} "
-                                f"(try a lower lr){where}")
+                                f"(try a lower lr, or clip_grad_norm){where}")
