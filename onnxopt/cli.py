@@ -357,8 +357,7 @@ def quantize(model: str, output: str, calib: str, eval_: str | None, method: str
 def distill(student: str, teacher: str, output: str, data: str, eval_: str | None, unlabelled: str | None,
             method: str, epochs: int, lr: float, batch_size: int, optimizer: str, schedule: str, temperature: float,
             alpha: float, patience: int, clip_grad_norm: float, select_on: str, holdout_fraction: float, augment: str,
-            device: str,
-            teacher_runtime: str, max_samples: int | None,
+            device: str, teacher_runtime: str, max_samples: int | None,
             checkpoint_dir: str | None, resume: bool, qat: str, stochastic_rounding: bool, preprocess: str | None,
             input_shapes: tuple[str, ...], budgets: tuple[str, ...], report: str | None, seed: int | None,
             threads: int | None, no_latency: bool, quiet: bool) -> None:
