@@ -111,8 +111,8 @@ def render_plot(report: RunReport) -> bytes:
     model size on the x axis instead when latency was not measured (``--no-latency``), so the plot still shows
     what each pass traded.
 
-    A bare :class:`matplotlib.figure.Figure` renders through Agg without pyplot: no pyplot import (0.3 s of a short
-    command's time) and no backend switched under a user who has pyplot open."""
+    A bare :class:`matplotlib.figure.Figure` renders through Agg without pyplot: no backend is switched under a user
+    who has pyplot open (a switch closes their figures)."""
     from matplotlib.figure import Figure
 
     data = report.to_dict()
