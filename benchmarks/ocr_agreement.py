@@ -18,8 +18,13 @@ Data: text lines rendered by ``onnxopt.datasets.textlines`` (Debian's DejaVu fon
 recognizer inputs: each line resized to height 48, right-padded to width 320, scaled to [-1, 1] (RapidOCR's). The
 models come from the ``rapidocr-onnxruntime`` wheel. Calibration and evaluation use different images.
 
-The int8 forms are onnxopt's ``normalize`` + ``quantize`` with ``placement=all`` in three settings; the last rows
-are the default pass (the placement search) and the decision it takes.
+The int8 forms are onnxopt's ``normalize`` + ``quantize`` with ``placement=all`` in three settings, and ONNX
+Runtime's ``quantize_static`` with its defaults on the model as shipped (the peer); the last rows are the default pass
+(the placement search) and the decision it takes, with and without its mixed-precision fallback
+(``mixed_fallback``: when every int8 candidate faster than FP32 fails its check, the fewest most sensitive layers
+are kept FP32 that let one pass). Speed: every form and the normalized FP32 model timed round-robin in one run
+(``onnxopt.bench``, batch 1, ORT's default threads, random inputs), FP32 median / form median (and the same ratio
+of fastest runs).
 
 Usage: nice -n 5 python benchmarks/ocr_agreement.py [--calib 32] [--eval 32] [--out reports/ocr_agreement.md]
 """
@@ -135,6 +140,45 @@ def quantize(name: str, params: dict[str, Any], calib: Path, budgets: list[str] 
     return result.model, info
 
 
+ORT_PEER = "ORT quantize_static defaults (QDQ, per-tensor MinMax, model as shipped)"
+
+
+def ort_quantize(name: str, calib: np.ndarray, out: Path) -> tuple[Any, dict]:
+    """The peer: ONNX Runtime's ``quantize_static`` with its defaults, one calibration input per read."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter({"x": calib[i:i + 1]} for i in range(len(calib)))
+
+        def get_next(self):  # noqa: ANN202 - ORT's interface
+            return next(self.items, None)
+
+    started = time.perf_counter()
+    quantize_static(str(model_path(name)), str(out), Reader())
+    return onnx.load(str(out)), {"seconds": round(time.perf_counter() - started, 1), "chosen": None,
+                                 "verdict": None, "measure": None}
+
+
+def speeds(name: str, models: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """FP32 (normalized) and every int8 form of ``models`` timed round-robin in one run: label -> (median-based,
+    fastest-run-based) speed-up over FP32."""
+    import onnxopt
+    from onnxopt.bench import BenchConfig, benchmark
+
+    fp32 = onnxopt.optimize(str(model_path(name)), ["normalize"], input_shapes={"x": list(MODELS[name][1])},
+                            measure_latency=False).model
+    labels = ["FP32", *models]
+    config = BenchConfig(batch_sizes=(1,), threads=(None,), warmup=5, repeats=30,
+                         input_shapes={"x": MODELS[name][1]})
+    report = benchmark([fp32, *models.values()], config, labels=labels)
+    by_label = {r.label: r for r in report.results}
+    base = by_label["FP32"]
+    return {label: (base.median_ms / r.median_ms, base.min_ms / r.min_ms)
+            for label, r in by_label.items() if label != "FP32"}
+
+
 def measure(calib_n: int, eval_n: int, workdir: Path) -> dict:
     calib, evaluation = render_inputs(calib_n, seed=11), render_inputs(eval_n, seed=12)
     rows = []
@@ -144,14 +188,26 @@ def measure(calib_n: int, eval_n: int, workdir: Path) -> dict:
         x = evaluation[name]
         reference = run(str(model_path(name)), x)
         runs = [(label, params, None) for label, params in VARIANTS.items()]
+        runs.append((ORT_PEER, None, None))
         runs.append(("default pass (placement search)", {}, None))
+        runs.append(("default pass, mixed_fallback=false (the search before the fallback)", {"mixed_fallback": False},
+                     None))
         if name == "det":
             runs.append(("default pass, --budget min_sqnr_db=12", {}, ["min_sqnr_db=12"]))
+        models: dict[str, Any] = {}
         for label, params, budgets in runs:
-            model, info = quantize(name, params, calib_file, budgets)
+            if params is None:
+                model, info = ort_quantize(name, calib[name], workdir / f"{name}_ort.onnx")
+            else:
+                model, info = quantize(name, params, calib_file, budgets)
             row = {"model": name, "variant": label, **info, **measures(name, reference, run(model, x))}
+            models[label] = model
             rows.append(row)
             print(f"  {name}: {label}: {row}", file=sys.stderr, flush=True)
+        measured = speeds(name, models)
+        for row in rows:
+            if row["model"] == name:
+                row["speedup"], row["best_run_speedup"] = measured[row["variant"]]
     return {"calib": calib_n, "eval": eval_n, "rows": rows}
 
 
@@ -168,24 +224,27 @@ def render(payload: dict) -> str:
         f"the recognizer, SQNR for the detector, whose bar is {placement.MIN_SQNR_DB:g} dB unless the run has a "
         f"min_sqnr_db budget; {placement.MIN_AGREEMENT:.0%} per position, and >= {placement.SQNR_FLOOR_DB:g} dB "
         "for every candidate); and what the OCR pipeline does with the output: the detector's text pixels "
-        f"(probability > {DB_THRESHOLD}, DB post-processing), the recognizer's greedy CTC strings.", "",
+        f"(probability > {DB_THRESHOLD}, DB post-processing), the recognizer's greedy CTC strings; speed = the "
+        "normalized FP32 model's latency / the form's, batch 1, ORT's default threads, every form of a model timed "
+        "round-robin in one run (median-based, and in brackets the ratio of fastest runs); quantization time = "
+        "wall time of the quantizer (onnxopt: normalize + quantize through `onnxopt.optimize`, its validation "
+        "included; imports excluded).", "",
     ]
     for name, title in (("det", "Detector (probability map [N, 1, 320, 320])"),
                         ("rec", "Recognizer (class scores [N, 40, 6625])")):
         rows = [r for r in payload["rows"] if r["model"] == name]
         lines += [f"## {title}", ""]
-        if name == "det":
-            lines += ["| int8 form | SQNR dB | whole-output top-1 | text pixels alike | text-pixel IoU | "
-                      "placement decision |", "|---|---|---|---|---|---|"]
-        else:
-            lines += ["| int8 form | SQNR dB | whole-output top-1 | top-1 per position | same CTC string | "
-                      "placement decision |", "|---|---|---|---|---|---|"]
+        ocr_columns = ("text pixels alike | text-pixel IoU" if name == "det"
+                       else "top-1 per position | same CTC string")
+        lines += [f"| int8 form | SQNR dB | whole-output top-1 | {ocr_columns} | speed vs FP32 | quantization time | "
+                  "placement decision |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             decision = r["verdict"] or "-"
             ocr = (f"{r['text_pixels_alike']:.4f} | {r['text_pixel_iou']:.3f}" if name == "det"
                    else f"{r['top1_per_position']:.3f} | {r['same_string']:.0%}")
-            lines.append(f"| {r['variant']} | {r['sqnr_db']:.1f} | {r['top1_whole_output']:.2f} | {ocr} | "
-                         f"{decision[:260]} |")
+            speed = f"{r['speedup']:.2f}x ({r['best_run_speedup']:.2f}x)" if "speedup" in r else "-"
+            lines.append(f"| {r['variant']} | {r['sqnr_db']:.1f} | {r['top1_whole_output']:.2f} | {ocr} | {speed} | "
+                         f"{r['seconds']:.1f} s | {decision[:300]} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -85,6 +85,10 @@ class QuantizePass(OnnxoptPass):
             mixed-precision setting that the recipe search can sweep).
         eval_samples: samples used by sensitivity and the budget checks.
         max_candidates: int8 models timed by placement=auto at most.
+        mixed_fallback: placement=auto's last resort, when every int8 candidate faster than FP32 fails its checks
+            (agreement, SQNR, accuracy budget): keep the fewest most sensitive Conv/Gemm/MatMul layers FP32 (ranked
+            by simulated per-layer sensitivity, bisected on real int8 models, at most half of them) that let a
+            Conv/Gemm/MatMul-only candidate pass, and time that one against FP32 like the others.
         derive_candidates: build a model that keeps some nodes FP32 (placement regions, the budget search's
             steps) from the QDQ model ORT's quantizer built for fewer FP32 nodes, by putting those nodes' float
             weights and activations back (same outputs as ORT's own rewrite, in milliseconds instead of a run of
@@ -126,6 +130,7 @@ class QuantizePass(OnnxoptPass):
     max_candidates: int = 10
     normalize_first: bool = True
     derive_candidates: bool = True
+    mixed_fallback: bool = True
     compact: bool = True
     half_constants: bool = True
 
@@ -518,6 +523,17 @@ class QuantizePass(OnnxoptPass):
             add_regions()
             fp32_ms = trial.time(candidates)  # every candidate timed again, together: one round-robin run decides
             chosen = trial.pick(candidates, fp32_ms)
+        fallback: dict[str, Any] | None = None
+        if chosen is None and self.mixed_fallback and heavy and fp32_ms and any(
+                c.rejected and c.sqnr_db is not None for c in candidates):  # faster ones, dropped by their checks
+            base = "conv_gemm_matmul" if set(heavy) != set(op_types) else "all"
+            found, fallback = self._mixed_fallback(proto, ranges, reduce_range, heavy, exclude, trial, base)
+            if found is not None:
+                candidates.append(found)
+                partial.add(found.label)
+                settings[found.label] = (self.per_channel, self.format)
+                fp32_ms = trial.time(candidates)
+                chosen = trial.pick(candidates, fp32_ms)
         confirmations: list[dict[str, Any]] = []
         head_to_head: list[dict[str, Any]] = []
         while chosen is not None:
@@ -566,6 +582,8 @@ class QuantizePass(OnnxoptPass):
                         "measure": round(time.perf_counter() - started - build_seconds, 3)},
             "confirmations": confirmations, "head_to_head": head_to_head,
         }
+        if fallback is not None:
+            self.details["placement"]["mixed_fallback"] = fallback
         parts = [f"fp32 {fp32_ms:.3f} ms" if fp32_ms else "fp32 not timed"]
         for cand in candidates:
             if cand.median_ms is not None and cand.speedup is not None:
@@ -607,6 +625,58 @@ class QuantizePass(OnnxoptPass):
         assert chosen.model is not None
         per_channel, fmt = settings[chosen.label]
         return chosen.model, per_channel, fmt
+
+    def _mixed_fallback(self, proto: onnx.ModelProto, ranges: dict[str, Any], reduce_range: bool, heavy: list[str],
+                        exclude: list[str], trial: Any, base: str) -> tuple[Any, dict[str, Any]]:
+        """The fewest most sensitive layers kept FP32 that let a ``heavy``-only candidate pass the trial's checks
+        (:mod:`onnxopt.passes.quantize.mixed_fallback`): that candidate, vetted (or None), and the record of the
+        search for the report."""
+        from onnxopt.passes.quantize import mixed_fallback as mf
+        from onnxopt.passes.quantize import placement as pl
+        from onnxopt.passes.quantize.sensitivity import layer_sensitivity
+
+        started = time.perf_counter()
+        ranking = [row["node"] for row in self.details.get("sensitivity", [])]  # the budget search's, when it ran
+        ranked_on = "the sensitivity table"
+        if not ranking:
+            layers = [n for n in proto.graph.node if n.op_type in heavy and n.name and n.name not in exclude
+                      and len(n.input) > 1]
+            feeds = trial.feeds[:mf.RANKING_SAMPLES]
+            table = layer_sensitivity(proto, layers, ranges, self._quantize_weight, feeds, None, reduce_range,
+                                      self.symmetric_activations, self.context.threads)
+            ranking = [row.node for row in table]
+            ranked_on = f"simulated per-layer sensitivity on {len(feeds)} calibration samples"
+        ranking = [name for name in ranking if name not in exclude]
+        tried: dict[int, Any] = {}
+
+        def passes(k: int) -> bool:
+            model, _ = self._build(proto, ranges, reduce_range, heavy, exclude + ranking[:k])
+            tried[k] = cand = pl.Candidate(f"{base}_fp32_sensitive_{k}", model)
+            return trial.vet(cand)
+
+        cap = mf.fp32_cap(len(ranking))
+        search = mf.fewest_passing(cap, passes)
+        for k, cand in tried.items():
+            if k != search.found and cand.rejected is None:
+                trial.reject(cand, "more FP32 layers than needed")  # frees its sessions
+        record: dict[str, Any] = {
+            "ranking": ranked_on, "cap": cap,
+            "trials": [{"fp32_layers": k, "passed": ok, "sqnr_db": tried[k].sqnr_db, "agreement": tried[k].agreement,
+                        "drop": tried[k].drop} for k, ok in search.trials],
+            "fp32_layers": ranking[:search.found] if search.found is not None else None,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        found = tried.get(search.found) if search.found is not None else None
+        if found is not None:
+            self.note(f"mixed-precision fallback: every int8 candidate faster than FP32 failed its check; with the "
+                      f"{search.found} most sensitive of {len(ranking)} layers in FP32 ({ranked_on}) a {base} "
+                      f"candidate passes ({found.check_text()}): {', '.join(ranking[:search.found])}")
+        elif cap:
+            last = tried[cap]
+            self.note(f"mixed-precision fallback: every int8 candidate faster than FP32 failed its check, and so "
+                      f"did a {base} candidate with the {cap} most sensitive of {len(ranking)} layers in FP32 "
+                      f"({last.rejected or last.check_text()})")
+        return found, record
 
     @staticmethod
     def _slower_elsewhere(fp32: onnx.ModelProto, chosen: pl.Candidate, shapes: dict[str, tuple[int, ...]],

@@ -99,6 +99,7 @@ class Candidate:
     rejected: str | None = None
     drop: float | None = None  # accuracy (or agreement) lost, when there is a budget
     sqnr_db: float | None = None  # of the first output against FP32 on the agreement samples
+    vetted: bool = False  # its checks (Trial.vet) have run
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"label": self.label, "median_ms": self.median_ms, "speedup": self.speedup,
@@ -487,7 +488,8 @@ class Trial:
 
     def vet(self, cand: Candidate) -> bool:
         """The agreement (and budget) check of ``cand``, run once; False when it rejects the candidate."""
-        if cand.rejected is None and cand.agreement is None:
+        if cand.rejected is None and not cand.vetted:
+            cand.vetted = True
             if not self._reference:
                 self._reference.extend(first_outputs(self.fp32, self.feeds, self.threads, self.provider))
             outputs = self._outputs(cand, self.feeds)

@@ -1,0 +1,122 @@
+"""placement=auto's mixed-precision fallback (:mod:`onnxopt.passes.quantize.mixed_fallback`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.calib_data import open_data
+from onnxopt.modelio import as_ir_model, to_proto
+from onnxopt.passes.quantize import QuantizePass, placement
+from onnxopt.passes.quantize.agreement import output_sqnr_db
+from onnxopt.passes.quantize.mixed_fallback import fewest_passing, fp32_cap
+from onnxopt.pipeline.context import PassContext
+from onnxopt.runtime import make_session
+
+
+def test_fewest_passing_bisects_to_the_smallest_k():
+    tried: list[int] = []
+
+    def passes(k: int) -> bool:
+        tried.append(k)
+        return k >= 7
+
+    search = fewest_passing(20, passes)
+    assert search.found == 7 and tried[0] == 20 and len(tried) <= 6
+    assert search.trials == [(k, k >= 7) for k in tried]
+    hopeless = fewest_passing(20, lambda k: False)
+    assert hopeless.found is None and hopeless.trials == [(20, False)]  # one check when even the cap fails
+    assert fewest_passing(0, passes).found is None and fewest_passing(1, lambda k: True).found == 1
+    assert fp32_cap(62) == 31 and fp32_cap(1) == 0
+
+
+def _outlier_net() -> onnx.ModelProto:
+    """Conv -> Relu -> Add -> Conv -> Relu -> Conv -> Sigmoid (a probability map, judged by SQNR) whose Add lifts one
+    channel of the middle conv's input by 300: one scale for the whole tensor crushes the other seven, so
+    every candidate that quantizes that input fails the 20 dB bar (the first conv and the head, the regions the
+    search keeps FP32, are not the cause); with the middle conv FP32 the other two are int8 and pass."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32)
+    offset = np.zeros((1, 8, 1, 1), np.float32)
+    offset[0, 0] = 300.0
+    w2 = rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)
+    w2[:, 0] /= 300.0
+    w3 = rng.normal(0, 0.3, (1, 8, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Add", ["r1", "offset"], ["m1"], name="outlier"),
+             helper.make_node("Conv", ["m1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c3"], ["y"], name="prob")]
+    graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(offset, "offset"),
+                               numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(w3, "w3")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _run(params: dict, budgets: dict | None = None) -> tuple[onnx.ModelProto, QuantizePass, np.ndarray]:
+    x = np.random.default_rng(1).normal(size=(32, 3, 8, 8)).astype(np.float32)
+    step = QuantizePass(placement="auto", calib_samples=32, **params)
+    step.bind(PassContext(calib=open_data({"x": x}), budgets=budgets or {}))
+    return step.apply(to_proto(as_ir_model(_outlier_net()))), step, x
+
+
+def _sqnr(model: onnx.ModelProto, x: np.ndarray) -> float:
+    reference = make_session(_outlier_net()).run(None, {"x": x})[0]
+    return output_sqnr_db([reference], [make_session(model).run(None, {"x": x})[0]])
+
+
+def _float_weight_convs(model: onnx.ModelProto) -> set[str]:
+    inits = {init.name for init in model.graph.initializer}
+    return {n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits}
+
+
+def test_fallback_keeps_the_sensitive_layer_fp32_and_the_rest_int8(fake_time_models):
+    fake_time_models(lambda models, threads, shapes: {label: 2.0 if label == placement.FP32 else 1.0
+                                                      for label in models})
+    model, step, x = _run({})
+    search = step.details["placement"]
+    assert search["chosen"] == "conv_gemm_matmul_fp32_sensitive_1"
+    whole = [c for c in search["candidates"] if c["label"] != search["chosen"]]
+    assert whole and all("SQNR" in (c["rejected"] or "") for c in whole if c.get("sqnr_db") is not None)
+    fallback = search["mixed_fallback"]
+    assert fallback["fp32_layers"] == ["conv2"] and fallback["cap"] == 1
+    assert fallback["trials"][0]["passed"] and fallback["trials"][0]["sqnr_db"] >= placement.MIN_SQNR_DB
+    assert _float_weight_convs(model) == {"conv2"}  # conv1 and conv3 int8, conv2 FP32
+    assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    assert _sqnr(model, x) >= placement.MIN_SQNR_DB  # the real int8 model, not the search's word for it
+    assert any(note.startswith("mixed-precision fallback:") and "conv2" in note for note in step.notes)
+
+
+def test_without_the_fallback_or_when_it_cannot_pass_the_model_stays_fp32(fake_time_models, monkeypatch):
+    fake_time_models(lambda models, threads, shapes: {label: 2.0 if label == placement.FP32 else 1.0
+                                                      for label in models})
+    model, step, _ = _run({"mixed_fallback": False})
+    assert step.details["placement"]["chosen"] == placement.FP32 and "mixed_fallback" not in step.details["placement"]
+    assert not any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    # A bar no candidate reaches: one check at the cap, a note, FP32.
+    model, step, _ = _run({}, budgets={"min_sqnr_db": 200.0})
+    fallback = step.details["placement"]["mixed_fallback"]
+    assert fallback["fp32_layers"] is None and [t["fp32_layers"] for t in fallback["trials"]] == [1]
+    assert step.details["placement"]["chosen"] == placement.FP32
+    assert any("and so did a conv_gemm_matmul candidate" in note for note in step.notes)
+
+
+def test_no_fallback_when_int8_is_slower(fake_time_models):
+    """The fallback answers a failed check only: int8 that does not pay is not rescued by more FP32 layers."""
+    fake_time_models(lambda models, threads, shapes: {label: 1.0 if label == placement.FP32 else 2.0
+                                                      for label in models})
+    _, step, _ = _run({})
+    assert step.details["placement"]["chosen"] == placement.FP32
+    assert "mixed_fallback" not in step.details["placement"]
+
+
+@pytest.mark.parametrize("value", ["false", "true"])
+def test_mixed_fallback_is_a_recipe_parameter(value):
+    from onnxopt.pipeline import registry
+
+    assert registry.create("quantize", {"mixed_fallback": value}).mixed_fallback is (value == "true")
