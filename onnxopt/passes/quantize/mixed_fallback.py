@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 #: At most this fraction of the quantizable layers is kept FP32 by the fallback.
 MAX_FP32_FRACTION = 0.5
 #: Samples the sensitivity ranking runs on (an order, not a verdict: the bisection checks real int8 models).
-RANKING_SAMPLES = 8
+RANKING_SAMPLES = 16
 
 
 @dataclass
