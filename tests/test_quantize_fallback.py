@@ -120,3 +120,22 @@ def test_mixed_fallback_is_a_recipe_parameter(value):
     from onnxopt.pipeline import registry
 
     assert registry.create("quantize", {"mixed_fallback": value}).mixed_fallback is (value == "true")
+
+
+def test_a_failing_fallback_leaves_the_fp32_verdict(fake_time_models, monkeypatch):
+    """The fallback is a last resort: if it breaks (here its ranking), the pass still returns the FP32 model and says
+    why, instead of failing."""
+    from onnxopt.passes.quantize import sensitivity
+
+    fake_time_models(lambda models, threads, shapes: {label: 2.0 if label == placement.FP32 else 1.0
+                                                      for label in models})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("probe session refused")
+
+    monkeypatch.setattr(sensitivity, "layer_sensitivity", broken)
+    model, step, _ = _run({})
+    assert step.details["placement"]["chosen"] == placement.FP32
+    assert "probe session refused" in step.details["placement"]["mixed_fallback"]["error"]
+    assert any("mixed-precision fallback failed" in note for note in step.notes)
+    assert not any(n.op_type == "DequantizeLinear" for n in model.graph.node)

@@ -2,7 +2,7 @@
 
 When every int8 candidate faster than FP32 fails its checks (top-1 agreement, the SQNR of an output without classes,
 an accuracy budget), the search would keep the model in FP32. On PaddleOCR's v4 text detector all ten candidates
-stayed at 9-12 dB against the 20 dB bar while int8 ran about twice as fast; its error comes mostly from a few
+stayed at 9-14 dB against the 20 dB bar while int8 ran about twice as fast; its error comes mostly from a few
 layers (a depthwise conv fed by hard-swish channels of very unequal range among them). So the layers are ranked by
 the simulated sensitivity table (:mod:`onnxopt.passes.quantize.sensitivity`: one layer fake-quantized at a time),
 and the smallest number ``k`` of the most sensitive ones left FP32 that makes a Conv/Gemm/MatMul-only candidate pass

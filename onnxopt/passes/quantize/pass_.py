@@ -527,7 +527,11 @@ class QuantizePass(OnnxoptPass):
         if chosen is None and self.mixed_fallback and heavy and fp32_ms and any(
                 c.rejected and c.sqnr_db is not None for c in candidates):  # faster ones, dropped by their checks
             base = "conv_gemm_matmul" if set(heavy) != set(op_types) else "all"
-            found, fallback = self._mixed_fallback(proto, ranges, reduce_range, heavy, exclude, trial, base)
+            try:
+                found, fallback = self._mixed_fallback(proto, ranges, reduce_range, heavy, exclude, trial, base)
+            except Exception as exc:  # noqa: BLE001 - a last resort that fails leaves the FP32 verdict, not a crash
+                found, fallback = None, {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                self.note(f"mixed-precision fallback failed ({fallback['error']}); the search's verdict stands")
             if found is not None:
                 candidates.append(found)
                 partial.add(found.label)
@@ -627,7 +631,7 @@ class QuantizePass(OnnxoptPass):
         return chosen.model, per_channel, fmt
 
     def _mixed_fallback(self, proto: onnx.ModelProto, ranges: dict[str, Any], reduce_range: bool, heavy: list[str],
-                        exclude: list[str], trial: Any, base: str) -> tuple[Any, dict[str, Any]]:
+                        exclude: list[str], trial: pl.Trial, base: str) -> tuple[pl.Candidate | None, dict[str, Any]]:
         """The fewest most sensitive layers kept FP32 that let a ``heavy``-only candidate pass the trial's checks
         (:mod:`onnxopt.passes.quantize.mixed_fallback`): that candidate, vetted (or None), and the record of the
         search for the report."""
@@ -647,11 +651,16 @@ class QuantizePass(OnnxoptPass):
             ranking = [row.node for row in table]
             ranked_on = f"simulated per-layer sensitivity on {len(feeds)} calibration samples"
         ranking = [name for name in ranking if name not in exclude]
-        tried: dict[int, Any] = {}
+        tried: dict[int, pl.Candidate] = {}
 
         def passes(k: int) -> bool:
-            model, _ = self._build(proto, ranges, reduce_range, heavy, exclude + ranking[:k])
-            tried[k] = cand = pl.Candidate(f"{base}_fp32_sensitive_{k}", model)
+            label = f"{base}_fp32_sensitive_{k}"
+            try:
+                model, _ = self._build(proto, ranges, reduce_range, heavy, exclude + ranking[:k])
+            except Exception as exc:  # noqa: BLE001 - like a region ORT cannot build: this k fails, the search goes on
+                tried[k] = pl.Candidate(label, None, rejected=f"could not be built: {exc}"[:200])
+                return False
+            tried[k] = cand = pl.Candidate(label, model)
             return trial.vet(cand)
 
         cap = mf.fp32_cap(len(ranking))
