@@ -292,10 +292,16 @@ def list_passes() -> None:
               help="Weight ranges: min/max, or per-channel MSE-optimal clipping.")
 @click.option("--equalize", is_flag=True, help="Cross-layer equalization of Conv->[Relu]->Conv pairs first.")
 @click.option("--bias-correction", is_flag=True, help="Remove the mean output shift of int8 weights from the biases.")
+@click.option("--placement", type=click.Choice(["auto", "all"]), default="auto", show_default=True,
+              help="auto: int8 only where it is faster than FP32 on this CPU and passes the checks (timed); "
+                   "all: quantize everything, untimed.")
+@click.option("--mixed-fallback/--no-mixed-fallback", default=True, show_default=True,
+              help="With placement auto: when every faster int8 candidate fails its check, keep the fewest most "
+                   "sensitive layers FP32 that let one pass.")
 @_run_options
 def quantize(model: str, output: str, calib: str, eval_: str | None, method: str, per_channel: bool, format_: str,
              reduce_range: str, calib_samples: int, weight_method: str, equalize: bool, bias_correction: bool,
-             preprocess: str | None, input_shapes: tuple[str, ...],
+             placement: str, mixed_fallback: bool, preprocess: str | None, input_shapes: tuple[str, ...],
              budgets: tuple[str, ...], report: str | None, seed: int | None, threads: int | None, no_latency: bool,
              quiet: bool) -> None:
     """Int8 static quantization of MODEL (normalize, then quantize), validated and reported like optimize."""
@@ -307,7 +313,8 @@ def quantize(model: str, output: str, calib: str, eval_: str | None, method: str
         step = QuantizePass(method=method, per_channel=per_channel, format=format_,  # type: ignore[arg-type]
                             reduce_range=reduce_range, calib_samples=calib_samples,  # type: ignore[arg-type]
                             weight_method=weight_method, equalize=equalize,  # type: ignore[arg-type]
-                            bias_correction=bias_correction)
+                            bias_correction=bias_correction, placement=placement,  # type: ignore[arg-type]
+                            mixed_fallback=mixed_fallback)
     except ValueError as exc:
         raise BadInputError(f"quantize: {exc}") from None
     result = run_optimize(
