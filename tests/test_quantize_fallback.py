@@ -139,3 +139,15 @@ def test_a_failing_fallback_leaves_the_fp32_verdict(fake_time_models, monkeypatc
     assert "probe session refused" in step.details["placement"]["mixed_fallback"]["error"]
     assert any("mixed-precision fallback failed" in note for note in step.notes)
     assert not any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+
+
+def test_fallback_skipped_on_large_models(fake_time_models, monkeypatch):
+    from onnxopt.passes.quantize import mixed_fallback
+
+    fake_time_models(lambda models, threads, shapes: {label: 2.0 if label == placement.FP32 else 1.0
+                                                      for label in models})
+    monkeypatch.setattr(mixed_fallback, "MAX_WEIGHT_BYTES", 1000)  # the test net has ~3 KB of weights
+    _, step, _ = _run({})
+    assert step.details["placement"]["chosen"] == placement.FP32
+    assert step.details["placement"]["mixed_fallback"]["skipped"].startswith("skipped: 0 MB of weights")
+    assert any(note.startswith("mixed-precision fallback skipped") for note in step.notes)

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 MAX_FP32_FRACTION = 0.5
 #: Samples the sensitivity ranking runs on (an order, not a verdict: the bisection checks real int8 models).
 RANKING_SAMPLES = 16
+#: Above this many bytes of weights the fallback is skipped (with a note): its ranking makes one ORT session of the
+#: whole model per layer, which on a model this size takes minutes.
+MAX_WEIGHT_BYTES = 256 << 20
 
 
 @dataclass
@@ -60,4 +63,4 @@ def fp32_cap(layers: int) -> int:
     return int(layers * MAX_FP32_FRACTION)
 
 
-__all__ = ["MAX_FP32_FRACTION", "RANKING_SAMPLES", "Bisection", "fewest_passing", "fp32_cap"]
+__all__ = ["MAX_FP32_FRACTION", "MAX_WEIGHT_BYTES", "RANKING_SAMPLES", "Bisection", "fewest_passing", "fp32_cap"]

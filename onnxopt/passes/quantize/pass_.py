@@ -640,6 +640,13 @@ class QuantizePass(OnnxoptPass):
         from onnxopt.passes.quantize.sensitivity import layer_sensitivity
 
         started = time.perf_counter()
+        weight_bytes = proto_tensor_bytes(proto)
+        if weight_bytes > mf.MAX_WEIGHT_BYTES:
+            why = (f"skipped: {weight_bytes / 1e6:.0f} MB of weights (its ranking makes one session of the whole "
+                   f"model per layer; above {mf.MAX_WEIGHT_BYTES >> 20} MiB that takes minutes); exclude_nodes or "
+                   "max_fp32_layers keep chosen layers FP32")
+            self.note(f"mixed-precision fallback {why}")
+            return None, {"skipped": why}
         ranking = [row["node"] for row in self.details.get("sensitivity", [])]  # the budget search's, when it ran
         ranked_on = "the sensitivity table"
         if not ranking:
