@@ -5,7 +5,7 @@ with the weights' bytes, which it cannot fold wherever a weight's consumers also
 normalize pass lends such weights to it as graph inputs (``onnxopt/passes/lent_weights.py``). This script runs the
 pass both ways on the same models, alternately, and compares:
 
-Lending is forced on every model here (``lend_weights_from_mb=0``); the pass's default lends only from 256 MB of
+Lending is forced on every model here (``lend_weights_from_mb=0``); the pass's default lends only from 32 MB of
 weights, because of what part 1 shows.
 
 1. the reliability corpus (``benchmarks/corpus.py``'s models, Keras exports only with ``--tf-python``): the

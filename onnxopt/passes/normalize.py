@@ -59,7 +59,7 @@ class NormalizePass(OnnxoptPass):
         lend_weights: on models with at least ``lend_weights_from_mb`` MB of weights, give onnxsim the weights no
             constant folding can touch as graph inputs, not their bytes (:mod:`onnxopt.passes.lent_weights`: much
             faster on large models; onnxsim then skips the fusions that rewrite such a weight).
-        lend_weights_from_mb: the weight size from which ``lend_weights`` applies (default 256).
+        lend_weights_from_mb: the weight size from which ``lend_weights`` applies (default 32).
         fix_shapes: fix dynamic input dims from ``context.input_shapes`` or, failing that, the calibration data.
         name_nodes: give unnamed nodes deterministic names.
         fuse_activations: replace hard-swish / hard-sigmoid chains of elementwise ops by the single ONNX op.
