@@ -151,3 +151,15 @@ def test_fallback_skipped_on_large_models(fake_time_models, monkeypatch):
     assert step.details["placement"]["chosen"] == placement.FP32
     assert step.details["placement"]["mixed_fallback"]["skipped"].startswith("skipped: 0 MB of weights")
     assert any(note.startswith("mixed-precision fallback skipped") for note in step.notes)
+
+
+def test_fallback_reuses_the_sensitivity_table_when_one_was_made(fake_time_models):
+    """With sensitivity=True the table (on the eval samples) already ranks the layers: the fallback orders by it
+    rather than running its own probes."""
+    fake_time_models(lambda models, threads, shapes: {label: 2.0 if label == placement.FP32 else 1.0
+                                                      for label in models})
+    _, step, _ = _run({"sensitivity": True})
+    assert step.details["sensitivity"][0]["node"] == "conv2"
+    fallback = step.details["placement"]["mixed_fallback"]
+    assert fallback["ranking"] == "the sensitivity table" and fallback["fp32_layers"] == ["conv2"]
+    assert step.details["placement"]["chosen"] == "conv_gemm_matmul_fp32_sensitive_1"
