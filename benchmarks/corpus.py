@@ -451,7 +451,8 @@ class Worker:
 
 def run_job(worker: Worker, case: Case, label: str, recipe: list[Any] | None, workdir: Path, timeout: float) -> dict:
     start = time.perf_counter()
-    job = {"case": asdict(case), "label": label, "recipe": recipe, "workdir": str(workdir)}
+    job = {"case": asdict(case), "label": label, "recipe": recipe, "workdir": str(workdir),
+           "pass_budgets": PASS_BUDGETS}  # the worker's own copy has not seen --pass-budgets
     outcome = worker.run(job, timeout)
     if outcome == "timeout":
         row = {"model": case.label, "recipe": label, "status": "timeout", "message": f"over {timeout:.0f} s"}
@@ -471,6 +472,8 @@ def _worker() -> None:
     torch.set_num_threads(1)
     for line in sys.stdin:
         job = json.loads(line)
+        PASS_BUDGETS.clear()
+        PASS_BUDGETS.update(job.get("pass_budgets", {}))
         try:
             row = run_one(Case(**job["case"]), job["label"], job["recipe"], Path(job["workdir"]))
         except BaseException as exc:  # noqa: BLE001 - reported as a crash by the parent
@@ -657,9 +660,14 @@ def main() -> None:
     parser.add_argument("--recipes", help="comma list of the recipes to run (pass names, 'optimize(default)')")
     parser.add_argument("--pass-params", metavar="JSON",
                         help='replace passes\' sweep parameters, e.g. \'{"quantize": {"placement": "auto"}}\'')
+    parser.add_argument("--pass-budgets", metavar="JSON",
+                        help='replace passes\' budgets, e.g. \'{"quantize": {}}\': none, so the pass keeps its own '
+                             'bars and this script checks validity only, not an SQNR')
     args = parser.parse_args()
     if args.pass_params:
         PASS_PARAMS.update(json.loads(args.pass_params))
+    if args.pass_budgets:
+        PASS_BUDGETS.update(json.loads(args.pass_budgets))
     if args.worker:
         _worker()
         return
