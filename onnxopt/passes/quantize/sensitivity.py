@@ -4,7 +4,10 @@ For each layer the model is copied with only that layer simulated in int8 - its 
 QuantizeLinear/DequantizeLinear pair with the calibrated range, its weight replaced by its fake-quantized value - and
 run next to FP32 on the same samples: SQNR of the model's first output and of the layer's own output (dB, higher is
 better) and, where the samples carry labels, accuracy. Simulation runs FP32 kernels, so it is fast and independent of
-ORT's graph rewriting; the mixed-precision search then checks real int8 models.
+ORT's graph rewriting; the mixed-precision search then checks real int8 models. The probes run at ORT's full
+optimization level (NCHWc kernels; a lone Quantize/Dequantize pair before a float Conv is left as it is):
+``benchmarks/sensitivity_levels.py`` measured it against the basic level (the one used before) on the PaddleOCR v4
+models and the digits nets.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxopt.errors import BadInputError
 from onnxopt.passes.quantize.qparams import TensorRange, quant_params
 from onnxopt.runtime import make_session
 
@@ -50,15 +54,16 @@ def sqnr_db(reference: np.ndarray, noisy: np.ndarray) -> float:
 def layer_sensitivity(model: onnx.ModelProto, layers: Sequence[onnx.NodeProto], ranges: Mapping[str, TensorRange],
                       quantize_weight: WeightQuantizer, feeds: Sequence[dict[str, np.ndarray]],
                       labels: np.ndarray | None, reduce_range: bool, symmetric: bool,
-                      threads: int | None = None) -> list[LayerSensitivity]:
-    """One entry per layer of ``layers``, most sensitive (lowest output SQNR) first."""
+                      threads: int | None = None, optimization: str = "all") -> list[LayerSensitivity]:
+    """One entry per layer of ``layers``, most sensitive (lowest output SQNR) first. ``optimization``: ORT's graph
+    optimization level for the probes (a graph the full level cannot optimize runs at the basic one)."""
     output = model.graph.output[0].name
-    reference = _run(model, feeds, [output, *(n.output[0] for n in layers)], threads)
+    reference = _run(model, feeds, [output, *(n.output[0] for n in layers)], threads, optimization)
     table = []
     inits = {init.name: init for init in model.graph.initializer}
     for k, node in enumerate(layers):
         probe = _simulate(model, node, inits, ranges, quantize_weight, symmetric)
-        outs = _run(probe, feeds, [output, node.output[0]], threads)
+        outs = _run(probe, feeds, [output, node.output[0]], threads, optimization)
         accuracy = None
         if labels is not None:
             accuracy = float(np.mean(np.argmax(outs[0].reshape(len(labels), -1), axis=1) == labels))
@@ -115,13 +120,18 @@ def _sort(graph: onnx.GraphProto) -> None:
 
 
 def _run(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str],
-         threads: int | None) -> list[np.ndarray]:
+         threads: int | None, optimization: str = "all") -> list[np.ndarray]:
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                               for n in names if n not in present)
-    session = make_session(probe, threads=threads, optimization="basic", what="the sensitivity probe")
+    try:
+        session = make_session(probe, threads=threads, optimization=optimization, what="the sensitivity probe")
+    except BadInputError:
+        if optimization == "basic":
+            raise
+        session = make_session(probe, threads=threads, optimization="basic", what="the sensitivity probe")
     parts: list[list[np.ndarray]] = [[] for _ in names]
     for feed in feeds:
         for k, value in enumerate(session.run(list(names), feed)):
