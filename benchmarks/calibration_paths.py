@@ -56,21 +56,22 @@ def _fastest(run, repeats: int = 3) -> tuple[float, object]:  # noqa: ANN001
 
 
 def optimization_levels(calib: str) -> list[dict]:
+    from onnxopt import runtime
     from onnxopt.calib_data import open_data
     from onnxopt.passes.quantize import collect
 
     rows = []
-    real = collect.make_session
+    real = runtime.make_session  # what collect's make_full_session calls
     for name in NETS:
         proto, specs, tensors = _prepared(name)
         ranges, seconds = {}, {}
         for level in ("basic", "all"):
-            collect.make_session = lambda *a, level=level, **k: real(*a, **{**k, "optimization": level})
+            runtime.make_session = lambda *a, level=level, **k: real(*a, **{**k, "optimization": level})
             try:
                 seconds[level], (calibrator, _) = _fastest(lambda: collect.collect_statistics(
                     proto, tensors, open_data(calib), specs, samples=200, histograms=False))
             finally:
-                collect.make_session = real
+                runtime.make_session = real
             ranges[level] = calibrator.compute("minmax")
         moved = max(max(abs(ranges["all"][t].low - ranges["basic"][t].low), abs(ranges["all"][t].high
                         - ranges["basic"][t].high)) / max(abs(ranges["basic"][t].low), abs(ranges["basic"][t].high),

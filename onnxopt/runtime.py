@@ -122,6 +122,17 @@ def make_session(
         raise BadInputError(f"ONNX Runtime cannot load {what}: {_first_line(exc)}") from None
 
 
+def make_full_session(model: onnx.ModelProto, *, threads: int | None = None, provider: str = "cpu",
+                      what: str = "model", samples: int | None = None) -> ort.InferenceSession:
+    """:func:`make_session` at ORT's full optimization level, or at the basic one when an optimizer that ORT applies
+    only at the full level fails on this graph."""
+    try:
+        return make_session(model, threads=threads, provider=provider, optimization="all", what=what, samples=samples)
+    except BadInputError:
+        return make_session(model, threads=threads, provider=provider, optimization="basic", what=what,
+                            samples=samples)
+
+
 def run_batches(session: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[list[np.ndarray]]:
     """Run each feed dict; yields the list of outputs in graph order."""
     names = [o.name for o in session.get_outputs()]
@@ -137,5 +148,5 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-__all__ = ["FEW_SAMPLES", "PREPACK_SKIP_BYTES", "make_session", "resolve_provider", "run_batches",
+__all__ = ["FEW_SAMPLES", "PREPACK_SKIP_BYTES", "make_full_session", "make_session", "resolve_provider", "run_batches",
            "session_options", "worth_prepacking", "Path"]

@@ -101,13 +101,13 @@ def test_minmax_only_calibration_equals_the_histogram_path(prepared):
 def test_calibration_falls_back_to_the_basic_optimization_level(prepared, monkeypatch):
     """The calibration session runs at ORT's full optimization level (faster); a graph that level cannot load is
     calibrated at the basic level instead, with the same ranges up to float rounding."""
-    from onnxopt.passes.quantize import collect
+    from onnxopt import runtime
 
     proto, specs = prepared
     tensors = tensors_to_calibrate(proto, ["Conv", "Relu", "Add"])
     data = open_data(str(examples.default_calib_path()))
     fast, _ = collect_statistics(proto, tensors, data, specs, samples=40, histograms=False)
-    real, levels = collect.make_session, []
+    real, levels = runtime.make_session, []
 
     def refuse_full_level(model, **kwargs):
         levels.append(kwargs["optimization"])
@@ -115,7 +115,7 @@ def test_calibration_falls_back_to_the_basic_optimization_level(prepared, monkey
             raise BadInputError("ONNX Runtime cannot load the model prepared for calibration: (simulated)")
         return real(model, **kwargs)
 
-    monkeypatch.setattr(collect, "make_session", refuse_full_level)
+    monkeypatch.setattr(runtime, "make_session", refuse_full_level)  # what make_full_session calls
     basic, seen = collect_statistics(proto, tensors, data, specs, samples=40, histograms=False)
     assert levels == ["all", "basic"] and seen == 40
     for name, rng in fast.compute("minmax").items():

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import onnx
 
 from onnxopt.calib_data.base import DataSource
-from onnxopt.errors import BadInputError, DataError
+from onnxopt.errors import DataError
 from onnxopt.modelio import InputSpec
 from onnxopt.passes.quantize.calibrators import Calibrator
-from onnxopt.runtime import make_session
+from onnxopt.runtime import make_full_session
 
 _FLOAT = onnx.TensorProto.FLOAT
 #: Batch size for the calibration runs: large enough to amortize ORT's per-call cost, small enough for memory.
@@ -61,12 +61,8 @@ def collect_statistics(
     available = data.num_samples()
     runs = samples if available is None else min(samples, available)
     with _exposing(model, tensors) as augmented:
-        try:
-            session = make_session(augmented, threads=threads, provider=provider, optimization="all",
-                                   what="the model prepared for calibration", samples=runs)
-        except BadInputError:  # an optimizer ORT applies only at the full level fails on this graph: the plain level
-            session = make_session(augmented, threads=threads, provider=provider, optimization="basic",
-                                   what="the model prepared for calibration", samples=runs)
+        session = make_full_session(augmented, threads=threads, provider=provider,
+                                    what="the model prepared for calibration", samples=runs)
     output_names = [o.name for o in session.get_outputs()]
     keep = set(tensors)
     calibrator = Calibrator(histograms=histograms)

@@ -19,9 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxopt.errors import BadInputError
 from onnxopt.passes.quantize.qparams import TensorRange, quant_params
-from onnxopt.runtime import make_session
+from onnxopt.runtime import make_full_session, make_session
 
 WeightQuantizer = Callable[[onnx.NodeProto, np.ndarray], np.ndarray]
 
@@ -126,12 +125,10 @@ def _run(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], names: 
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                               for n in names if n not in present)
-    try:
+    if optimization == "all":
+        session = make_full_session(probe, threads=threads, what="the sensitivity probe")
+    else:
         session = make_session(probe, threads=threads, optimization=optimization, what="the sensitivity probe")
-    except BadInputError:
-        if optimization == "basic":
-            raise
-        session = make_session(probe, threads=threads, optimization="basic", what="the sensitivity probe")
     parts: list[list[np.ndarray]] = [[] for _ in names]
     for feed in feeds:
         for k, value in enumerate(session.run(list(names), feed)):
