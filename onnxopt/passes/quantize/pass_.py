@@ -335,12 +335,7 @@ class QuantizePass(OnnxoptPass):
     def _mixed_precision(self, proto: onnx.ModelProto, ranges: dict[str, Any], reduce_range: bool,
                          op_types: list[str], exclude: list[str], evaluator: Any, budget: float | None) -> list[str]:
         """Sensitivity table; with a budget, the shortest prefix of it kept FP32 so that the budget holds."""
-        from onnxopt.passes.quantize.sensitivity import layer_sensitivity
-
-        layers = [n for n in proto.graph.node if n.op_type in HEAVY_OPS and n.op_type in op_types and n.name
-                  and n.name not in exclude and len(n.input) > 1]
-        table = layer_sensitivity(proto, layers, ranges, self._quantize_weight, evaluator.feeds, evaluator.labels,
-                                  reduce_range, self.symmetric_activations, self.context.threads)
+        table = self._sensitivity(proto, ranges, reduce_range, op_types, exclude, evaluator.feeds, evaluator.labels)
         self.details["sensitivity"] = [row.to_dict() for row in table]
         if table:
             worst = table[0]
@@ -396,6 +391,17 @@ class QuantizePass(OnnxoptPass):
             self.note(f"mixed precision: all-int8 drop {drop:.4f} misses accuracy_drop <= {budget} and "
                       "max_fp32_layers=0 allows no FP32 layer")
         return exclude + kept
+
+    def _sensitivity(self, proto: onnx.ModelProto, ranges: dict[str, Any], reduce_range: bool, op_types: list[str],
+                     exclude: list[str], feeds: list[dict[str, np.ndarray]], labels: np.ndarray | None) -> list[Any]:
+        """The simulated per-layer sensitivity table of the Conv/Gemm/MatMul layers of ``op_types`` not in
+        ``exclude``, most sensitive first (:func:`sensitivity.layer_sensitivity`)."""
+        from onnxopt.passes.quantize.sensitivity import layer_sensitivity
+
+        layers = [n for n in proto.graph.node if n.op_type in HEAVY_OPS and n.op_type in op_types and n.name
+                  and n.name not in exclude and len(n.input) > 1]
+        return layer_sensitivity(proto, layers, ranges, self._quantize_weight, feeds, labels, reduce_range,
+                                 self.symmetric_activations, self.context.threads)
 
     def _op_types(self) -> list[str]:
         if self.op_types:
@@ -637,8 +643,6 @@ class QuantizePass(OnnxoptPass):
         search for the report."""
         from onnxopt.passes.quantize import mixed_fallback as mf
         from onnxopt.passes.quantize import placement as pl
-        from onnxopt.passes.quantize.sensitivity import layer_sensitivity
-
         started = time.perf_counter()
         weight_bytes = proto_tensor_bytes(proto)
         if weight_bytes > mf.MAX_WEIGHT_BYTES:
@@ -650,11 +654,8 @@ class QuantizePass(OnnxoptPass):
         ranking = [row["node"] for row in self.details.get("sensitivity", [])]  # the budget search's, when it ran
         ranked_on = "the sensitivity table"
         if not ranking:
-            layers = [n for n in proto.graph.node if n.op_type in heavy and n.name and n.name not in exclude
-                      and len(n.input) > 1]
             feeds = trial.feeds[:mf.RANKING_SAMPLES]
-            table = layer_sensitivity(proto, layers, ranges, self._quantize_weight, feeds, None, reduce_range,
-                                      self.symmetric_activations, self.context.threads)
+            table = self._sensitivity(proto, ranges, reduce_range, heavy, exclude, feeds, None)
             ranking = [row.node for row in table]
             ranked_on = f"simulated per-layer sensitivity on {len(feeds)} calibration samples"
         ranking = [name for name in ranking if name not in exclude]
