@@ -65,12 +65,16 @@ def session_options(threads: int | None = None, optimization: str = "all", prepa
     return options
 
 
-def worth_prepacking(model: ir.Model | onnx.ModelProto | bytes | str | os.PathLike[str], samples: int | None) -> bool:
+def worth_prepacking(model: ir.Model | onnx.ModelProto | bytes | str | os.PathLike[str], samples: int | None,
+                     weight_bytes: int | None = None) -> bool:
     """False for a session that will run at most ``FEW_SAMPLES`` samples (``samples``: None when not known) of a
-    model with at least ``PREPACK_SKIP_BYTES`` of weights in memory."""
+    model with at least ``PREPACK_SKIP_BYTES`` of weights in memory (``weight_bytes``: their size, when the caller
+    knows it: a model given as a path is otherwise prepacked)."""
     if samples is None or samples > FEW_SAMPLES:
         return True
-    if isinstance(model, bytes):
+    if weight_bytes is not None:
+        size = weight_bytes
+    elif isinstance(model, bytes):
         size = len(model)
     elif isinstance(model, onnx.ModelProto):
         size = proto_tensor_bytes(model)
@@ -89,10 +93,12 @@ def make_session(
     optimization: str = "all",
     what: str = "model",
     samples: int | None = None,
+    weight_bytes: int | None = None,
 ) -> ort.InferenceSession:
     """Create an ORT session (from a path, a proto, serialized bytes or an ir model); failures become
     :class:`BadInputError` naming ``what``. ``samples``: how many samples the session will run, when the caller
-    knows (a few on a large model: no weight prepacking, :func:`worth_prepacking`).
+    knows (a few on a large model: no weight prepacking, :func:`worth_prepacking`; ``weight_bytes``: the model's
+    weights, for a path).
 
     Above the external-data threshold ORT gets a temporary file whose data it maps, reading only what it uses.
     Handing it the tensors from memory instead (``add_external_initializers``, which copies them) was tried on
@@ -101,7 +107,7 @@ def make_session(
     providers = [resolve_provider(provider)]
     if providers[0] != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
-    options = session_options(threads, optimization, prepack=worth_prepacking(model, samples))
+    options = session_options(threads, optimization, prepack=worth_prepacking(model, samples, weight_bytes))
     try:
         if isinstance(model, (str, os.PathLike)):
             return ort.InferenceSession(str(model), options, providers=providers)
@@ -122,15 +128,16 @@ def make_session(
         raise BadInputError(f"ONNX Runtime cannot load {what}: {_first_line(exc)}") from None
 
 
-def make_full_session(model: onnx.ModelProto, *, threads: int | None = None, provider: str = "cpu",
-                      what: str = "model", samples: int | None = None) -> ort.InferenceSession:
+def make_full_session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int | None = None,
+                      provider: str = "cpu", what: str = "model", samples: int | None = None,
+                      weight_bytes: int | None = None) -> ort.InferenceSession:
     """:func:`make_session` at ORT's full optimization level, or at the basic one when an optimizer that ORT applies
     only at the full level fails on this graph."""
+    common = {"threads": threads, "provider": provider, "what": what, "samples": samples, "weight_bytes": weight_bytes}
     try:
-        return make_session(model, threads=threads, provider=provider, optimization="all", what=what, samples=samples)
+        return make_session(model, optimization="all", **common)
     except BadInputError:
-        return make_session(model, threads=threads, provider=provider, optimization="basic", what=what,
-                            samples=samples)
+        return make_session(model, optimization="basic", **common)
 
 
 def run_batches(session: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[list[np.ndarray]]:

@@ -15,9 +15,10 @@ import onnx
 
 from onnxopt.calib_data.base import DataSource
 from onnxopt.errors import DataError
-from onnxopt.modelio import InputSpec
+from onnxopt.modelio import InputSpec, proto_tensor_bytes
 from onnxopt.passes.quantize.calibrators import Calibrator
 from onnxopt.runtime import make_full_session
+from onnxopt.shared_weights import SharedWeights
 
 _FLOAT = onnx.TensorProto.FLOAT
 #: Batch size for the calibration runs: large enough to amortize ORT's per-call cost, small enough for memory.
@@ -53,16 +54,23 @@ def collect_statistics(
     histograms: bool,
     threads: int | None = None,
     provider: str = "cpu",
+    files: SharedWeights | None = None,
 ) -> tuple[Calibrator, int]:
-    """Run ``model`` (with ``tensors`` exposed as outputs) over up to ``samples`` samples; the calibrator and count."""
+    """Run ``model`` (with ``tensors`` exposed as outputs) over up to ``samples`` samples; the calibrator and count.
+
+    ``files``: ``model``'s :class:`SharedWeights`, whose files ORT then loads (its weights written once for this
+    session and the placement search's, or linked from the input's data files), when the model is big enough to go
+    to ORT as a file anyway."""
     # ORT's full optimization level (fusions that keep every fetched tensor, NCHWc kernels) ran the calibration 1.0-1.7x
     # faster than the basic level on the benchmark nets; the ranges differ by float rounding only (< 1e-6 relative):
     # reports/calibration_paths.md.
     available = data.num_samples()
     runs = samples if available is None else min(samples, available)
     with _exposing(model, tensors) as augmented:
-        session = make_full_session(augmented, threads=threads, provider=provider,
-                                    what="the model prepared for calibration", samples=runs)
+        source = files.model_file() if files is not None and files.proto is model else augmented
+        session = make_full_session(source, threads=threads, provider=provider,
+                                    what="the model prepared for calibration", samples=runs,
+                                    weight_bytes=proto_tensor_bytes(model))
     output_names = [o.name for o in session.get_outputs()]
     keep = set(tensors)
     calibrator = Calibrator(histograms=histograms)

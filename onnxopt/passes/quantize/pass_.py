@@ -33,6 +33,7 @@ from onnxopt.passes.quantize.placement import HEAVY_OPS
 from onnxopt.passes.quantize.range_methods import METHODS
 from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.registry import register
+from onnxopt.shared_weights import SharedWeights, external_sources
 
 #: Per-channel DequantizeLinear (the ``axis`` attribute) needs opset 13.
 _PER_CHANNEL_OPSET = 13
@@ -162,6 +163,12 @@ class QuantizePass(OnnxoptPass):
             raise ValueError("eval_samples and max_candidates must be >= 1")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        with contextlib.ExitStack() as files:
+            self._files = files  # what lives as long as the call: the FP32 model's shared weights
+            self._shared: SharedWeights | None = None
+            return self._quantize(model)
+
+    def _quantize(self, model: ir.Model) -> ir.passes.PassResult:
         # Per-run caches keyed by the id of a model proto that lives for the whole call.
         self._scales: dict[tuple[int, str, int, bool], list[dict[str, Any]]] = {}
         self._worth_it: dict[tuple[int, bool, tuple[str, ...]], dict[str, int]] = {}
@@ -186,6 +193,7 @@ class QuantizePass(OnnxoptPass):
         reduce_range, why = self._reduce_range()
 
         proto = _with_inferred_shapes(model)
+        sources = external_sources(model)  # the weights whose bytes are still those of the input's data files
         op_types = self._op_types()
         exclude = list(self.exclude_nodes)
         unknown = sorted(set(exclude) - {node.name for node in proto.graph.node})
@@ -198,6 +206,10 @@ class QuantizePass(OnnxoptPass):
         self._check_sample_count()
         specs = input_specs(model)
         fp32 = proto  # what the user gave (after shape inference): the reference for every accuracy and timing
+        from onnxopt.passes.quantize import placement as pl
+
+        if proto_tensor_bytes(fp32) >= pl.FILE_FROM_BYTES:  # its sessions read files: weights written once
+            self._shared = self._files.enter_context(SharedWeights(fp32, sources))
         if self.equalize or self.bias_correction or self.weight_method != "minmax":
             proto = onnx.ModelProto()
             proto.CopyFrom(fp32)
@@ -206,6 +218,7 @@ class QuantizePass(OnnxoptPass):
         calibrator, seen = collect_statistics(
             proto, tensors, self.context.calib, specs, samples=self.calib_samples,
             histograms=self.method != "minmax", threads=self.context.threads, provider=self.context.provider,
+            files=self._shared,
         )
         needed = MIN_SAMPLES[self.method]
         if seen < needed:
@@ -234,7 +247,9 @@ class QuantizePass(OnnxoptPass):
             from onnxopt.passes.quantize.placement import sharing_sessions
 
             # one ORT session per candidate for agreement, timing and confirmation
-            with sharing_sessions(one_setting=proto_tensor_bytes(fp32) >= _ONE_SETTING_BYTES):
+            with sharing_sessions(one_setting=proto_tensor_bytes(fp32) >= _ONE_SETTING_BYTES) as pool:
+                if self._shared is not None:
+                    pool.share(fp32, self._shared)
                 chosen = self._place(model, proto, quantized, ranges, reduce_range, op_types, exclude, evaluator,
                                      budget, fp32)
             if chosen is None:

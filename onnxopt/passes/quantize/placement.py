@@ -36,6 +36,8 @@ from onnxopt.passes.quantize.agreement import (CHECK_NAMES, check_kind, class_ax
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime as ort
 
+    from onnxopt.shared_weights import SharedWeights
+
 #: Op types of the "heavy" candidate: the ones int8 kernels speed up the most.
 HEAVY_OPS = ("Conv", "Gemm", "MatMul")
 #: A candidate with at least this many bytes of weights gets its sessions from a file written once (SessionPool).
@@ -143,6 +145,13 @@ class SessionPool:
         self.one_setting = one_setting
         #: A large model's file (``modelio.proto_file``), written once for all its sessions, by model id.
         self._files: dict[int, tuple[onnx.ModelProto, str, contextlib.ExitStack]] = {}
+        #: Models whose files come from their :class:`SharedWeights` (:meth:`share`), by model id.
+        self._shared: dict[int, tuple[onnx.ModelProto, SharedWeights]] = {}
+
+    def share(self, model: onnx.ModelProto, weights: SharedWeights) -> None:
+        """Make ``model``'s sessions from ``weights``' files (its weights already written, or linked from the
+        input's files, for calibration) instead of writing it again."""
+        self._shared[id(model)] = (model, weights)
 
     def get(self, model: onnx.ModelProto, threads: int | None, provider: str = "cpu") -> ort.InferenceSession:
         key = (id(model), threads, provider)
@@ -160,16 +169,19 @@ class SessionPool:
     def _source(self, model: onnx.ModelProto) -> onnx.ModelProto | str:
         """What a session of ``model`` is made from: the proto itself (serialized for each session: cheap), or above
         ``FILE_FROM_BYTES`` of weights a file written once (a 269 MB model was serialized for every thread setting,
-        a 2.4 GB one written to disk for each)."""
+        a 2.4 GB one written to disk for each); a model given to :meth:`share`, its shared weights' file."""
         from onnxopt.modelio import proto_file, proto_tensor_bytes
 
         if id(model) in self._files:
             return self._files[id(model)][1]
-        if proto_tensor_bytes(model) < FILE_FROM_BYTES:
-            return model
         stack = contextlib.ExitStack()
         try:
-            path = str(stack.enter_context(proto_file(model)))
+            if id(model) in self._shared:
+                path = str(self._shared[id(model)][1].model_file())
+            elif proto_tensor_bytes(model) < FILE_FROM_BYTES:
+                return model
+            else:
+                path = str(stack.enter_context(proto_file(model)))
         except OSError:  # no room in the temporary folder: make_session's own way (from memory below 1.8 GB)
             stack.close()
             return model
@@ -190,6 +202,7 @@ class SessionPool:
         for _, _, stack in self._files.values():
             stack.close()
         self._files.clear()
+        self._shared.clear()
 
 
 _pool: SessionPool | None = None
