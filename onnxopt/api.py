@@ -69,11 +69,13 @@ def optimize(
     search: bool = False,
     max_candidates: int = 8,
     cache_dir: str | os.PathLike[str] | None = None,
+    plot: bool = True,
 ) -> OptimizeResult:
     """Run a recipe over ``model``, validating and measuring after every pass.
 
     ``model`` is never modified: a path is read, a ModelProto/ir.Model is copied. With ``output`` the optimized model
-    is written atomically, and the report beside it (``report`` names the JSON; ``.md`` and ``.png`` go next to it).
+    is written atomically, and the report beside it (``report`` names the JSON; ``.md`` and, unless ``plot`` is
+    false, ``.png`` go next to it: matplotlib's import and drawing take about a second).
 
     With ``target`` ("latency" or "size") or ``search``, every stage is a candidate and the fastest/smallest one
     meeting every budget is kept (:mod:`onnxopt.pipeline.search`); with no ``recipe`` and calibration data the
@@ -136,7 +138,7 @@ def optimize(
     if report is not None:
         json_path = Path(report)
         stem = json_path.with_suffix("") if json_path.suffix == ".json" else json_path
-        written = write_reports(result.report, json_path, f"{stem}.md", f"{stem}.png")
+        written = write_reports(result.report, json_path, f"{stem}.md", f"{stem}.png" if plot else None)
         if outcome is not None and search:
             from onnxopt.report.pareto import write_pareto_reports
 

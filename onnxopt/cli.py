@@ -80,6 +80,8 @@ def _run_options(command: Any) -> Any:
         click.option("--seed", type=int, default=None, help="Seed for everything random (default 0)."),
         click.option("--threads", type=int, default=None, help="ORT intra-op threads for measurements (default: ORT's)."),
         click.option("--no-latency", is_flag=True, help="Skip latency measurement."),
+        click.option("--no-plot", is_flag=True,
+                     help="Write the report's JSON and Markdown without its PNG plot (matplotlib: about 1 s)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars (for CI logs)."),
     ]
     for option in reversed(options):
@@ -113,7 +115,7 @@ def _run_options(command: Any) -> Any:
 def optimize(model: str | None, output: str | None, example: bool, recipe: str | None, passes: tuple[str, ...],
              calib: str | None, eval_: str | None, preprocess: str | None, input_shapes: tuple[str, ...],
              budgets: tuple[str, ...], report: str | None, seed: int | None, threads: int | None, provider: str,
-             no_latency: bool, max_eval_samples: int, quiet: bool, target: str | None, search: bool,
+             no_latency: bool, no_plot: bool, max_eval_samples: int, quiet: bool, target: str | None, search: bool,
              max_candidates: int, cache_dir: str | None, no_cache: bool) -> None:
     """Run a recipe over MODEL, validate after every pass, write OUTPUT and a report."""
     from onnxopt.api import optimize as run_optimize
@@ -152,7 +154,7 @@ def optimize(model: str | None, output: str | None, example: bool, recipe: str |
     result = run_optimize(
         model, plan, calib, eval_, input_shapes=parse_input_shapes(input_shapes), budgets=list(budgets),
         seed=seed, output=output, report=report, preprocess=preprocess, threads=threads, provider=provider,
-        measure_latency=not no_latency, max_eval_samples=max_eval_samples, quiet=quiet, target=target,
+        measure_latency=not no_latency, plot=not no_plot, max_eval_samples=max_eval_samples, quiet=quiet, target=target,
         search=search, max_candidates=max_candidates, cache_dir=None if no_cache else cache_dir,
     )
     _finish(result)
@@ -303,6 +305,7 @@ def quantize(model: str, output: str, calib: str, eval_: str | None, method: str
              reduce_range: str, calib_samples: int, weight_method: str, equalize: bool, bias_correction: bool,
              placement: str, mixed_fallback: bool, preprocess: str | None, input_shapes: tuple[str, ...],
              budgets: tuple[str, ...], report: str | None, seed: int | None, threads: int | None, no_latency: bool,
+             no_plot: bool,
              quiet: bool) -> None:
     """Int8 static quantization of MODEL (normalize, then quantize), validated and reported like optimize."""
     from onnxopt.api import optimize as run_optimize
@@ -320,7 +323,7 @@ def quantize(model: str, output: str, calib: str, eval_: str | None, method: str
     result = run_optimize(
         model, [NormalizePass(), step], calib, eval_, input_shapes=parse_input_shapes(input_shapes),
         budgets=list(budgets), seed=seed, output=output, report=report, preprocess=preprocess, threads=threads,
-        measure_latency=not no_latency, quiet=quiet,
+        measure_latency=not no_latency, plot=not no_plot, quiet=quiet,
     )
     _finish(result)
 
@@ -367,7 +370,7 @@ def distill(student: str, teacher: str, output: str, data: str, eval_: str | Non
             device: str, teacher_runtime: str, max_samples: int | None,
             checkpoint_dir: str | None, resume: bool, qat: str, stochastic_rounding: bool, preprocess: str | None,
             input_shapes: tuple[str, ...], budgets: tuple[str, ...], report: str | None, seed: int | None,
-            threads: int | None, no_latency: bool, quiet: bool) -> None:
+            threads: int | None, no_latency: bool, no_plot: bool, quiet: bool) -> None:
     """Fine-tune STUDENT against TEACHER on DATA and write the trained weights into STUDENT's own graph."""
     from onnxopt.passes.distill.api import distill as run_distill
 
@@ -375,7 +378,8 @@ def distill(student: str, teacher: str, output: str, data: str, eval_: str | Non
         result = run_distill(
             student, teacher, data, eval_, output=output, report=report, budgets=list(budgets), seed=seed,
             preprocess=preprocess, threads=threads, input_shapes=parse_input_shapes(input_shapes),
-            measure_latency=not no_latency, quiet=quiet, unlabelled=unlabelled, method=method, epochs=epochs, lr=lr,
+            measure_latency=not no_latency, plot=not no_plot, quiet=quiet, unlabelled=unlabelled, method=method,
+            epochs=epochs, lr=lr,
             batch_size=batch_size, optimizer=optimizer, schedule=schedule, temperature=temperature, alpha=alpha,
             patience=patience, clip_grad_norm=clip_grad_norm, select_on=select_on,
             holdout_fraction=holdout_fraction, augment=augment,
@@ -414,7 +418,8 @@ def distill(student: str, teacher: str, output: str, data: str, eval_: str | Non
 def prune(model: str, output: str, ratio: float | None, macs_ratio: float | None, latency_ratio: float | None,
           criterion: str, allocation: str, round_to: int, depth: float, keep_batchnorm: bool,
           protect: tuple[str, ...], calib: str | None, eval_: str | None, preprocess: str | None, input_shapes: tuple[str, ...], budgets: tuple[str, ...],
-          report: str | None, seed: int | None, threads: int | None, no_latency: bool, quiet: bool) -> None:
+          report: str | None, seed: int | None, threads: int | None, no_latency: bool, no_plot: bool,
+          quiet: bool) -> None:
     """Structured channel pruning of MODEL (normalize, then prune), validated and reported like optimize."""
     from onnxopt.api import optimize as run_optimize
     from onnxopt.passes import NormalizePass
@@ -428,7 +433,8 @@ def prune(model: str, output: str, ratio: float | None, macs_ratio: float | None
     result = run_optimize(
         model, [NormalizePass(fold_batchnorm=criterion != "bn_scale" and not keep_batchnorm), step], calib, eval_,
         input_shapes=parse_input_shapes(input_shapes), budgets=list(budgets), seed=seed, output=output,
-        report=report, preprocess=preprocess, threads=threads, measure_latency=not no_latency, quiet=quiet,
+        report=report, preprocess=preprocess, threads=threads, measure_latency=not no_latency, plot=not no_plot,
+        quiet=quiet,
     )
     _finish(result)
 

@@ -51,6 +51,18 @@ def test_optimize_ok(capsys, model_path: Path, data_path: Path, tmp_path: Path):
     onnx.checker.check_model(onnx.load(str(out)))
 
 
+def test_no_plot_writes_the_report_without_its_png(capsys, model_path: Path, data_path: Path, tmp_path: Path):
+    """--no-plot (every command that runs a recipe has it): the JSON and Markdown, no PNG, no link to one."""
+    for command in (["optimize", "--pass", "normalize"], ["quantize", "--calib", data_path, "--placement", "all"]):
+        out = tmp_path / f"{command[0]}.onnx"
+        code, _, err = run_cli(capsys, command[0], model_path, "-o", out, *command[1:], "--no-latency", "--no-plot",
+                               "-q")
+        assert code == 0, err
+        assert Path(f"{out}.report.json").exists() and not Path(f"{out}.report.png").exists()
+        assert "![trajectory]" not in Path(f"{out}.report.md").read_text()
+        assert not list(tmp_path.glob("*.png"))
+
+
 def test_missed_budget_exits_1_and_says_which(capsys, model_path: Path, data_path: Path, tmp_path: Path):
     code, stdout, _ = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "o.onnx", "--eval", data_path,
                               "--budget", "size_ratio=0.01", "--no-latency", "-q")

@@ -15,7 +15,8 @@ def distill(student: str | os.PathLike[str] | onnx.ModelProto | ir.Model,
             eval: Any = None,  # noqa: A002 - the public name onnxopt.optimize uses
             *, output: str | os.PathLike[str] | None = None, report: str | os.PathLike[str] | None = None,
             budgets: Any = None, seed: int | None = None, preprocess: Any = None, threads: int | None = None,
-            input_shapes: Any = None, measure_latency: bool = True, quiet: bool = True, **options: Any) -> Any:
+            input_shapes: Any = None, measure_latency: bool = True, quiet: bool = True, plot: bool = True,
+            **options: Any) -> Any:
     """Fine-tune ``student`` against ``teacher`` on ``data`` (anything ``open_data`` takes); ``options`` are
     :class:`~onnxopt.passes.distill.pass_.DistillPass` fields (method, epochs, lr, ...). Returns the
     :class:`onnxopt.api.OptimizeResult`; the pass's figures are in ``result.report`` (step details).
@@ -30,4 +31,4 @@ def distill(student: str | os.PathLike[str] | onnx.ModelProto | ir.Model,
         output = report = None
     return optimize(student, [step], data, eval, input_shapes=input_shapes, budgets=budgets, seed=seed,
                     output=output, report=report, preprocess=preprocess, threads=threads,
-                    measure_latency=measure_latency, quiet=quiet)
+                    measure_latency=measure_latency, quiet=quiet, plot=plot)
