@@ -8,6 +8,11 @@ ORT's graph rewriting; the mixed-precision search then checks real int8 models. 
 optimization level (NCHWc kernels; a lone Quantize/Dequantize pair before a float Conv is left as it is):
 ``benchmarks/sensitivity_levels.py`` measured it against the basic level (the one used before) on the PaddleOCR v4
 models and the digits nets.
+
+A probe need not run what lies upstream of its layer, which is FP32 and the same as in the reference run: where the
+graph narrows to one activation before the layer (a *cut*: nothing else computed upstream is read downstream), the
+probe is the graph's tail from there, fed that activation's values from the reference run
+(:func:`cut_points`). ``benchmarks/sensitivity_cuts.py`` measures what it saves and that the table stays the same.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxopt.modelio import copy_fields
 from onnxopt.passes.quantize.qparams import TensorRange, quant_params
 from onnxopt.runtime import make_full_session, make_session
 
@@ -50,19 +56,39 @@ def sqnr_db(reference: np.ndarray, noisy: np.ndarray) -> float:
     return 10.0 * np.log10(max(signal, 1e-30) / noise)
 
 
+#: The cut activations kept from the reference run for the probes, at most (bytes, all samples): above it the
+#: earliest cuts are dropped (their layers' probes start at an earlier cut, or run the whole graph).
+CUT_VALUES_BYTES = 512 << 20
+
+
 def layer_sensitivity(model: onnx.ModelProto, layers: Sequence[onnx.NodeProto], ranges: Mapping[str, TensorRange],
                       quantize_weight: WeightQuantizer, feeds: Sequence[dict[str, np.ndarray]],
                       labels: np.ndarray | None, reduce_range: bool, symmetric: bool,
-                      threads: int | None = None, optimization: str = "all") -> list[LayerSensitivity]:
+                      threads: int | None = None, optimization: str = "all",
+                      cuts: bool = True) -> list[LayerSensitivity]:
     """One entry per layer of ``layers``, most sensitive (lowest output SQNR) first. ``optimization``: ORT's graph
-    optimization level for the probes (a graph the full level cannot optimize runs at the basic one)."""
+    optimization level for the probes (a graph the full level cannot optimize runs at the basic one); ``cuts``:
+    probes run the graph's tail from the last cut before their layer (:func:`cut_points`), else the whole graph."""
     output = model.graph.output[0].name
-    reference = _run(model, feeds, [output, *(n.output[0] for n in layers)], threads, optimization)
+    batch = max((int(np.shape(v)[0]) for v in feeds[0].values() if np.ndim(v)), default=1) if feeds else 1
+    starts = _probe_starts(model, layers, len(feeds), batch) if cuts else {}
+    cut_names = sorted({tensor for _, tensor in starts.values()})
+    names = [output, *(n.output[0] for n in layers)]
+    parts = _run_parts(model, feeds, [*names, *cut_names], threads, optimization)
+    reference, cut_values = [_joined(parts[name]) for name in names], {name: parts[name] for name in cut_names}
+    tails: dict[tuple[int, str], onnx.ModelProto] = {}
     table = []
-    inits = {init.name: init for init in model.graph.initializer}
     for k, node in enumerate(layers):
-        probe = _simulate(model, node, inits, ranges, quantize_weight, symmetric)
-        outs = _run(probe, feeds, [output, node.output[0]], threads, optimization)
+        start = starts.get(node.name)
+        source, probe_feeds = model, feeds
+        if start is not None:
+            if start not in tails:
+                tails[start] = _tail(model, *start)
+            source = tails[start]
+            probe_feeds = [{start[1]: value} for value in cut_values[start[1]]]
+        inits = {init.name: init for init in source.graph.initializer}
+        probe = _simulate(source, node, inits, ranges, quantize_weight, symmetric)
+        outs = _run(probe, probe_feeds, [output, node.output[0]], threads, optimization)
         accuracy = None
         if labels is not None:
             accuracy = float(np.mean(np.argmax(outs[0].reshape(len(labels), -1), axis=1) == labels))
@@ -118,22 +144,126 @@ def _sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
+def cut_points(graph: onnx.GraphProto) -> list[tuple[int, str]]:
+    """``(i, tensor)`` for each node index ``i`` before which ``tensor`` is the only activation computed so far that
+    a node from ``i`` on (or a graph output) still reads: the graph from node ``i`` on, fed ``tensor``, computes every
+    output. Nodes must be in topological order (ONNX requires it); none where a node has a subgraph (it may read
+    outer values that its inputs do not list), and none while a graph input is still to be read or a graph output
+    has been computed."""
+    if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node
+           for attr in n.attribute):
+        return []
+    constants = {init.name for init in graph.initializer}
+    last_read: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            if name and name not in constants:
+                last_read[name] = index
+    outputs = {o.name for o in graph.output}
+    inputs = {i.name for i in graph.input if i.name not in constants}
+    live = set(inputs)
+    cuts = []
+    for index, node in enumerate(graph.node):
+        live = {name for name in live if name in outputs or last_read.get(name, -1) >= index}
+        if index and len(live) == 1 and not live & (inputs | outputs):  # the tail must compute every output
+            cuts.append((index, next(iter(live))))
+        live.update(name for name in node.output if name)
+    return cuts
+
+
+def _probe_starts(model: onnx.ModelProto, layers: Sequence[onnx.NodeProto], samples: int,
+                  batch: int) -> dict[str, tuple[int, str]]:
+    """Layer name -> the cut its probe starts at: the last one at or before the layer, among the cuts whose values
+    for ``samples`` feeds of ``batch`` fit ``CUT_VALUES_BYTES`` together (the latest kept first: they skip the
+    most)."""
+    graph = model.graph
+    cuts = cut_points(graph)
+    if not cuts:
+        return {}
+    position = {node.name: index for index, node in enumerate(graph.node) if node.name}
+    wanted = {}
+    for layer in layers:
+        before = [cut for cut in cuts if cut[0] <= position.get(layer.name, -1)]
+        if before:
+            wanted[layer.name] = before[-1]
+    sizes = {info.name: _tensor_bytes(info, batch) for info in graph.value_info}
+    kept, total = set(), 0
+    for cut in sorted(set(wanted.values()), reverse=True):
+        size = sizes.get(cut[1])
+        if size is not None and total + size * samples <= CUT_VALUES_BYTES:
+            kept.add(cut)
+            total += size * samples
+    starts = {}
+    for layer in layers:
+        if layer.name not in wanted:
+            continue
+        usable = [cut for cut in cuts if cut in kept and cut[0] <= position[layer.name]]
+        if usable:
+            starts[layer.name] = usable[-1]
+    return starts
+
+
+def _tensor_bytes(info: onnx.ValueInfoProto, batch: int) -> int | None:
+    """Bytes of one feed's float32 value of ``info`` (a symbolic leading dim counts as ``batch``), when its type is
+    float and every other dim is known."""
+    tensor = info.type.tensor_type
+    if tensor.elem_type != onnx.TensorProto.FLOAT or not tensor.HasField("shape") or not tensor.shape.dim:
+        return None
+    dims = [d.dim_value for d in tensor.shape.dim]
+    dims[0] = dims[0] if dims[0] > 0 else batch
+    if any(d <= 0 for d in dims):
+        return None
+    return int(np.prod(dims, dtype=np.int64)) * 4
+
+
+def _tail(model: onnx.ModelProto, index: int, tensor: str) -> onnx.ModelProto:
+    """The graph from node ``index`` on, with ``tensor`` (a cut) as its one input and only the initializers it
+    reads."""
+    graph = model.graph
+    nodes = list(graph.node)[index:]
+    read = {name for node in nodes for name in node.input}
+    tail = onnx.ModelProto()
+    copy_fields(tail, model, skip="graph")
+    copy_fields(tail.graph, graph, skip="node")
+    del tail.graph.initializer[:]
+    tail.graph.initializer.extend(init for init in graph.initializer if init.name in read)
+    del tail.graph.input[:]
+    info = next((v for v in [*graph.value_info, *graph.input] if v.name == tensor), None)
+    tail.graph.input.append(info if info is not None
+                            else helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    tail.graph.node.extend(nodes)
+    return tail
+
+
 def _run(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str],
          threads: int | None, optimization: str = "all") -> list[np.ndarray]:
+    """Each of ``names`` over ``feeds``, concatenated along the batch axis."""
+    parts = _run_parts(model, feeds, names, threads, optimization)
+    return [_joined(parts[name]) for name in names]
+
+
+def _run_parts(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str],
+               threads: int | None, optimization: str = "all") -> dict[str, list[np.ndarray]]:
+    """Each of ``names`` (once, if named twice) over ``feeds``: one value per feed."""
+    unique = list(dict.fromkeys(names))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n in names if n not in present)
+                              for n in unique if n not in present)
     if optimization == "all":
         session = make_full_session(probe, threads=threads, what="the sensitivity probe")
     else:
         session = make_session(probe, threads=threads, optimization=optimization, what="the sensitivity probe")
-    parts: list[list[np.ndarray]] = [[] for _ in names]
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in unique}
     for feed in feeds:
-        for k, value in enumerate(session.run(list(names), feed)):
-            parts[k].append(np.asarray(value))
-    return [np.concatenate(p, axis=0) if p and p[0].ndim else np.stack(p) for p in parts]
+        for name, value in zip(unique, session.run(unique, feed)):
+            parts[name].append(np.asarray(value))
+    return parts
 
 
-__all__ = ["LayerSensitivity", "layer_sensitivity", "sqnr_db"]
+def _joined(values: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(values, axis=0) if values and values[0].ndim else np.stack(values)
+
+
+__all__ = ["LayerSensitivity", "cut_points", "layer_sensitivity", "sqnr_db"]
