@@ -189,6 +189,30 @@ def test_broken_model_names_pass_and_node(model_path: Path, tmp_path: Path):
     assert not out.exists()
 
 
+def test_a_pass_that_changes_nothing_reuses_the_evaluation_before_it(model_path: Path, data_path: Path,
+                                                                       monkeypatch):
+    """test_scale with factor 1 leaves the bytes as they were: one evaluation fewer, a note says so, the figures
+    are the previous step's; factor 2 changes them and is evaluated again."""
+    from onnxopt.pipeline import manager
+
+    runs = []
+    real = manager.collect_outputs
+
+    def spy(*args, **kwargs):
+        runs.append(kwargs.get("what"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "collect_outputs", spy)
+    result = onnxopt.optimize(model_path, ["normalize", {"test_scale": {"factor": 1.0}},
+                                           {"test_scale": {"factor": 2.0}}], eval=data_path, measure_latency=False)
+    steps = result.report.to_dict()["steps"]
+    assert len(runs) == 3 and "test_scale" in runs[-1]  # input, normalize, the second test_scale
+    assert any("byte for byte" in note for note in steps[2]["notes"])
+    assert not any("byte for byte" in note for note in steps[3]["notes"])
+    assert steps[2]["metrics"] == steps[1]["metrics"] and steps[2]["fidelity_vs_previous"]["max_abs_error"] == 0
+    assert steps[3]["fidelity_vs_previous"]["max_abs_error"] > 0
+
+
 def test_crashing_pass_is_reported_with_its_name(model_path: Path):
     with pytest.raises(PassFailedError, match="pass 'test_crash' failed: ZeroDivisionError: boom"):
         onnxopt.optimize(model_path, ["test_crash"], measure_latency=False)
