@@ -66,6 +66,15 @@ STATISTICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 
 
 SCREEN, MARGIN, ROUNDS = 6, 1.15, 30  # placement.SCREEN_ROUNDS, CLEARLY_SLOWER (the early-stop margin), REPEATS
+NOT_SLOWER = 0.98  # placement.MIN_RATIO_OTHER
+
+#: What the confirmation (the race's winner timed again) may ask, given its (median, minimum) ratios; the race itself
+#: always takes the larger of the two >= THRESHOLD.
+CONFIRMATIONS: dict[str, Callable[[float, float], bool]] = {
+    "larger >= 1.02 (the race's rule; before)": lambda med, low: max(med, low) >= THRESHOLD,
+    "larger >= 1.02 and smaller >= 0.98 (placement.confirmed)":
+        lambda med, low: max(med, low) >= THRESHOLD and min(med, low) >= NOT_SLOWER,
+}
 
 
 def _spread_rule(fp32: np.ndarray, cand: np.ndarray) -> bool:
@@ -241,6 +250,7 @@ def render(payload: dict) -> str:
                 for name, stop in record["early_stop"].items():
                     lines.append(f"| {case} | {label} | {condition} | {name} | {stop['mean_rounds']:.1f} "
                                  f"| {stop['differs']}/{races} |")
+    lines += _confirmation_lines(results)
     lines += ["", "## Totals: race + confirmation pairs against the candidates' expectations", "",
               "misses = pairs that do not show a clearly faster candidate faster; false picks = pairs that show a "
               "candidate that is not faster as faster.", "",
@@ -251,13 +261,52 @@ def render(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _confirmation_lines(results: dict) -> list[str]:
+    """Each confirmation rule replayed on the recorded races: race i (the larger of its median and minimum ratios
+    >= THRESHOLD) paired with race i + 1 as the confirmation, from the ratios the JSON keeps."""
+    lines = ["", "## Confirmation rules, replayed on the recorded races", "",
+             "Race 2k decides by the larger of its median and minimum ratios (>= "
+             f"{THRESHOLD}x), race 2k+1 confirms by the rule; int8 is kept when both say so. misses = clearly faster "
+             "candidates not kept; false picks = candidates not faster kept; 'either' = how often int8 is kept where "
+             "the median and minimum references disagree (MnasNet: faster by median, slower by minimum). Computed "
+             "from the ratios of the run's JSON (`--render`, so a run recorded before this table has it too).", "",
+             "| condition | confirmation rule | misses | false picks | either: int8 kept |", "|---|---|---|---|---|"]
+    totals: dict[tuple[str, str], dict[str, list[int]]] = {}
+    for per_candidate in results.values():
+        for row in per_candidate.values():
+            for condition, record in row.items():
+                medians = record["statistics"]["median"]["ratios"]
+                minimums = record["statistics"]["minimum"]["ratios"]
+                raced = [max(m, n) >= THRESHOLD for m, n in zip(medians, minimums)]
+                for name, rule in CONFIRMATIONS.items():
+                    confirms = [rule(m, n) for m, n in zip(medians, minimums)]
+                    kept = [a and b for a, b in zip(raced[::2], confirms[1::2])]
+                    for key in ((condition, name), ("all", name)):
+                        total = totals.setdefault(key, {"faster": [0, 0], "not faster": [0, 0], "either": [0, 0]})
+                        total[record["expect"]][0] += sum(kept)
+                        total[record["expect"]][1] += len(kept)
+    for (condition, name), total in sorted(totals.items(), key=lambda item: item[0][0] == "all"):
+        kept_fast, fast = total["faster"]
+        lines.append(f"| {condition} | {name} | {fast - kept_fast}/{fast} | {total['not faster'][0]}/"
+                     f"{total['not faster'][1]} | {total['either'][0]}/{total['either'][1]} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--races", type=int, default=60)
     parser.add_argument("--busy", default="3,6", help="counts of competing busy-loop processes, one loaded "
                         "condition each")
     parser.add_argument("--out", default=str(REPO / "reports" / "placement_statistics.md"))
+    parser.add_argument("--render", metavar="JSON", help="rewrite --out from a previous run's JSON (its recorded "
+                        "races), measuring nothing")
     args = parser.parse_args()
+    if args.render is not None:
+        import json
+
+        payload = json.loads(Path(args.render).read_text())
+        Path(args.out).write_text(render(payload))
+        return
     from onnxopt.hostinfo import host_info
 
     started = time.perf_counter()

@@ -288,6 +288,22 @@ def test_placement_counts_a_candidate_faster_by_its_fastest_run(normalized, fake
     assert step.details["placement"]["chosen"] == "fp32" and "at batch 8" in step.details["placement"]["verdict"]
 
 
+def test_confirmation_refuses_a_winner_slower_by_either_measure(normalized, fake_time_models):
+    """Faster by median (1.11x) but slower by fastest run (0.94x), in the race and when timed again: the race takes
+    it, the confirmation does not (the latency target's condition holds on both), and the model stays FP32."""
+    timings = {placement.FP32: placement.Timing(2.0, 1.0)}
+    fake_time_models(lambda models, threads, shapes: {
+        label: timings.get(label, placement.Timing(1.8, 1.06)) for label in models})
+    model, step = _quantize(normalized, placement="auto", calib_samples=32)
+    info = step.details["placement"]
+    assert info["chosen"] == "fp32" and info["confirmations"]
+    assert all(c["speedup"] > 1.1 and c["best_run_speedup"] < 0.95 for c in info["confirmations"])
+    assert not any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+    assert "stayed faster than FP32 when timed again" in info["verdict"]
+    assert placement.confirmed(1.0, 2.0) and placement.confirmed(1.03, 0.98)
+    assert not placement.confirmed(1.11, 0.94) and not placement.confirmed(1.01, 1.01)
+
+
 def test_choose_takes_the_shortest_median_among_the_faster_candidates():
     fast_median = placement.Candidate("a", None, median_ms=1.0, speedup=2.0, min_ms=1.0, best_run_speedup=1.5)
     fast_best_run = placement.Candidate("b", None, median_ms=0.9, speedup=1.01, min_ms=0.5, best_run_speedup=3.0)

@@ -145,3 +145,28 @@ def test_quantize_makes_no_whole_copy_of_a_large_fp32_model(on_disk, tmp_path, m
     searched = quantize("auto")
     onnx.checker.check_model(searched, full_check=True)
     assert fp32_bytes not in copies  # int8 candidates may go to files; the FP32 model never again
+
+
+def test_quantize_without_room_for_the_shared_files_works_from_memory(on_disk, tmp_path, monkeypatch):
+    """A temporary folder that cannot take the weights: calibration and the search's sessions read the model from
+    memory (the search's pool already did), and the pass ends as it would have."""
+    import errno
+
+    from onnxopt.passes.quantize import placement
+    from onnxopt.shared_weights import SharedWeights as Shared
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, WIDTH)).astype(np.float32))
+
+    def quantize() -> bytes:
+        context = PassContext(calib=open_data(str(tmp_path / "calib.npz")))
+        step = QuantizePass(placement="all").bind(context)
+        return to_proto(step.apply(ir.load(tmp_path / "mlp.onnx"))).SerializeToString()
+
+    reference = quantize()
+    monkeypatch.setattr(placement, "FILE_FROM_BYTES", 0)
+    monkeypatch.setattr(Shared, "model_file", full)
+    assert quantize() == reference

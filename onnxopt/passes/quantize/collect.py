@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import onnx
 
@@ -67,7 +68,12 @@ def collect_statistics(
     available = data.num_samples()
     runs = samples if available is None else min(samples, available)
     with _exposing(model, tensors) as augmented:
-        source = files.model_file() if files is not None and files.proto is model else augmented
+        source: onnx.ModelProto | Path = augmented
+        if files is not None and files.proto is model:
+            try:
+                source = files.model_file()
+            except OSError:  # no room in the temporary folder: from memory, as make_session does it
+                source = augmented
         session = make_full_session(source, threads=threads, provider=provider,
                                     what="the model prepared for calibration", samples=runs,
                                     weight_bytes=proto_tensor_bytes(model))

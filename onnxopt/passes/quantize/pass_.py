@@ -585,7 +585,7 @@ class QuantizePass(OnnxoptPass):
             confirmations.append({"label": chosen.label, "fp32_ms": fp32_again and fp32_again.median_ms,
                                   "median_ms": chosen_again and chosen_again.median_ms, "speedup": ratio,
                                   "best_run_speedup": best_run})
-            if max(ratio, best_run) >= pl.MIN_SPEEDUP:
+            if pl.confirmed(ratio, best_run):
                 slower = self._slower_elsewhere(fp32, chosen, shapes, threads, confirmations[-1])
                 if slower is None:
                     break
