@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +23,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report_files import write_report  # noqa: E402 - beside this script
-from sensitivity_levels import SAMPLES, _cases, _prepared, _spearman  # noqa: E402 - the same models and inputs
+from sensitivity_levels import SAMPLES, _cases, _prepared, compare, difference_cells  # noqa: E402
 
 WAYS = {"cuts": True, "whole graph": False}
 #: Runs of each way per model, alternating which goes first; the fastest counts (this host is shared and noisy).
 ROUNDS = 3
-
-
-def _table(prepared: dict[str, Any], cuts: bool) -> tuple[float, list[Any]]:
-    from onnxopt.passes.quantize.sensitivity import layer_sensitivity
-
-    start = time.perf_counter()
-    table = layer_sensitivity(prepared["proto"], prepared["layers"], prepared["ranges"], prepared["quantize_weight"],
-                              prepared["feeds"], None, False, False, cuts=cuts)
-    return time.perf_counter() - start, table
 
 
 def _coverage(prepared: dict[str, Any]) -> tuple[int, float]:
@@ -55,28 +45,9 @@ def measure() -> list[dict[str, Any]]:
     rows = []
     for name, path, arrays, shapes in _cases():
         prepared = _prepared(path, arrays, shapes)
-        seconds: dict[str, list[float]] = {way: [] for way in WAYS}
-        tables: dict[str, list[Any]] = {}
-        for round_ in range(ROUNDS):
-            for way in (list(WAYS) if round_ % 2 == 0 else list(WAYS)[::-1]):  # alternately first
-                elapsed, tables[way] = _table(prepared, WAYS[way])
-                seconds[way].append(elapsed)
-        by_node = {way: {row.node: row for row in tables[way]} for way in WAYS}
-        nodes = list(by_node["whole graph"])
-        order = {way: [row.node for row in tables[way]] for way in WAYS}
         at_cut, skipped = _coverage(prepared)
-        row = {
-            "model": name, "layers": len(nodes), "samples": len(prepared["feeds"]), "at_cut": at_cut,
-            "skipped_share": skipped,
-            "seconds": {way: min(seconds[way]) for way in WAYS}, "all_runs_s": seconds,
-            "max_output_sqnr_diff_db": max(abs(by_node["cuts"][n].output_sqnr_db
-                                               - by_node["whole graph"][n].output_sqnr_db) for n in nodes),
-            "max_layer_sqnr_diff_db": max(abs(by_node["cuts"][n].layer_sqnr_db
-                                              - by_node["whole graph"][n].layer_sqnr_db) for n in nodes),
-            "spearman": _spearman(order["whole graph"], order["cuts"]),
-            "top10_same_set": set(order["whole graph"][:10]) == set(order["cuts"][:10]),
-            "same_order": order["whole graph"] == order["cuts"],
-        }
+        row = {"model": name, "at_cut": at_cut, "skipped_share": skipped,
+               **compare(prepared, {way: {"cuts": cuts} for way, cuts in WAYS.items()}, ROUNDS)}
         rows.append(row)
         print(f"  {name}: {row}", file=sys.stderr, flush=True)
     return rows
@@ -89,9 +60,10 @@ def render(payload: dict[str, Any]) -> str:
         "hand.", "",
         f"Each model: the table of every Conv/Gemm/MatMul layer on {SAMPLES} samples both ways, alternated, the "
         f"fastest of {ROUNDS} runs each (ORT's full optimization level; every run's time is in the JSON). At a "
-        "cut: layers whose probe runs only the graph's tail; skipped: the mean share of the graph's nodes a probe no longer runs (over all layers). Differences: "
-        "largest change of a layer's output SQNR and layer SQNR; Spearman correlation of the two orders (1 = the "
-        "same order); whether the 10 most sensitive layers are the same set; whether the whole order is the same.", "",
+        "cut: layers whose probe runs only the graph's tail; skipped: the mean share of the graph's nodes a probe "
+        "no longer runs (over all layers). Differences: largest change of a layer's output SQNR and layer SQNR; "
+        "Spearman correlation of the two orders (1 = the same order); whether the 10 most sensitive layers are the "
+        "same set; whether the whole order is the same.", "",
         "| model | layers | at a cut | skipped | from cuts | whole graph | time saved | max diff, output SQNR "
         "| max diff, layer SQNR | Spearman | top 10 same | same order |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -99,9 +71,7 @@ def render(payload: dict[str, Any]) -> str:
     for r in payload["rows"]:
         cut, whole = r["seconds"]["cuts"], r["seconds"]["whole graph"]
         lines.append(f"| {r['model']} | {r['layers']} | {r['at_cut']} | {r['skipped_share']:.0%} | {cut:.2f} s | "
-                     f"{whole:.2f} s | {1 - cut / whole:.0%} | {r['max_output_sqnr_diff_db']:.3f} dB | "
-                     f"{r['max_layer_sqnr_diff_db']:.3f} dB | {r['spearman']:.4f} | "
-                     f"{'yes' if r['top10_same_set'] else 'no'} | {'yes' if r['same_order'] else 'no'} |")
+                     f"{whole:.2f} s | {1 - cut / whole:.0%} | " + difference_cells(r))
     return "\n".join(lines) + "\n"
 
 

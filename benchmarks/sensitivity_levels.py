@@ -79,15 +79,6 @@ def _prepared(path: Any, arrays: dict[str, np.ndarray], shapes: dict[str, tuple[
             "quantize_weight": weight_quantizer(True, False, "minmax"), "feeds": feeds}
 
 
-def _table(prepared: dict[str, Any], level: str) -> tuple[float, list[Any]]:
-    from onnxopt.passes.quantize.sensitivity import layer_sensitivity
-
-    start = time.perf_counter()
-    table = layer_sensitivity(prepared["proto"], prepared["layers"], prepared["ranges"], prepared["quantize_weight"],
-                              prepared["feeds"], None, False, False, optimization=level)
-    return time.perf_counter() - start, table
-
-
 def _spearman(a: list[str], b: list[str]) -> float:
     rank_b = {name: i for i, name in enumerate(b)}
     ranks = np.array([[i, rank_b[name]] for i, name in enumerate(a)], dtype=np.float64)
@@ -96,30 +87,45 @@ def _spearman(a: list[str], b: list[str]) -> float:
     return float(np.corrcoef(ranks[:, 0], ranks[:, 1])[0, 1])
 
 
+def compare(prepared: dict[str, Any], ways: dict[str, dict[str, Any]], rounds: int) -> dict[str, Any]:
+    """The table made each of two ``ways`` (label -> ``layer_sensitivity`` keyword arguments), alternately first,
+    ``rounds`` times each: the fastest run of each, and how far the figures and the order of the two differ."""
+    from onnxopt.passes.quantize.sensitivity import layer_sensitivity
+
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
+    tables: dict[str, list[Any]] = {}
+    for round_ in range(rounds):
+        for way in (list(ways) if round_ % 2 == 0 else list(ways)[::-1]):
+            start = time.perf_counter()
+            tables[way] = layer_sensitivity(prepared["proto"], prepared["layers"], prepared["ranges"],
+                                            prepared["quantize_weight"], prepared["feeds"], None, False, False,
+                                            **ways[way])
+            seconds[way].append(time.perf_counter() - start)
+    first, second = (({row.node: row for row in tables[way]}, [row.node for row in tables[way]]) for way in ways)
+    nodes = list(second[0])
+    return {
+        "layers": len(nodes), "samples": len(prepared["feeds"]),
+        "seconds": {way: min(seconds[way]) for way in ways}, "all_runs_s": seconds,
+        "max_output_sqnr_diff_db": max(abs(first[0][n].output_sqnr_db - second[0][n].output_sqnr_db) for n in nodes),
+        "max_layer_sqnr_diff_db": max(abs(first[0][n].layer_sqnr_db - second[0][n].layer_sqnr_db) for n in nodes),
+        "spearman": _spearman(second[1], first[1]),
+        "top10_same_set": set(second[1][:10]) == set(first[1][:10]),
+        "same_order": second[1] == first[1],
+    }
+
+
+def difference_cells(row: dict[str, Any]) -> str:
+    """The Markdown cells of :func:`compare`'s differences: output and layer SQNR, Spearman, top 10, order."""
+    return (f"{row['max_output_sqnr_diff_db']:.3f} dB | {row['max_layer_sqnr_diff_db']:.3f} dB | "
+            f"{row['spearman']:.4f} | {'yes' if row['top10_same_set'] else 'no'} | "
+            f"{'yes' if row['same_order'] else 'no'} |")
+
+
 def measure() -> list[dict[str, Any]]:
     rows = []
     for name, path, arrays, shapes in _cases():
-        prepared = _prepared(path, arrays, shapes)
-        seconds: dict[str, list[float]] = {level: [] for level in LEVELS}
-        tables: dict[str, list[Any]] = {}
-        for round_ in range(2):
-            for level in (LEVELS if round_ == 0 else LEVELS[::-1]):  # each level goes first once
-                elapsed, tables[level] = _table(prepared, level)
-                seconds[level].append(elapsed)
-        by_node = {level: {row.node: row for row in tables[level]} for level in LEVELS}
-        nodes = list(by_node["basic"])
-        order = {level: [row.node for row in tables[level]] for level in LEVELS}
-        row = {
-            "model": name, "layers": len(nodes), "samples": len(prepared["feeds"]),
-            "seconds": {level: min(seconds[level]) for level in LEVELS}, "all_runs_s": seconds,
-            "max_output_sqnr_diff_db": max(abs(by_node["all"][n].output_sqnr_db - by_node["basic"][n].output_sqnr_db)
-                                           for n in nodes),
-            "max_layer_sqnr_diff_db": max(abs(by_node["all"][n].layer_sqnr_db - by_node["basic"][n].layer_sqnr_db)
-                                          for n in nodes),
-            "spearman": _spearman(order["basic"], order["all"]),
-            "top10_same_set": set(order["basic"][:10]) == set(order["all"][:10]),
-            "same_order": order["basic"] == order["all"],
-        }
+        row = {"model": name, **compare(_prepared(path, arrays, shapes),
+                                        {level: {"optimization": level} for level in LEVELS}, rounds=2)}
         rows.append(row)
         print(f"  {name}: {row}", file=sys.stderr, flush=True)
     return rows
@@ -141,9 +147,7 @@ def render(payload: dict[str, Any]) -> str:
     for r in payload["rows"]:
         full, basic = r["seconds"]["all"], r["seconds"]["basic"]
         lines.append(f"| {r['model']} | {r['layers']} | {full:.2f} s | {basic:.2f} s | {1 - full / basic:.0%} | "
-                     f"{r['max_output_sqnr_diff_db']:.3f} dB | {r['max_layer_sqnr_diff_db']:.3f} dB | "
-                     f"{r['spearman']:.4f} | {'yes' if r['top10_same_set'] else 'no'} | "
-                     f"{'yes' if r['same_order'] else 'no'} |")
+                     + difference_cells(r))
     return "\n".join(lines) + "\n"
 
 
