@@ -348,16 +348,19 @@ def model_file(model: ir.Model) -> Iterator[Path]:
 def proto_tensor_bytes(proto: onnx.ModelProto) -> int:
     """Bytes of the main graph's initializer data, from dims and types: ``ByteSize()`` serializes the message, and
     fails above 2 GB."""
-    total = 0
-    for init in proto.graph.initializer:
-        if init.data_type == onnx.TensorProto.STRING:
-            continue
-        try:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize  # 4-bit types count a byte
-        except KeyError:  # UNDEFINED, or a type newer than this onnx: not counted (ORT reports it, if it matters)
-            continue
-        total += int(np.prod(init.dims, dtype=np.int64)) * itemsize
-    return total
+    return sum(size for size in map(tensor_proto_bytes, proto.graph.initializer) if size is not None)
+
+
+def tensor_proto_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of ``tensor``'s data from its dims and type (reading ``raw_data`` would copy it; 4-bit types count a
+    byte each); None for strings, UNDEFINED and types newer than this onnx (ORT reports those, if it matters)."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except KeyError:
+        return None
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def with_tensor_data(model: ir.Model) -> onnx.ModelProto:
@@ -389,40 +392,16 @@ def release_mapped(model: ir.Model) -> None:
             value.const_value.release()
 
 
-#: Initializers of at least this many bytes go to the data file in :func:`proto_file`; smaller ones stay inline.
-_EXTERNAL_MIN_BYTES = 1024
-_ALIGN = 4096
-
-
 @contextlib.contextmanager
 def proto_file(proto: onnx.ModelProto) -> Iterator[Path]:
     """``proto`` written to a temporary folder, its large initializers in an external data file, for ONNX Runtime
-    above the 2 GB limit of one serialized message. ``proto`` is not changed: the file gets a skeleton copy (every
-    field but the initializers) and the tensors are written one at a time, so no second copy of the model is made."""
-    with tempfile.TemporaryDirectory(prefix="onnxopt-") as tmp:
-        target, data_name = Path(tmp) / "model.onnx", "model.onnx.data"
-        skeleton = without_initializers(proto)
-        with open(Path(tmp) / data_name, "wb") as data:
-            for init in proto.graph.initializer:
-                entry = skeleton.graph.initializer.add()
-                if not init.HasField("raw_data") or init.data_location == onnx.TensorProto.EXTERNAL:
-                    entry.CopyFrom(init)
-                    continue
-                raw = init.raw_data
-                if len(raw) < _EXTERNAL_MIN_BYTES:
-                    entry.CopyFrom(init)
-                    continue
-                offset = -data.tell() % _ALIGN + data.tell()
-                data.seek(offset)
-                data.write(raw)
-                entry.name, entry.data_type, entry.data_location = init.name, init.data_type, onnx.TensorProto.EXTERNAL
-                entry.dims.extend(init.dims)
-                for key, text in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    item = entry.external_data.add()
-                    item.key, item.value = key, text
-                del raw
-        target.write_bytes(skeleton.SerializeToString())
-        yield target
+    above the 2 GB limit of one serialized message (:class:`onnxopt.shared_weights.SharedWeights` for one file).
+    ``proto`` is not changed: the file gets a skeleton copy (every field but the initializers) and the tensors are
+    written one at a time, so no second copy of the model is made."""
+    from onnxopt.shared_weights import SharedWeights  # it builds on this module
+
+    with SharedWeights(proto) as files:
+        yield files.model_file()
 
 
 def without_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:

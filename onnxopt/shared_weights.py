@@ -21,13 +21,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt.modelio import without_initializers
+from onnxopt.modelio import tensor_proto_bytes, without_initializers
 
-#: Initializers of fewer bytes stay inside the graph file (as ``modelio.proto_file`` keeps them).
+#: Initializers of fewer bytes stay inside the graph file.
 INLINE_BELOW_BYTES = 1024
 _ALIGN = 4096
 _DATA_NAME = "weights.bin"
@@ -122,7 +121,7 @@ class SharedWeights:
         """The external_data entries of ``init`` in the folder (placing it first), or None to keep it inline."""
         if not init.HasField("raw_data") or init.data_location == onnx.TensorProto.EXTERNAL:
             return None
-        nbytes = _nbytes(init)
+        nbytes = tensor_proto_bytes(init)
         if nbytes is None or nbytes < INLINE_BELOW_BYTES:
             return None
         shape = (init.data_type, tuple(init.dims))
@@ -160,17 +159,6 @@ class SharedWeights:
         data.write(raw)
         self.written_bytes += len(raw)
         return [("location", _DATA_NAME), ("offset", str(offset)), ("length", str(len(raw)))]
-
-
-def _nbytes(init: onnx.TensorProto) -> int | None:
-    """Bytes of ``init``'s data from its dims and type (reading ``raw_data`` would copy it); None if unknown."""
-    if init.data_type == onnx.TensorProto.STRING:
-        return None
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-    except KeyError:
-        return None
-    return int(np.prod(init.dims, dtype=np.int64)) * itemsize
 
 
 __all__ = ["INLINE_BELOW_BYTES", "SharedWeights", "TensorSource", "external_sources"]
