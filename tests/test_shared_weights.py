@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.calib_data import open_data
-from onnxopt.modelio import proto_tensor_bytes, to_proto, with_tensor_data
+from onnxopt.modelio import file_sha256, proto_tensor_bytes, to_proto, with_tensor_data
 from onnxopt.passes.quantize import QuantizePass
 from onnxopt.pipeline.context import PassContext
 from onnxopt.shared_weights import INLINE_BELOW_BYTES, SharedWeights, external_sources
@@ -65,8 +65,10 @@ def test_external_sources_name_the_input_files_weights(on_disk, tmp_path):
     assert sources["w1"].offset >= WIDTH * WIDTH * 4
 
 
-def test_weights_are_linked_from_the_input_and_written_nowhere(on_disk):
+def test_weights_are_linked_from_the_input_and_written_nowhere(on_disk, tmp_path):
     model, proto, x, expected = on_disk
+    data = tmp_path / "mlp.bin"
+    digest = file_sha256(data)
     with SharedWeights(proto, external_sources(model)) as shared:
         first = shared.model_file()
         np.testing.assert_array_equal(outputs(first, ["y"], x)[0], expected)
@@ -79,7 +81,9 @@ def test_weights_are_linked_from_the_input_and_written_nowhere(on_disk):
         assert r0.shape == (3, WIDTH) and shared.linked_bytes == 2 * WIDTH * WIDTH * 4
         assert first != second and second.stat().st_size < INLINE_BELOW_BYTES * 2  # graph and bias only
         folder = second.parent
+        assert data.stat().st_nlink == 2  # the folder's link to the input's data file
     assert not folder.exists()
+    assert data.stat().st_nlink == 1 and file_sha256(data) == digest  # the input as it was
 
 
 def test_without_sources_the_weights_are_written_once(on_disk):
