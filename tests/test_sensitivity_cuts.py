@@ -98,3 +98,21 @@ def test_cut_values_over_the_memory_bound_fall_back_to_the_whole_graph(prepared,
     monkeypatch.setattr(sensitivity, "CUT_VALUES_BYTES", one_cut * len(feeds))
     kept = {start for start in sensitivity._probe_starts(proto, layers, len(feeds), 1).values()}
     assert len(kept) <= 1  # only what fits: the latest cuts first
+
+
+def test_a_tail_that_cannot_run_falls_back_to_the_whole_graph(prepared, monkeypatch):
+    """A cut whose recorded shape is wrong (a stale value_info): ORT refuses the tail's feed, and the layer is probed
+    over the whole graph instead, with the same figures."""
+    real = sensitivity._tail
+
+    def stale(model, index, tensor):
+        tail = real(model, index, tensor)
+        dims = tail.graph.input[0].type.tensor_type.shape.dim
+        dims[len(dims) - 1].dim_value = dims[len(dims) - 1].dim_value + 1
+        return tail
+
+    whole = _table(prepared, cuts=False)
+    monkeypatch.setattr(sensitivity, "_tail", stale)
+    cut = _table(prepared, cuts=True)
+    assert list(whole) == list(cut)
+    assert all(abs(row.output_sqnr_db - cut[name].output_sqnr_db) < 1e-6 for name, row in whole.items())
