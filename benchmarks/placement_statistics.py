@@ -72,8 +72,10 @@ NOT_SLOWER = 0.98  # placement.MIN_RATIO_OTHER
 #: always takes the larger of the two >= THRESHOLD.
 CONFIRMATIONS: dict[str, Callable[[float, float], bool]] = {
     "larger >= 1.02 (the race's rule; before)": lambda med, low: max(med, low) >= THRESHOLD,
-    "larger >= 1.02 and smaller >= 0.98 (placement.confirmed)":
+    "larger >= 1.02 and smaller >= 0.98":
         lambda med, low: max(med, low) >= THRESHOLD and min(med, low) >= NOT_SLOWER,
+    "larger >= 1.15, or larger >= 1.02 and smaller >= 0.98 (placement.confirmed)":
+        lambda med, low: max(med, low) >= MARGIN or (max(med, low) >= THRESHOLD and min(med, low) >= NOT_SLOWER),
 }
 
 

@@ -7,8 +7,8 @@ FP32 on calibration samples is high enough (checked for the fastest first, the n
 
 A candidate beats FP32 when its median run or its fastest run does (:attr:`Candidate.gain`): on a shared machine a
 burst of load inflates one model's median, never a fastest run (``benchmarks/placement_statistics.py`` scores both
-on recorded races). The confirmation (the winner timed again alone beside FP32) asks for that and for neither
-to show it slower (:func:`confirmed`). The checks that a winner is not slower elsewhere stay on the median.
+on recorded races). The confirmation (the winner timed again alone beside FP32) asks for a clear gain by either,
+or for a gain by one and no loss by the other (:func:`confirmed`). The checks that a winner is not slower elsewhere stay on the median.
 
 The search is most of a MinMax quantization's wall time, so it is kept cheap without changing what it can choose:
 one ORT session per model serves the agreement check, the timing and the confirmation (:func:`sharing_sessions`);
@@ -84,14 +84,16 @@ class Timing(NamedTuple):
 
 
 def confirmed(speedup: float, best_run_speedup: float) -> bool:
-    """The confirmation's verdict (the winner timed again alone beside FP32): faster by its median or its fastest
-    run (``MIN_SPEEDUP``), as in the race, and slower by neither (``MIN_RATIO_OTHER``), the latency target's own
-    condition on both. The race alone takes the larger (a burst of load inflates a median, never a fastest run);
-    asking the confirmation for both cut the recorded races' false picks from 7 of 300 pairs to 0, and took int8 on
-    MnasNet (1.08x FP32 by median, 0.95x by fastest run) in 96 instead of 213 of 300, for 35 misses of 600 clearly
-    faster pairs instead of 6, most beside 6 busy processes (reports/placement_statistics.md, "Confirmation rules":
-    the recorded races replayed)."""
-    return max(speedup, best_run_speedup) >= MIN_SPEEDUP and min(speedup, best_run_speedup) >= MIN_RATIO_OTHER
+    """The confirmation's verdict (the winner timed again alone beside FP32): clearly faster by its median or its
+    fastest run (``CLEARLY_SLOWER``, the race's own margin), or faster by one (``MIN_SPEEDUP``) and slower by neither
+    (``MIN_RATIO_OTHER``, the latency target's condition). The race alone takes the larger of the two (a burst of
+    load inflates a median, never a fastest run). Replayed on the recorded races of
+    ``reports/placement_statistics.md`` ("Confirmation rules"): false picks 2 of 300 pairs instead of 7 with the
+    larger alone, MnasNet's int8 (1.08x FP32 by median, 0.95x by fastest run) kept in 115 of 300 instead of 213, 9
+    of 600 clearly faster pairs missed instead of 6; asking for both always had 0 false picks but 35 misses, and
+    missed two ResNet exports of the corpus (1.20x by median, 0.95x by fastest run when timed again)."""
+    larger, smaller = max(speedup, best_run_speedup), min(speedup, best_run_speedup)
+    return larger >= CLEARLY_SLOWER or (larger >= MIN_SPEEDUP and smaller >= MIN_RATIO_OTHER)
 
 
 def ratios(reference: Timing | None, timing: Timing | None) -> tuple[float, float]:
