@@ -76,7 +76,7 @@ def layer_sensitivity(model: onnx.ModelProto, layers: Sequence[onnx.NodeProto], 
     names = [output, *(n.output[0] for n in layers)]
     parts = _run_parts(model, feeds, [*names, *cut_names], threads, optimization)
     reference, cut_values = [_joined(parts[name]) for name in names], {name: parts[name] for name in cut_names}
-    tails: dict[tuple[int, str], onnx.ModelProto] = {}
+    tails: dict[tuple[int, str], tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]] = {}  # with its initializers
     table = []
     whole_inits = {init.name: init for init in model.graph.initializer}
 
@@ -90,10 +90,10 @@ def layer_sensitivity(model: onnx.ModelProto, layers: Sequence[onnx.NodeProto], 
             outs = probe_whole(node)
         else:
             if start not in tails:
-                tails[start] = _tail(model, *start)
-            tail = tails[start]
-            probe = _simulate(tail, node, {init.name: init for init in tail.graph.initializer}, ranges,
-                              quantize_weight, symmetric)
+                tail = _tail(model, *start)
+                tails[start] = tail, {init.name: init for init in tail.graph.initializer}
+            tail, tail_inits = tails[start]
+            probe = _simulate(tail, node, tail_inits, ranges, quantize_weight, symmetric)
             try:
                 outs = _run(probe, [{start[1]: value} for value in cut_values[start[1]]], [output, node.output[0]],
                             threads, optimization)
