@@ -62,6 +62,9 @@ SAMPLES = 32
 TIMEOUT_S = 1800
 LIMIT_MB = 16000
 PROTOBUF_LIMIT = 2**31
+#: What the onnxopt command sets for itself (onnxopt.hugepages): the peer's row with it shows what the environment
+#: alone gives ORT's quantizer.
+HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 def build_mlp(folder: Path, width: int, seed: int = 0) -> tuple[Path, Path]:
@@ -213,12 +216,18 @@ def measure(width: int, workdir: Path, versions: list[tuple[str, Path | None]]) 
     rows = onnxopt_rows(f"w{width}", model, runs, versions, ["--calib", str(calib)])
     prepacking = measure_prepacking(model, calib)
     print(f"  w{width}: prepacking: {json.dumps(prepacking)}", file=sys.stderr, flush=True)
-    out = folder / "ort.onnx"
-    result = run([sys.executable, str(Path(__file__).resolve()), "--ort-worker", str(model), str(calib), str(out)])
-    if result["exit"] == 0 and out.exists():
-        result.update(check_output(out))
-    rows.append({"row": "ORT quantize_static (QDQ MinMax defaults)", "code": "onnxruntime", **result})
-    print(f"  w{width}: ORT: {json.dumps(result)}", file=sys.stderr, flush=True)
+    for label, env in (("ORT quantize_static (QDQ MinMax defaults)", None),
+                       (f"ORT quantize_static (QDQ MinMax defaults), `GLIBC_TUNABLES={HUGETLB}`",
+                        {**os.environ, "GLIBC_TUNABLES": HUGETLB})):
+        out = folder / "ort.onnx"
+        result = run([sys.executable, str(Path(__file__).resolve()), "--ort-worker", str(model), str(calib),
+                      str(out)], env=env)
+        if result["exit"] == 0 and out.exists():
+            result.update(check_output(out))
+        for leftover in folder.glob("ort.onnx*"):
+            leftover.unlink()
+        rows.append({"row": label, "code": "onnxruntime", **result})
+        print(f"  w{width}: {label}: {json.dumps(result)}", file=sys.stderr, flush=True)
     shutil.rmtree(folder, ignore_errors=True)
     return {"title": f"W = {width} ({weights_mb} MB on disk)", "rows": rows, "prepacking": prepacking}
 
@@ -286,7 +295,10 @@ def render(payload: dict) -> str:
              "result reused): wall time from start to exit (imports included), peak = its own VmHWM; a run is "
              f"killed once its resident memory passes {LIMIT_MB} MB. valid = the output passes the full ONNX checker "
              "and loads in ONNX Runtime; DQ = DequantizeLinear nodes in the output (0: the model stayed FP32). "
-             "'before' rows run the code of the named git ref on the same files.", ""]
+             "'before' rows run the code of the named git ref on the same files. The onnxopt command re-executes "
+             "itself with malloc asking for transparent huge pages where the kernel gives them only on request "
+             "(`onnxopt.hugepages`: " + payload.get("memory", "state not recorded") + "); code before that change "
+             f"does not, and ORT's quantizer runs once as it is and once with `GLIBC_TUNABLES={HUGETLB}`.", ""]
     for case in payload["cases"]:
         lines += [f"## {case['title']}", "",
                   "| run | code | exit | wall | peak RSS | valid | DQ | output size | error |",
@@ -315,6 +327,17 @@ def render_prepacking(prepacking: dict | None) -> list[str]:
         runs = ["/".join(f"{1000 * t:.1f}" for t in record[batch]) + " ms" for batch in ("batch 1", "batch 16")]
         lines.append(f"| {label} | {min(record['create']):.2f} s | {runs[0]} | {runs[1]} |")
     return lines + [""]
+
+
+def _memory_state() -> str:
+    """The kernel's THP mode, and whether the onnxopt command re-executes itself here (its own decision)."""
+    from onnxopt import hugepages
+
+    environ = {k: v for k, v in os.environ.items() if k not in (hugepages.ENV_SWITCH, "GLIBC_TUNABLES")}
+    relaunches = hugepages.relaunch_environment(environ, system=sys.platform, glibc=hugepages.glibc_version(),
+                                                mode=hugepages.thp_mode()) is not None
+    return (f"THP mode `{hugepages.thp_mode()}` on this host, so the command "
+            + ("re-executes itself with the tunable" if relaunches else "runs as it is"))
 
 
 def main() -> None:
@@ -357,7 +380,7 @@ def main() -> None:
     payload = {"command": command, "minutes": (time.perf_counter() - started) / 60,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": host_info().describe(),
                "load_before": load_before, "load_after": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
-               "cases": cases}
+               "cases": cases, "memory": _memory_state()}
     write_report(Path(args.out), payload, render)
 
 

@@ -455,13 +455,29 @@ def run() -> None:
 
     After Ctrl-C the process leaves at once with exit code 2: every ``finally`` (atomic writes, temporary folders)
     has run by then, and interpreter shutdown with torch loaded sometimes ended the process by SIGINT instead
-    (exit status -2, seen in about 1 of 3 interrupted distillation runs under pytest)."""
+    (exit status -2, seen in about 1 of 3 interrupted distillation runs under pytest).
+
+    First, the command replays itself once with malloc asking for transparent huge pages where that helps
+    (:mod:`onnxopt.hugepages`)."""
+    if _launched_as_cli():
+        from onnxopt.hugepages import relaunch
+
+        relaunch()
     code = main()
     if _INTERRUPTED:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _launched_as_cli() -> bool:
+    """True in a process started as the CLI (the console script, ``python -m onnxopt``), never in one that only
+    calls :func:`run` from its own code: that one is not ours to restart."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name == "onnxopt.__main__":
+        return True
+    return Path(sys.argv[0]).stem == "onnxopt" if sys.argv and sys.argv[0] else False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from onnxopt import hugepages
+
 #: x86 flags as /proc/cpuinfo spells them.
 X86_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "f16c")
 #: ARM features as /proc/cpuinfo spells them (asimd is NEON on AArch64; 32-bit kernels say "neon").
@@ -50,6 +52,9 @@ class HostInfo:
     onnx_ir_version: str = ""
     numpy_version: str = ""
     ort_providers: tuple[str, ...] = ()
+    #: The kernel's transparent-huge-page mode and whether this process's malloc asked for them
+    #: (:mod:`onnxopt.hugepages`): large models' run times depend on it.
+    memory: dict[str, object] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -174,6 +179,7 @@ def host_info() -> HostInfo:
         onnx_ir_version=_version("onnx-ir", "onnx_ir"),
         numpy_version=_version("numpy"),
         ort_providers=providers,
+        memory=hugepages.state(),
     )
 
 

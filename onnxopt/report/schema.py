@@ -4,7 +4,8 @@ JSON schema (``schema_version`` 1), documented in docs/report-schema.md:
 
 * ``schema``: "onnxopt.report", ``schema_version``: 1, ``onnxopt_version``
 * ``input`` / ``output``: {path, sha256, size_bytes}
-* ``host``: CPU model, instruction flags (avx2, avx512f, avx512_vnni, ...), cores, library versions
+* ``host``: CPU model, instruction flags (avx2, avx512f, avx512_vnni, ...), cores, library versions, ``memory``
+  ({thp_mode, malloc_hugepages}: transparent huge pages, onnxopt.hugepages)
 * ``settings``: seed, threads, provider, input_shapes, latency batch size
 * ``recipe``: {source, passes: [{pass, params}]}
 * ``data``: {eval: {description, samples, labelled, synthetic}, calib: {...} or null}

@@ -29,6 +29,14 @@ def render_json(report: RunReport) -> str:
     return json.dumps(report.to_dict(), indent=2, sort_keys=False) + "\n"
 
 
+def _memory_text(memory: dict[str, Any]) -> str:
+    """"; transparent huge pages madvise, malloc on" (onnxopt.hugepages), or "" for a report without it."""
+    if not memory.get("thp_mode"):
+        return ""
+    return (f"; transparent huge pages {memory['thp_mode']}, "
+            f"malloc {'on' if memory.get('malloc_hugepages') else 'off'}")
+
+
 def render_markdown(report: RunReport, plot_name: str | None = None) -> str:
     data = report.to_dict()
     lines = ["# onnxopt report", ""]
@@ -39,7 +47,8 @@ def render_markdown(report: RunReport, plot_name: str | None = None) -> str:
     host = data["host"]
     flags = ", ".join(k for k, v in (host.get("flags") or {}).items() if v) or "unknown"
     lines.append(f"- host: {host.get('cpu_model', '?')}, {host.get('logical_cores', '?')} logical cores; "
-                 f"CPU flags: {flags}; onnxruntime {host.get('onnxruntime_version', '?')}")
+                 f"CPU flags: {flags}; onnxruntime {host.get('onnxruntime_version', '?')}"
+                 + _memory_text(host.get("memory") or {}))
     settings = data["settings"]
     lines.append(f"- latency: ONNX Runtime {settings['provider']}, batch {settings['latency_batch_size']}, "
                  f"threads {settings['threads'] or 'default'}; seed {settings['seed']}")

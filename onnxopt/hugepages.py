@@ -1,0 +1,100 @@
+"""Transparent huge pages for the CLI's own memory: the command re-executes itself once with glibc's malloc asking
+the kernel for them.
+
+A large model's weights pass through many fresh buffers of hundreds of MB (protobuf copies, ``bytes``, ORT's
+session buffers). Where the kernel backs a process's memory with huge pages only on request (THP mode ``madvise``,
+the default of Debian and Ubuntu kernels), numpy asks for them and glibc's malloc does not: every 4 KiB page of those
+buffers is faulted and zeroed on first touch. On the 2.4 GB MLP of ``benchmarks/large_model.py`` this was over 40 s
+of system time in a 75 s quantize run (ad-hoc ``os.times()`` per phase; measured side by side in
+``reports/large_model.md``). glibc >= 2.35 makes malloc ask for them too when the process starts with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``; a tunable is read only at process start, so ``onnxopt`` (the console
+script and ``python -m onnxopt``) replays its own command line once with it set, before it imports anything heavy.
+
+Nothing is done where it cannot help: not Linux with glibc >= 2.35, THP mode other than ``madvise`` (``always``
+already has them, ``never`` refuses them), a ``GLIBC_TUNABLES`` that already sets ``glibc.malloc.hugetlb``, or
+``ONNXOPT_MALLOC_HUGEPAGES=0``. The Python API cannot restart its caller: set the variable before starting Python.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+#: The tunable and the value glibc reads: 1 = madvise(MADV_HUGEPAGE) on the memory malloc maps.
+TUNABLE = "glibc.malloc.hugetlb"
+#: Set to "0" to keep the CLI from re-executing itself; set by the re-executed process to "1", so it never loops.
+ENV_SWITCH = "ONNXOPT_MALLOC_HUGEPAGES"
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+MIN_GLIBC = (2, 35)
+
+
+def thp_mode(path: str = THP_ENABLED) -> str | None:
+    """The kernel's THP mode (the bracketed word of ``enabled``: always, madvise, never), None where unknown."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
+def glibc_version() -> tuple[int, int] | None:
+    """(major, minor) of the C library when it is glibc, else None."""
+    try:
+        text = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):  # not glibc, or no confstr on this OS
+        return None
+    name, _, version = text.partition(" ")
+    parts = version.split(".")
+    if name != "glibc" or len(parts) < 2 or not all(p.isdigit() for p in parts[:2]):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def tunables_with_hugetlb(current: str | None) -> str | None:
+    """``GLIBC_TUNABLES`` with ``glibc.malloc.hugetlb=1`` added; None when ``current`` already sets it."""
+    entries = [entry for entry in (current or "").split(":") if entry]
+    if any(entry.split("=", 1)[0] == TUNABLE for entry in entries):
+        return None
+    return ":".join([*entries, f"{TUNABLE}=1"])
+
+
+def state(environ: Mapping[str, str] | None = None) -> dict[str, object]:
+    """What a report records: the THP mode and whether this process's malloc asked for huge pages."""
+    environ = os.environ if environ is None else environ
+    entries = dict(e.split("=", 1) for e in environ.get("GLIBC_TUNABLES", "").split(":") if "=" in e)
+    return {"thp_mode": thp_mode(), "malloc_hugepages": entries.get(TUNABLE, "0") in ("1", "2")}
+
+
+def relaunch_environment(environ: Mapping[str, str], *, system: str, glibc: tuple[int, int] | None,
+                         mode: str | None) -> dict[str, str] | None:
+    """The environment to re-execute with, or None when re-executing would not change anything."""
+    if environ.get(ENV_SWITCH) is not None or system != "linux" or glibc is None or glibc < MIN_GLIBC:
+        return None
+    if mode != "madvise":
+        return None
+    tunables = tunables_with_hugetlb(environ.get("GLIBC_TUNABLES"))
+    if tunables is None:
+        return None
+    return {**environ, "GLIBC_TUNABLES": tunables, ENV_SWITCH: "1"}
+
+
+def relaunch(argv: Sequence[str] | None = None) -> None:
+    """Replace this process with the same command line under :func:`relaunch_environment`; returns only when
+    nothing is to be done or the exec fails (the command then runs as it is)."""
+    argv = list(sys.orig_argv if argv is None else argv)
+    env = relaunch_environment(os.environ, system=sys.platform, glibc=glibc_version(), mode=thp_mode())
+    if env is None or not argv:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError:
+        return
+
+
+__all__ = ["ENV_SWITCH", "TUNABLE", "glibc_version", "relaunch", "relaunch_environment", "state", "thp_mode",
+           "tunables_with_hugetlb"]

@@ -1,0 +1,128 @@
+"""The CLI's re-execution with malloc asking for transparent huge pages (onnxopt.hugepages)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from onnxopt import hugepages
+from onnxopt.hugepages import ENV_SWITCH, relaunch_environment, thp_mode, tunables_with_hugetlb
+
+REPO = Path(__file__).resolve().parents[1]
+LINUX = {"system": "linux", "glibc": (2, 36), "mode": "madvise"}
+
+
+@pytest.mark.parametrize(("text", "mode"), [("always [madvise] never\n", "madvise"), ("[always] madvise never", "always"),
+                                            ("always madvise [never]", "never"), ("no brackets", None)])
+def test_thp_mode_reads_the_bracketed_word(tmp_path: Path, text: str, mode: str | None):
+    path = tmp_path / "enabled"
+    path.write_text(text)
+    assert thp_mode(str(path)) == mode
+
+
+def test_thp_mode_of_a_missing_file_is_unknown(tmp_path: Path):
+    assert thp_mode(str(tmp_path / "absent")) is None
+
+
+@pytest.mark.parametrize(("current", "expected"), [
+    (None, "glibc.malloc.hugetlb=1"),
+    ("", "glibc.malloc.hugetlb=1"),
+    ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ("glibc.malloc.hugetlb=0", None),  # the user's own choice stands
+    ("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2", None),
+])
+def test_tunables_add_hugetlb_once(current: str | None, expected: str | None):
+    assert tunables_with_hugetlb(current) == expected
+
+
+def test_relaunch_environment_sets_the_tunable_and_the_loop_guard():
+    env = relaunch_environment({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **LINUX)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+                   ENV_SWITCH: "1"}
+    assert relaunch_environment(env, **LINUX) is None  # the re-executed process does not re-execute again
+
+
+@pytest.mark.parametrize("change", [
+    {"system": "darwin"}, {"system": "win32"}, {"glibc": None}, {"glibc": (2, 34)},
+    {"mode": "always"}, {"mode": "never"}, {"mode": None},
+])
+def test_no_relaunch_where_it_cannot_help(change: dict):
+    assert relaunch_environment({"PATH": "/bin"}, **{**LINUX, **change}) is None
+
+
+@pytest.mark.parametrize("environ", [{ENV_SWITCH: "0"}, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}])
+def test_the_user_can_opt_out(environ: dict):
+    assert relaunch_environment(environ, **LINUX) is None
+
+
+def test_relaunch_replays_the_command_line(monkeypatch: pytest.MonkeyPatch):
+    calls = []
+    monkeypatch.setattr(hugepages, "glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(hugepages, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
+    hugepages.relaunch(["python", "-m", "onnxopt", "inspect", "m.onnx"])
+    [(exe, argv, env)] = calls
+    assert exe == sys.executable and argv == ["python", "-m", "onnxopt", "inspect", "m.onnx"]
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and env[ENV_SWITCH] == "1"
+
+
+def test_a_failed_exec_runs_the_command_as_it_is(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(hugepages, "relaunch_environment", lambda *a, **k: {"X": "1"})
+
+    def fail(*args: object) -> None:
+        raise OSError("exec refused")
+
+    monkeypatch.setattr(os, "execve", fail)
+    hugepages.relaunch(["python", "-m", "onnxopt"])  # returns: no exception
+
+
+def test_glibc_version_parses_confstr(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(os, "confstr", lambda name: "glibc 2.36")
+    assert hugepages.glibc_version() == (2, 36)
+    monkeypatch.setattr(os, "confstr", lambda name: "musl 1.2")
+    assert hugepages.glibc_version() is None
+
+    def missing(name: str) -> str:
+        raise ValueError(name)
+
+    monkeypatch.setattr(os, "confstr", missing)
+    assert hugepages.glibc_version() is None
+
+
+def test_the_cli_process_reports_what_it_ran_with(tmp_path: Path):
+    """`python -m onnxopt` on this host: re-executed with the tunable where that helps, and the report says so."""
+    from onnxopt import examples
+
+    environ = {k: v for k, v in os.environ.items() if k not in (ENV_SWITCH, "GLIBC_TUNABLES")}
+    expected = relaunch_environment(environ, system=sys.platform, glibc=hugepages.glibc_version(),
+                                    mode=thp_mode()) is not None
+    out = tmp_path / "out.onnx"
+    result = subprocess.run([sys.executable, "-m", "onnxopt", "optimize", str(examples.default_model_path()),
+                             "-o", str(out), "--pass", "normalize", "--no-latency", "--no-plot", "-q"],
+                            cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    memory = json.loads(out.with_name("out.onnx.report.json").read_text())["host"]["memory"]
+    assert memory == {"thp_mode": thp_mode(), "malloc_hugepages": expected}
+    assert ("malloc on" if expected else "malloc off") in out.with_name("out.onnx.report.md").read_text()
+    opted_out = subprocess.run([sys.executable, "-m", "onnxopt", "optimize", str(examples.default_model_path()),
+                                "-o", str(out), "--pass", "normalize", "--no-latency", "--no-plot", "-q"],
+                               cwd=REPO, env={**environ, ENV_SWITCH: "0"}, capture_output=True, text=True,
+                               timeout=300)
+    assert opted_out.returncode == 0, opted_out.stderr[-2000:]
+    assert json.loads(out.with_name("out.onnx.report.json").read_text())["host"]["memory"]["malloc_hugepages"] is False
+
+
+def test_only_a_process_started_as_the_cli_restarts(monkeypatch: pytest.MonkeyPatch):
+    from onnxopt import cli
+
+    assert cli._launched_as_cli() is False  # pytest: a program calling run() is not ours to restart
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/onnxopt", "inspect", "m.onnx"])
+    assert cli._launched_as_cli() is True
