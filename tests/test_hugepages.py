@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 LINUX = {"system": "linux", "glibc": (2, 36), "mode": "madvise"}
 
 
-@pytest.mark.parametrize(("text", "mode"), [("always [madvise] never\n", "madvise"), ("[always] madvise never", "always"),
+@pytest.mark.parametrize(("text", "mode"), [("always [madvise] never\n", "madvise"),
+                                            ("[always] madvise never", "always"),
                                             ("always madvise [never]", "never"), ("no brackets", None)])
 def test_thp_mode_reads_the_bracketed_word(tmp_path: Path, text: str, mode: str | None):
     path = tmp_path / "enabled"
