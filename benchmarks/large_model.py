@@ -16,8 +16,11 @@ from start to exit, its peak memory the child's own high-water mark (``VmHWM``, 
 * ``onnxopt optimize --pass quantize`` (the pass alone, with its latency-aware placement search) and
   ``--pass quantize:placement=all`` (every op int8, no search);
 * ``onnxopt quantize`` (the command: normalize, then quantize);
+* ``onnxopt quantize`` again with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` set from the start: what malloc's
+  transparent huge pages give or cost at each size (the command sets it itself only for models of 1 GiB and more,
+  ``onnxopt.hugepages``);
 * ORT's ``quantize_static`` (QDQ, MinMax, its defaults; ``use_external_data_format=True`` above 2 GB, which it
-  needs there) on the same file and samples: the peer;
+  needs there) on the same file and samples: the peer; and once more with that tunable;
 * with ``--before REF``: the onnxopt rows again with the code of git ref ``REF`` (checked out in a temporary git
   worktree and put first on PYTHONPATH), so a change is measured side by side with what it replaced; the two
   versions take turns going first, and the model's files are read once before any timed run.
@@ -65,6 +68,8 @@ PROTOBUF_LIMIT = 2**31
 #: What the onnxopt command sets for itself (onnxopt.hugepages): the peer's row with it shows what the environment
 #: alone gives ORT's quantizer.
 HUGETLB = "glibc.malloc.hugetlb=1"
+#: The command with the tunable whatever the model's size (it sets it itself from onnxopt.hugepages.RELAUNCH_FROM_BYTES).
+FORCED = f"onnxopt quantize command, `GLIBC_TUNABLES={HUGETLB}` forced"
 
 
 def build_mlp(folder: Path, width: int, seed: int = 0) -> tuple[Path, Path]:
@@ -214,6 +219,9 @@ def measure(width: int, workdir: Path, versions: list[tuple[str, Path | None]]) 
             ("onnxopt quantize pass (placement all)", ["optimize", "--pass", "quantize:placement=all"]),
             ("onnxopt quantize command (normalize, quantize)", ["quantize"])]
     rows = onnxopt_rows(f"w{width}", model, runs, versions, ["--calib", str(calib)])
+    forced = onnxopt_rows(f"w{width}", model, [(FORCED, ["quantize"])], versions[:1], ["--calib", str(calib)],
+                          env={"GLIBC_TUNABLES": HUGETLB, "ONNXOPT_MALLOC_HUGEPAGES": "1"})
+    rows += forced
     prepacking = measure_prepacking(model, calib)
     print(f"  w{width}: prepacking: {json.dumps(prepacking)}", file=sys.stderr, flush=True)
     for label, env in (("ORT quantize_static (QDQ MinMax defaults)", None),
@@ -245,7 +253,7 @@ def measure_sparse(workdir: Path, versions: list[tuple[str, Path | None]]) -> di
 
 
 def onnxopt_rows(tag: str, model: Path, runs: list[tuple[str, list[str]]], versions: list[tuple[str, Path | None]],
-                 data_args: list[str]) -> list[dict]:
+                 data_args: list[str], env: dict[str, str] | None = None) -> list[dict]:
     """Each onnxopt command of ``runs`` on ``model``, once per code version (a worktree first on PYTHONPATH).
 
     The model's files are read once first, and the versions take turns going first, row by row: the first run on a
@@ -256,13 +264,13 @@ def onnxopt_rows(tag: str, model: Path, runs: list[tuple[str, list[str]]], versi
     for index, (label, args) in enumerate(runs):
         for version, tree in versions if index % 2 == 0 else versions[::-1]:
             out = model.parent / f"out_{len(rows)}.onnx"
-            env = dict(os.environ)
+            child_env = {**os.environ, **(env or {})}
             if tree is not None:
-                env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
+                child_env["PYTHONPATH"] = str(tree) + os.pathsep + child_env.get("PYTHONPATH", "")
             no_cache = ["--no-cache"] if args[0] == "optimize" else []  # the only command with a pass cache
             command = [sys.executable, "-m", "onnxopt", args[0], str(model), "-o", str(out), *data_args, *args[1:],
                        "--no-latency", *no_cache, "-q"]
-            result = run(command, env=env, cwd=tree or REPO)
+            result = run(command, env=child_env, cwd=tree or REPO)
             if result["exit"] == 0 and out.exists():
                 result.update(check_output(out))
             for leftover in model.parent.glob(f"{out.name}*"):  # outputs of 2 GB and more: one at a time on disk

@@ -41,11 +41,11 @@ def test_tunables_add_hugetlb_once(current: str | None, expected: str | None):
     assert tunables_with_hugetlb(current) == expected
 
 
-def test_relaunch_environment_sets_the_tunable_and_the_loop_guard():
+def test_relaunch_environment_sets_the_tunable_once():
     env = relaunch_environment({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **LINUX)
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
-                   ENV_SWITCH: "1"}
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
     assert relaunch_environment(env, **LINUX) is None  # the re-executed process does not re-execute again
+    assert relaunch_environment({**env, ENV_SWITCH: "1"}, **LINUX) is None
 
 
 @pytest.mark.parametrize("change", [
@@ -61,18 +61,53 @@ def test_the_user_can_opt_out(environ: dict):
     assert relaunch_environment(environ, **LINUX) is None
 
 
-def test_relaunch_replays_the_command_line(monkeypatch: pytest.MonkeyPatch):
-    calls = []
+def _host_that_helps(monkeypatch: pytest.MonkeyPatch) -> list:
+    calls: list = []
     monkeypatch.setattr(hugepages, "glibc_version", lambda: (2, 36))
     monkeypatch.setattr(hugepages, "thp_mode", lambda: "madvise")
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.delenv(ENV_SWITCH, raising=False)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
+    return calls
+
+
+def test_relaunch_replays_the_command_line_of_a_large_model(monkeypatch: pytest.MonkeyPatch):
+    calls = _host_that_helps(monkeypatch)
+    monkeypatch.setattr(hugepages, "models_bytes", lambda argv: hugepages.RELAUNCH_FROM_BYTES)
     hugepages.relaunch(["python", "-m", "onnxopt", "inspect", "m.onnx"])
     [(exe, argv, env)] = calls
     assert exe == sys.executable and argv == ["python", "-m", "onnxopt", "inspect", "m.onnx"]
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and env[ENV_SWITCH] == "1"
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_no_relaunch_for_a_small_model_unless_asked(monkeypatch: pytest.MonkeyPatch):
+    calls = _host_that_helps(monkeypatch)
+    monkeypatch.setattr(hugepages, "models_bytes", lambda argv: hugepages.RELAUNCH_FROM_BYTES - 1)
+    hugepages.relaunch(["python", "-m", "onnxopt", "inspect", "m.onnx"])
+    assert calls == []
+    monkeypatch.setenv(ENV_SWITCH, "1")
+    hugepages.relaunch(["python", "-m", "onnxopt", "inspect", "m.onnx"])
+    assert len(calls) == 1
+
+
+def test_model_bytes_counts_external_data_once(tmp_path: Path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = [numpy_helper.from_array(np.ones((64, 64), np.float32), f"w{i}") for i in range(2)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("MatMul", ["h", "w1"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], weights)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=True, location="m.bin", size_threshold=0)
+    total = path.stat().st_size + (tmp_path / "m.bin").stat().st_size
+    assert hugepages.model_bytes(str(path)) == total
+    assert hugepages.models_bytes(["python", str(path), "--calib", str(tmp_path / "absent.onnx"), str(path)]) == total
+    garbage = tmp_path / "bad.onnx"
+    garbage.write_bytes(b"\x00\x01garbage")
+    assert hugepages.model_bytes(str(garbage)) == garbage.stat().st_size
 
 
 def test_a_failed_exec_runs_the_command_as_it_is(monkeypatch: pytest.MonkeyPatch):
@@ -103,22 +138,19 @@ def test_the_cli_process_reports_what_it_ran_with(tmp_path: Path):
     from onnxopt import examples
 
     environ = {k: v for k, v in os.environ.items() if k not in (ENV_SWITCH, "GLIBC_TUNABLES")}
-    expected = relaunch_environment(environ, system=sys.platform, glibc=hugepages.glibc_version(),
-                                    mode=thp_mode()) is not None
+    helps = relaunch_environment(environ, system=sys.platform, glibc=hugepages.glibc_version(),
+                                 mode=thp_mode()) is not None
     out = tmp_path / "out.onnx"
-    result = subprocess.run([sys.executable, "-m", "onnxopt", "optimize", str(examples.default_model_path()),
-                             "-o", str(out), "--pass", "normalize", "--no-latency", "--no-plot", "-q"],
-                            cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    memory = json.loads(out.with_name("out.onnx.report.json").read_text())["host"]["memory"]
-    assert memory == {"thp_mode": thp_mode(), "malloc_hugepages": expected}
-    assert ("malloc on" if expected else "malloc off") in out.with_name("out.onnx.report.md").read_text()
-    opted_out = subprocess.run([sys.executable, "-m", "onnxopt", "optimize", str(examples.default_model_path()),
-                                "-o", str(out), "--pass", "normalize", "--no-latency", "--no-plot", "-q"],
-                               cwd=REPO, env={**environ, ENV_SWITCH: "0"}, capture_output=True, text=True,
-                               timeout=300)
-    assert opted_out.returncode == 0, opted_out.stderr[-2000:]
-    assert json.loads(out.with_name("out.onnx.report.json").read_text())["host"]["memory"]["malloc_hugepages"] is False
+    command = [sys.executable, "-m", "onnxopt", "optimize", str(examples.default_model_path()), "-o", str(out),
+               "--pass", "normalize", "--no-latency", "--no-plot", "-q"]
+    for switch, expected in ((None, False), ("1", helps), ("0", False)):  # the example is small: only when asked
+        env = environ if switch is None else {**environ, ENV_SWITCH: switch}
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        memory = json.loads(out.with_name("out.onnx.report.json").read_text())["host"]["memory"]
+        assert memory == {"thp_mode": thp_mode(), "malloc_hugepages": expected}, switch
+        if thp_mode() is not None:  # the Markdown names the setting where the kernel says its mode
+            assert ("malloc on" if expected else "malloc off") in out.with_name("out.onnx.report.md").read_text()
 
 
 def test_only_a_process_started_as_the_cli_restarts(monkeypatch: pytest.MonkeyPatch):
