@@ -345,7 +345,8 @@ def _memory_state() -> str:
     relaunches = hugepages.relaunch_environment(environ, system=sys.platform, glibc=hugepages.glibc_version(),
                                                 mode=hugepages.thp_mode()) is not None
     return (f"THP mode `{hugepages.thp_mode()}` on this host, so the command "
-            + ("re-executes itself with the tunable" if relaunches else "runs as it is"))
+            + (f"re-executes itself with the tunable for models of {hugepages.RELAUNCH_FROM_BYTES / 2**30:g} GiB "
+               "and more" if relaunches else "runs as it is"))
 
 
 def main() -> None:
@@ -357,7 +358,13 @@ def main() -> None:
     parser.add_argument("--ort-worker", nargs=3, metavar=("MODEL", "CALIB", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--check-output", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--prepack-worker", nargs=2, metavar=("MODEL", "CALIB"), help=argparse.SUPPRESS)
+    parser.add_argument("--render", metavar="JSON", help="rewrite --out from a previous run's JSON, measuring "
+                                                         "nothing (the host's memory state read again)")
     args = parser.parse_args()
+    if args.render:
+        payload = json.loads(Path(args.render).read_text())
+        write_report(Path(args.out), {**payload, "memory": _memory_state()}, render)
+        return
     if args.prepack_worker:
         prepack_worker(*args.prepack_worker)
         return

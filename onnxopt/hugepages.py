@@ -4,8 +4,8 @@ the kernel for them.
 A large model's weights pass through many fresh buffers of hundreds of MB (protobuf copies, ``bytes``, ORT's
 session buffers). Where the kernel backs a process's memory with huge pages only on request (THP mode ``madvise``,
 the default of Debian and Ubuntu kernels), numpy asks for them and glibc's malloc does not: every 4 KiB page of those
-buffers is faulted and zeroed on first touch. On the 2.4 GB MLP of ``benchmarks/large_model.py`` this was over 40 s
-of system time in a 75 s quantize run (ad-hoc ``os.times()`` per phase; measured side by side in
+buffers is faulted and zeroed on first touch. On the 2.4 GB MLP of ``benchmarks/large_model.py`` a quantize run
+spent 46.7 s of system CPU time in 74.6 s (ad hoc; with huge pages 24.5 s in 49.4 s; measured side by side in
 ``reports/large_model.md``). glibc >= 2.35 makes malloc ask for them too when the process starts with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``; a tunable is read only at process start, so ``onnxopt`` (the console
 script and ``python -m onnxopt``) replays its own command line once with it set, before it imports anything heavy.
@@ -90,10 +90,18 @@ def relaunch_environment(environ: Mapping[str, str], *, system: str, glibc: tupl
     return {**environ, "GLIBC_TUNABLES": tunables}
 
 
+def _stored_bytes(path: str) -> int:
+    """A file's bytes on disk: a sparse file's holes are no memory to copy (a 2 GiB weight of zeros in a sparse
+    file, tests/test_reliability.py, is mapped, never read)."""
+    info = os.stat(path)
+    blocks = getattr(info, "st_blocks", None)
+    return info.st_size if blocks is None else min(info.st_size, 512 * blocks)
+
+
 def model_bytes(path: str) -> int:
-    """Bytes of an ONNX file and of the external data its initializers name (each data file counted once, whole);
-    the file's own size where it cannot be parsed (the command then reports what is wrong with it)."""
-    size = os.path.getsize(path)
+    """Bytes of an ONNX file and of the external data its initializers name (each data file counted once, whole,
+    as stored); the file's own size where it cannot be parsed (the command then reports what is wrong with it)."""
+    size = _stored_bytes(path)
     if size >= RELAUNCH_FROM_BYTES:
         return size
     import onnx
@@ -111,7 +119,7 @@ def model_bytes(path: str) -> int:
             if location is not None and location not in seen:
                 seen.add(location)
                 with contextlib.suppress(OSError):
-                    size += os.path.getsize(os.path.join(folder, location))
+                    size += _stored_bytes(os.path.join(folder, location))
         for node in graph.node:
             for attribute in node.attribute:
                 graphs += [attribute.g] if attribute.HasField("g") else []

@@ -105,6 +105,11 @@ def test_model_bytes_counts_external_data_once(tmp_path: Path):
     total = path.stat().st_size + (tmp_path / "m.bin").stat().st_size
     assert hugepages.model_bytes(str(path)) == total
     assert hugepages.models_bytes(["python", str(path), "--calib", str(tmp_path / "absent.onnx"), str(path)]) == total
+    sparse = tmp_path / "m.bin"
+    sparse.unlink()
+    with open(sparse, "wb") as handle:  # the same length, as a hole: nothing stored
+        handle.truncate(2 * 64 * 64 * 4)
+    assert hugepages.model_bytes(str(path)) < total
     garbage = tmp_path / "bad.onnx"
     garbage.write_bytes(b"\x00\x01garbage")
     assert hugepages.model_bytes(str(garbage)) == garbage.stat().st_size
