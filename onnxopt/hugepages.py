@@ -98,6 +98,20 @@ def _stored_bytes(path: str) -> int:
     return info.st_size if blocks is None else min(info.st_size, 512 * blocks)
 
 
+def advice(weight_bytes: int, environ: Mapping[str, str] | None = None) -> str | None:
+    """A note for a run of the Python API on a model of ``RELAUNCH_FROM_BYTES`` or more in a process whose malloc
+    does not ask for huge pages where that would help (the command restarts itself instead); None otherwise."""
+    environ = os.environ if environ is None else environ
+    if weight_bytes < RELAUNCH_FROM_BYTES or state(environ)["malloc_hugepages"]:
+        return None
+    if relaunch_environment(environ, system=sys.platform, glibc=glibc_version(), mode=thp_mode()) is None:
+        return None
+    return (f"this process's malloc does not ask for transparent huge pages; for {weight_bytes / 2**30:.1f} GiB of "
+            f"weights, starting Python with GLIBC_TUNABLES={TUNABLE}=1 (what the onnxopt command does) saves much "
+            "of the time spent faulting in fresh memory (the quantize pass on a 2.4 GB MLP: 13-16 s, "
+            "reports/large_model.md)")
+
+
 def model_bytes(path: str) -> int:
     """Bytes of an ONNX file and of the external data its initializers name (each data file counted once, whole,
     as stored); the file's own size where it cannot be parsed (the command then reports what is wrong with it)."""
@@ -151,5 +165,5 @@ def relaunch(argv: Sequence[str] | None = None) -> None:
         return
 
 
-__all__ = ["ENV_SWITCH", "RELAUNCH_FROM_BYTES", "TUNABLE", "glibc_version", "model_bytes", "models_bytes",
+__all__ = ["ENV_SWITCH", "RELAUNCH_FROM_BYTES", "TUNABLE", "advice", "glibc_version", "model_bytes", "models_bytes",
            "relaunch", "relaunch_environment", "state", "thp_mode", "tunables_with_hugetlb"]

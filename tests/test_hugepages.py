@@ -164,3 +164,27 @@ def test_only_a_process_started_as_the_cli_restarts(monkeypatch: pytest.MonkeyPa
     assert cli._launched_as_cli() is False  # pytest: a program calling run() is not ours to restart
     monkeypatch.setattr(sys, "argv", ["/usr/local/bin/onnxopt", "inspect", "m.onnx"])
     assert cli._launched_as_cli() is True
+
+
+def test_advice_for_a_large_model_in_a_process_without_huge_pages(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(hugepages, "glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(hugepages, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(sys, "platform", "linux")
+    big = hugepages.RELAUNCH_FROM_BYTES
+    note = hugepages.advice(big, {})
+    assert note is not None and "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in note
+    assert hugepages.advice(big - 1, {}) is None  # small: it would cost time
+    assert hugepages.advice(big, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) is None  # already on
+    assert hugepages.advice(big, {ENV_SWITCH: "0"}) is None  # the user said no
+    monkeypatch.setattr(hugepages, "thp_mode", lambda: "always")
+    assert hugepages.advice(big, {}) is None  # the kernel gives them anyway
+
+
+def test_the_pipeline_notes_the_advice_on_the_input_step(monkeypatch: pytest.MonkeyPatch):
+    import onnxopt
+    from onnxopt import examples
+
+    monkeypatch.setattr(hugepages, "advice", lambda weight_bytes, environ=None: f"advice for {weight_bytes} bytes")
+    result = onnxopt.optimize(str(examples.default_model_path()), [], measure_latency=False)
+    notes = result.report.steps[0].notes
+    assert any(note.startswith("advice for ") for note in notes), notes

@@ -125,7 +125,7 @@ class PipelineManager(ir.passes.PassBase):
         del serialized
         converted = [report.input["converted"]] if report.input.get("converted") else []
         report.steps.append(StepRecord("input", {}, "ok", time.perf_counter() - start, original.metrics,
-                                       notes=converted + self._input_notes(data)))
+                                       notes=converted + self._input_notes(data) + _memory_notes(model)))
         report.data = {"eval": _describe(data), "calib": _describe(context.calib) if context.calib else None}
         previous = original
         stage_models: list[ir.Model] = []
@@ -354,4 +354,14 @@ def _cause(exc: BaseException) -> str:
     return text[0][:500] if text else type(exc).__name__
 
 
+def _memory_notes(model: ir.Model) -> list[str]:
+    """The advice of :func:`onnxopt.hugepages.advice` for a large model, when it applies."""
+    from onnxopt.hugepages import advice
+    from onnxopt.modelio import tensor_bytes
+
+    note = advice(tensor_bytes(model))
+    return [note] if note else []
+
+
 __all__ = ["ManagerOptions", "PipelineManager", "PipelineResult"]
+
