@@ -141,9 +141,15 @@ def model_bytes(path: str) -> int:
     return size
 
 
+#: Options whose value is a file the command writes: an earlier output there is not a model it reads.
+OUTPUT_OPTIONS = ("-o", "--output")
+
+
 def models_bytes(argv: Sequence[str]) -> int:
-    """:func:`model_bytes` summed over the command line's existing ``.onnx`` files."""
-    paths = {arg for arg in argv if arg.lower().endswith(".onnx") and os.path.isfile(arg)}
+    """:func:`model_bytes` summed over the command line's existing ``.onnx`` files, outputs left out."""
+    outputs = {value for option, value in zip(argv, argv[1:]) if option in OUTPUT_OPTIONS}
+    outputs |= {arg.split("=", 1)[1] for arg in argv if arg.startswith("--output=")}
+    paths = {arg for arg in argv if arg.lower().endswith(".onnx") and arg not in outputs and os.path.isfile(arg)}
     return sum(model_bytes(path) for path in sorted(paths))
 
 

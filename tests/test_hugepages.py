@@ -105,6 +105,8 @@ def test_model_bytes_counts_external_data_once(tmp_path: Path):
     total = path.stat().st_size + (tmp_path / "m.bin").stat().st_size
     assert hugepages.model_bytes(str(path)) == total
     assert hugepages.models_bytes(["python", str(path), "--calib", str(tmp_path / "absent.onnx"), str(path)]) == total
+    assert hugepages.models_bytes(["onnxopt", "bench", "-o", str(path)]) == 0  # an earlier output is not read
+    assert hugepages.models_bytes(["onnxopt", "bench", f"--output={path}"]) == 0
     sparse = tmp_path / "m.bin"
     sparse.unlink()
     with open(sparse, "wb") as handle:  # the same length, as a hole: nothing stored
