@@ -161,7 +161,10 @@ def relaunch(argv: Sequence[str] | None = None) -> None:
     env = relaunch_environment(os.environ, system=sys.platform, glibc=glibc_version(), mode=thp_mode())
     if env is None or not argv:
         return
-    if os.environ.get(ENV_SWITCH) != "1" and models_bytes(argv) < RELAUNCH_FROM_BYTES:
+    try:
+        if os.environ.get(ENV_SWITCH) != "1" and models_bytes(argv) < RELAUNCH_FROM_BYTES:
+            return
+    except Exception:  # noqa: BLE001 - a speed-up must never stop the command; its own checks report bad files
         return
     sys.stdout.flush()
     sys.stderr.flush()

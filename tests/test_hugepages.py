@@ -117,6 +117,17 @@ def test_model_bytes_counts_external_data_once(tmp_path: Path):
     assert hugepages.model_bytes(str(garbage)) == garbage.stat().st_size
 
 
+def test_a_failed_size_count_runs_the_command_as_it_is(monkeypatch: pytest.MonkeyPatch):
+    calls = _host_that_helps(monkeypatch)
+
+    def broken(argv: object) -> int:
+        raise PermissionError("unreadable")
+
+    monkeypatch.setattr(hugepages, "models_bytes", broken)
+    hugepages.relaunch(["python", "-m", "onnxopt", "inspect", "m.onnx"])
+    assert calls == []
+
+
 def test_a_failed_exec_runs_the_command_as_it_is(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(hugepages, "relaunch_environment", lambda *a, **k: {"X": "1"})
 
