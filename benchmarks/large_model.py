@@ -342,8 +342,7 @@ def _memory_state() -> str:
     from onnxopt import hugepages
 
     environ = {k: v for k, v in os.environ.items() if k not in (hugepages.ENV_SWITCH, "GLIBC_TUNABLES")}
-    relaunches = hugepages.relaunch_environment(environ, system=sys.platform, glibc=hugepages.glibc_version(),
-                                                mode=hugepages.thp_mode()) is not None
+    relaunches = hugepages.helps_here(environ)
     return (f"THP mode `{hugepages.thp_mode()}` on this host, so the command "
             + (f"re-executes itself with the tunable for models of {hugepages.RELAUNCH_FROM_BYTES / 2**30:g} GiB "
                "and more" if relaunches else "runs as it is"))

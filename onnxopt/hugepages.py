@@ -35,6 +35,8 @@ THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 MIN_GLIBC = (2, 35)
 #: Models (their files and external data together) from this size on get the replay.
 RELAUNCH_FROM_BYTES = 1 << 30
+#: Model files smaller than this are parsed for the external data they name; a larger one holds its weights.
+PARSED_BELOW_BYTES = 64 << 20
 
 
 def thp_mode(path: str = THP_ENABLED) -> str | None:
@@ -61,19 +63,26 @@ def glibc_version() -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
+def _hugetlb_value(tunables: str | None) -> str | None:
+    """The value a ``GLIBC_TUNABLES`` string gives ``glibc.malloc.hugetlb`` ("" when named without one), or None."""
+    for entry in (tunables or "").split(":"):
+        name, _, value = entry.partition("=")
+        if name == TUNABLE:
+            return value
+    return None
+
+
 def tunables_with_hugetlb(current: str | None) -> str | None:
     """``GLIBC_TUNABLES`` with ``glibc.malloc.hugetlb=1`` added; None when ``current`` already sets it."""
-    entries = [entry for entry in (current or "").split(":") if entry]
-    if any(entry.split("=", 1)[0] == TUNABLE for entry in entries):
+    if _hugetlb_value(current) is not None:
         return None
-    return ":".join([*entries, f"{TUNABLE}=1"])
+    return ":".join([*(entry for entry in (current or "").split(":") if entry), f"{TUNABLE}=1"])
 
 
 def state(environ: Mapping[str, str] | None = None) -> dict[str, object]:
     """What a report records: the THP mode and whether this process's malloc asked for huge pages."""
     environ = os.environ if environ is None else environ
-    entries = dict(e.split("=", 1) for e in environ.get("GLIBC_TUNABLES", "").split(":") if "=" in e)
-    return {"thp_mode": thp_mode(), "malloc_hugepages": entries.get(TUNABLE, "0") in ("1", "2")}
+    return {"thp_mode": thp_mode(), "malloc_hugepages": _hugetlb_value(environ.get("GLIBC_TUNABLES")) in ("1", "2")}
 
 
 def relaunch_environment(environ: Mapping[str, str], *, system: str, glibc: tuple[int, int] | None,
@@ -90,6 +99,13 @@ def relaunch_environment(environ: Mapping[str, str], *, system: str, glibc: tupl
     return {**environ, "GLIBC_TUNABLES": tunables}
 
 
+def helps_here(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this host and ``environ`` let a restart with the tunable change anything
+    (:func:`relaunch_environment` on this process's platform, C library and THP mode)."""
+    environ = os.environ if environ is None else environ
+    return relaunch_environment(environ, system=sys.platform, glibc=glibc_version(), mode=thp_mode()) is not None
+
+
 def _stored_bytes(path: str) -> int:
     """A file's bytes on disk: a sparse file's holes are no memory to copy (a 2 GiB weight of zeros in a sparse
     file, tests/test_reliability.py, is mapped, never read)."""
@@ -101,10 +117,7 @@ def _stored_bytes(path: str) -> int:
 def advice(weight_bytes: int, environ: Mapping[str, str] | None = None) -> str | None:
     """A note for a run of the Python API on a model of ``RELAUNCH_FROM_BYTES`` or more in a process whose malloc
     does not ask for huge pages where that would help (the command restarts itself instead); None otherwise."""
-    environ = os.environ if environ is None else environ
-    if weight_bytes < RELAUNCH_FROM_BYTES or state(environ)["malloc_hugepages"]:
-        return None
-    if relaunch_environment(environ, system=sys.platform, glibc=glibc_version(), mode=thp_mode()) is None:
+    if weight_bytes < RELAUNCH_FROM_BYTES or not helps_here(environ):  # not when malloc already asks for them
         return None
     return (f"this process's malloc does not ask for transparent huge pages; for {weight_bytes / 2**30:.1f} GiB of "
             f"weights, starting Python with GLIBC_TUNABLES={TUNABLE}=1 (what the onnxopt command does) saves much "
@@ -116,7 +129,7 @@ def model_bytes(path: str) -> int:
     """Bytes of an ONNX file and of the external data its initializers name (each data file counted once, whole,
     as stored); the file's own size where it cannot be parsed (the command then reports what is wrong with it)."""
     size = _stored_bytes(path)
-    if size >= RELAUNCH_FROM_BYTES:
+    if size >= PARSED_BELOW_BYTES:  # its weights are in it: the command parses it once, later
         return size
     import onnx
 
@@ -174,5 +187,6 @@ def relaunch(argv: Sequence[str] | None = None) -> None:
         return
 
 
-__all__ = ["ENV_SWITCH", "RELAUNCH_FROM_BYTES", "TUNABLE", "advice", "glibc_version", "model_bytes", "models_bytes",
-           "relaunch", "relaunch_environment", "state", "thp_mode", "tunables_with_hugetlb"]
+__all__ = ["ENV_SWITCH", "OUTPUT_OPTIONS", "PARSED_BELOW_BYTES", "RELAUNCH_FROM_BYTES", "TUNABLE", "advice",
+           "glibc_version", "helps_here", "model_bytes", "models_bytes", "relaunch", "relaunch_environment", "state",
+           "thp_mode", "tunables_with_hugetlb"]

@@ -107,6 +107,9 @@ def test_model_bytes_counts_external_data_once(tmp_path: Path):
     assert hugepages.models_bytes(["python", str(path), "--calib", str(tmp_path / "absent.onnx"), str(path)]) == total
     assert hugepages.models_bytes(["onnxopt", "bench", "-o", str(path)]) == 0  # an earlier output is not read
     assert hugepages.models_bytes(["onnxopt", "bench", f"--output={path}"]) == 0
+    with pytest.MonkeyPatch.context() as patch:  # a model file this large holds its weights: not parsed
+        patch.setattr(hugepages, "PARSED_BELOW_BYTES", path.stat().st_size)
+        assert hugepages.model_bytes(str(path)) == path.stat().st_size
     sparse = tmp_path / "m.bin"
     sparse.unlink()
     with open(sparse, "wb") as handle:  # the same length, as a hole: nothing stored
@@ -156,8 +159,7 @@ def test_the_cli_process_reports_what_it_ran_with(tmp_path: Path):
     from onnxopt import examples
 
     environ = {k: v for k, v in os.environ.items() if k not in (ENV_SWITCH, "GLIBC_TUNABLES")}
-    helps = relaunch_environment(environ, system=sys.platform, glibc=hugepages.glibc_version(),
-                                 mode=thp_mode()) is not None
+    helps = hugepages.helps_here(environ)
     out = tmp_path / "out.onnx"
     command = [sys.executable, "-m", "onnxopt", "optimize", str(examples.default_model_path()), "-o", str(out),
                "--pass", "normalize", "--no-latency", "--no-plot", "-q"]
