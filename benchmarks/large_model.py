@@ -220,7 +220,7 @@ def measure(width: int, workdir: Path, versions: list[tuple[str, Path | None]]) 
             ("onnxopt quantize command (normalize, quantize)", ["quantize"])]
     rows = onnxopt_rows(f"w{width}", model, runs, versions, ["--calib", str(calib)])
     forced = onnxopt_rows(f"w{width}", model, [(FORCED, ["quantize"])], versions[:1], ["--calib", str(calib)],
-                          env={"GLIBC_TUNABLES": HUGETLB, "ONNXOPT_MALLOC_HUGEPAGES": "1"})
+                          env={"GLIBC_TUNABLES": HUGETLB})  # set from the start: the command does not restart
     rows += forced
     prepacking = measure_prepacking(model, calib)
     print(f"  w{width}: prepacking: {json.dumps(prepacking)}", file=sys.stderr, flush=True)

@@ -99,11 +99,14 @@ def relaunch_environment(environ: Mapping[str, str], *, system: str, glibc: tupl
     return {**environ, "GLIBC_TUNABLES": tunables}
 
 
+def _relaunch_environment_here(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """:func:`relaunch_environment` on this process's platform, C library and THP mode."""
+    return relaunch_environment(environ, system=sys.platform, glibc=glibc_version(), mode=thp_mode())
+
+
 def helps_here(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether this host and ``environ`` let a restart with the tunable change anything
-    (:func:`relaunch_environment` on this process's platform, C library and THP mode)."""
-    environ = os.environ if environ is None else environ
-    return relaunch_environment(environ, system=sys.platform, glibc=glibc_version(), mode=thp_mode()) is not None
+    """Whether this host and ``environ`` let a restart with the tunable change anything."""
+    return _relaunch_environment_here(os.environ if environ is None else environ) is not None
 
 
 def _stored_bytes(path: str) -> int:
@@ -171,7 +174,7 @@ def relaunch(argv: Sequence[str] | None = None) -> None:
     ``RELAUNCH_FROM_BYTES`` or more (or ``ONNXOPT_MALLOC_HUGEPAGES=1``); returns when nothing is to be done or the
     exec fails (the command then runs as it is)."""
     argv = list(sys.orig_argv if argv is None else argv)
-    env = relaunch_environment(os.environ, system=sys.platform, glibc=glibc_version(), mode=thp_mode())
+    env = _relaunch_environment_here(os.environ)
     if env is None or not argv:
         return
     try:
