@@ -13,7 +13,9 @@ elsewhere stay on the median.
 
 The search is most of a MinMax quantization's wall time, so it is kept cheap without changing what it can choose:
 one ORT session per model serves the agreement check, the timing and the confirmation (:func:`sharing_sessions`);
-the agreement check runs the samples as one batch where the model's batch dim allows; and the timing run
+the agreement check runs the samples as one batch where the model's batch dim allows, and one at a time otherwise,
+stopping once the candidate can no longer pass (:class:`~onnxopt.passes.quantize.agreement.PrefixCheck`); and the
+timing run
 (:func:`race`) stops timing a candidate once even its fastest run is clearly slower than another model's median,
 since such a candidate can neither be the fastest nor beat FP32 by ``MIN_SPEEDUP``, and ends once a lone candidate
 is clearly faster than FP32.
@@ -32,8 +34,8 @@ import numpy as np
 import onnx
 
 from onnxopt.errors import BadInputError
-from onnxopt.passes.quantize.agreement import (CHECK_NAMES, check_kind, class_axis, decision_axis,
-                                               output_sqnr_db, top1_agreement)
+from onnxopt.passes.quantize.agreement import (CHECK_NAMES, PrefixCheck, check_kind, class_axis,
+                                               decision_axis, output_sqnr_db, top1_agreement)
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime as ort
@@ -117,6 +119,9 @@ class Candidate:
     drop: float | None = None  # accuracy (or agreement) lost, when there is a budget
     sqnr_db: float | None = None  # of the first output against FP32 on the agreement samples
     vetted: bool = False  # its checks (Trial.vet) have run
+    #: Samples its check ran on, when it stopped before the last one (failed whatever the rest would give); then
+    #: ``sqnr_db`` and ``agreement`` are those of these first samples.
+    checked_samples: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"label": self.label, "median_ms": self.median_ms, "speedup": self.speedup,
@@ -126,13 +131,16 @@ class Candidate:
             out["drop"] = self.drop
         if self.sqnr_db is not None:
             out["sqnr_db"] = self.sqnr_db
+        if self.checked_samples is not None:
+            out["checked_samples"] = self.checked_samples
         return out
 
     def check_text(self) -> str:
         """The agreement check's result for notes: "top-1 0.990, SQNR 31.2 dB", "SQNR 24.1 dB", or ""."""
         parts = [f"top-1 {self.agreement:.3f}"] if self.agreement is not None else []
         parts += [f"SQNR {self.sqnr_db:.1f} dB"] if self.sqnr_db is not None else []
-        return ", ".join(parts)
+        checked = f" on the first {self.checked_samples} samples" if self.checked_samples is not None else ""
+        return ", ".join(parts) + (checked if parts else "")
 
     @property
     def gain(self) -> float:
@@ -434,11 +442,12 @@ def regions(model: onnx.ModelProto, heavy: Sequence[str]) -> dict[str, list[str]
 
 
 def first_outputs(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], threads: int | None,
-                  provider: str = "cpu") -> list[np.ndarray]:
+                  provider: str = "cpu", stop: Callable[[np.ndarray], bool] | None = None) -> list[np.ndarray]:
     """The first output for each feed (or, where the batch dim allows, one batched output for all of them).
 
     :func:`top1_agreement` counts per row, so a batched output agrees exactly as the per-feed list would; one run
-    of 64 samples replaces 64 runs. Models with a fixed batch dim (the Paddle model after normalize) run per feed.
+    of 64 samples replaces 64 runs. Models with a fixed batch dim (the Paddle model after normalize) run per feed;
+    ``stop``, given each output in turn, ends that loop early when it returns True (the outputs so far are returned).
     """
     session = _session(model, threads, provider)
     name = session.get_outputs()[0].name
@@ -447,7 +456,12 @@ def first_outputs(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]
         out = np.asarray(session.run([name], batched)[0])
         if out.ndim and out.shape[0] == len(feeds):
             return [out]
-    return [np.asarray(session.run([name], f)[0]) for f in feeds]
+    outputs = []
+    for feed in feeds:
+        outputs.append(np.asarray(session.run([name], feed)[0]))
+        if stop is not None and stop(outputs[-1]):
+            break
+    return outputs
 
 
 def _batch_feeds(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]]
@@ -499,10 +513,12 @@ class Trial:
         if _pool is not None and cand.model is not None:
             _pool.release(cand.model)
 
-    def _outputs(self, cand: Candidate, feeds: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray] | None:
-        """``cand``'s first outputs on ``feeds``; None, with the candidate rejected, when ORT cannot run it."""
+    def _outputs(self, cand: Candidate, feeds: Sequence[dict[str, np.ndarray]],
+                 stop: Callable[[np.ndarray], bool] | None = None) -> list[np.ndarray] | None:
+        """``cand``'s first outputs on ``feeds`` (``stop``: see :func:`first_outputs`); None, with the candidate
+        rejected, when ORT cannot run it."""
         try:
-            return first_outputs(cand.model, feeds, self.threads, self.provider)
+            return first_outputs(cand.model, feeds, self.threads, self.provider, stop)
         except Exception as exc:  # noqa: BLE001 - a candidate ORT cannot run is dropped, not fatal
             self.reject(cand, f"does not run: {exc}"[:200])
             return None
@@ -520,10 +536,27 @@ class Trial:
             cand.vetted = True
             if not self._reference:
                 self._reference.extend(first_outputs(self.fp32, self.feeds, self.threads, self.provider))
-            outputs = self._outputs(cand, self.feeds)
+            check = self.check
+            prefix = PrefixCheck(self._reference, check, self._axis(),
+                                 self.min_sqnr_db if check == "sqnr" else self.sqnr_floor_db,
+                                 None if check == "sqnr" else self.min_agreement, CHECK_NAMES[check])
+            reasons: list[str] = []
+
+            def out_of_reach(output: np.ndarray) -> bool:
+                reason = prefix.add(output)
+                reasons.extend([reason] if reason else [])
+                return reason is not None
+
+            outputs = self._outputs(cand, self.feeds, out_of_reach)
             if outputs is None:
                 return False
-            check = self.check
+            if reasons and len(outputs) < len(self.feeds):  # the rest of the samples cannot save it
+                cand.checked_samples = len(outputs)
+                cand.sqnr_db = prefix.seen_sqnr_db
+                cand.agreement = None if check == "sqnr" else prefix.seen_agreement
+                self.reject(cand, f"{cand.check_text()} of {len(self.feeds)} against FP32: {reasons[-1]} whatever "
+                                  f"the other {len(self.feeds) - len(outputs)} give")
+                return False
             cand.sqnr_db = output_sqnr_db(self._reference, outputs)
             if check == "sqnr":
                 if cand.sqnr_db < self.min_sqnr_db:

@@ -1,0 +1,204 @@
+"""The placement search's checks that stop once a candidate can no longer pass, against the code before them.
+
+A candidate's check (top-1 agreement, or SQNR for an output without classes) is pooled over the check samples, and
+the reference's outputs on all of them are known first: noise and disagreements only accumulate, so once even a
+perfect rest cannot lift the result to its bar the check stops (``agreement.PrefixCheck``); and a staged search
+whose whole-model candidates failed their checks checks the region candidates before timing them, racing only those
+that pass. Neither changes a verdict; both matter where the models run one sample at a time (a fixed batch dim)
+and their candidates fail checks: PaddleOCR's v4 detector and recognizer. The digits example (its checks run as one
+batch) shows the change costs nothing where it cannot help.
+
+For each model: the default ``normalize`` + ``quantize`` pipeline (``onnxopt.optimize``, as
+``benchmarks/ocr_agreement.py`` runs it: 32 rendered calibration inputs for the OCR models, 200 digits images for the
+example), with this commit's code and with the code of ``--before REF`` (a temporary git worktree first on
+``PYTHONPATH``), each in its own process, the versions taking turns going first, ``--rounds`` times each. Reported:
+wall time of ``optimize`` (imports excluded; the fastest run and every run), the search's and the mixed-precision
+fallback's own seconds, the decision (the chosen candidate, every candidate's rejected-or-not, the fallback's
+trials) and whether it is the same for both versions.
+
+Usage: nice -n 5 python benchmarks/search_checks.py --before REF [--rounds 2] [--models example,det,rec]
+       [--out reports/search_checks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report_files import write_report  # noqa: E402 - beside this script
+
+#: Run in a fresh interpreter whose PYTHONPATH starts with the version's tree: imports onnxopt from there.
+WORKER = """
+import json, sys, time
+spec = json.loads(sys.argv[1])
+import onnxopt, onnxopt.passes.quantize, onnxruntime.quantization
+started = time.perf_counter()
+result = onnxopt.optimize(spec["model"], ["normalize", "quantize"], calib=spec["calib"],
+                          input_shapes=spec["shapes"], measure_latency=False)
+seconds = time.perf_counter() - started
+placement = result.report.to_dict()["steps"][-1].get("details", {}).get("placement", {})
+print(json.dumps({"seconds": seconds, "onnxopt": onnxopt.__file__, "placement": placement}))
+"""
+
+
+def _cases(workdir: Path) -> list[dict[str, Any]]:
+    from onnxopt import examples
+
+    digits = np.load(examples.default_calib_path())
+    np.savez(workdir / "example.npz", **{key: digits[key][:200] for key in digits.files})
+    cases = [{"key": "example", "title": "example digits_cnn (200 calibration images)",
+              "model": str(examples.default_model_path()), "calib": str(workdir / "example.npz"), "shapes": {}}]
+    try:
+        from ocr_agreement import MODELS, model_path, render_inputs
+    except ImportError as exc:  # rapidocr-onnxruntime missing
+        print(f"PaddleOCR models left out: {exc}", file=sys.stderr)
+        return cases
+    text = render_inputs(32, seed=11)
+    for key, title in (("det", "PaddleOCR v4 detector"), ("rec", "PaddleOCR v4 recognizer")):
+        np.savez(workdir / f"{key}.npz", x=text[key])
+        cases.append({"key": key, "title": f"{title} (32 rendered calibration inputs)", "model": str(model_path(key)),
+                      "calib": str(workdir / f"{key}.npz"), "shapes": {"x": list(MODELS[key][1])}})
+    return cases
+
+
+def _run(spec: dict[str, Any], tree: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(":")}
+    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(spec)], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=tempfile.gettempdir())
+    if done.returncode != 0:
+        raise RuntimeError(f"{spec['key']} with {tree}: exit {done.returncode}: {done.stderr[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if not out["onnxopt"].startswith(str(tree)):
+        raise RuntimeError(f"imported {out['onnxopt']}, not the code of {tree}")
+    return out
+
+
+#: How a rejection by a check (not by timing) begins: the SQNR or agreement check, or an accuracy budget.
+CHECK_FAILURES = ("SQNR", "top-1", "accuracy drop")
+
+
+def _decision(placement: dict[str, Any]) -> dict[str, Any]:
+    """What the checks decided: each checked candidate's verdict, and the fallback's trials (the candidate finally
+    chosen also depends on timing, which differs from run to run whatever the code)."""
+    fallback = placement.get("mixed_fallback", {})
+    checks = {c["label"]: not str(c.get("rejected") or "").startswith(CHECK_FAILURES)
+              for c in placement.get("candidates", []) if c.get("sqnr_db") is not None}
+    return {"checks": checks, "fallback_trials": [[t["fp32_layers"], t["passed"]] for t in fallback.get("trials", [])],
+            "fallback_layers": fallback.get("fp32_layers"), "chosen": placement.get("chosen")}
+
+
+def same_checks(one: dict[str, Any], other: dict[str, Any]) -> tuple[bool, int]:
+    """Whether two runs' checks agree (every candidate checked in both, and the fallback's trials), and how many
+    candidates both checked."""
+    both = set(one["checks"]) & set(other["checks"])
+    same = all(one["checks"][label] == other["checks"][label] for label in both)
+    same = same and one["fallback_trials"] == other["fallback_trials"] and (
+        one["fallback_layers"] == other["fallback_layers"])
+    return same, len(both)
+
+
+def _summary(out: dict[str, Any]) -> dict[str, Any]:
+    placement = out["placement"]
+    stopped = [c["checked_samples"] for c in placement.get("candidates", []) if c.get("checked_samples")]
+    return {"seconds": out["seconds"], "search_seconds": sum(placement.get("seconds", {}).values()),
+            "fallback_seconds": placement.get("mixed_fallback", {}).get("seconds"),
+            "checks_stopped": stopped, "check_samples": placement.get("agreement_samples"),
+            "decision": _decision(placement)}
+
+
+def measure(before: str, rounds: int, wanted: set[str] | None = None) -> dict[str, Any]:
+    from large_model import worktree
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="onnxopt-search-checks-") as tmp:
+        workdir = Path(tmp)
+        old = worktree(before, workdir / "before")
+        versions = {"this commit": REPO, f"before ({before})": old}
+        try:
+            for spec in [case for case in _cases(workdir) if wanted is None or case["key"] in wanted]:
+                runs: dict[str, list[dict[str, Any]]] = {label: [] for label in versions}
+                for round_ in range(rounds):
+                    order = list(versions) if round_ % 2 == 0 else list(versions)[::-1]
+                    for label in order:
+                        result = _summary(_run(spec, versions[label]))
+                        runs[label].append(result)
+                        print(f"  {spec['key']} {label}: {result['seconds']:.1f} s, {result['decision']['chosen']}",
+                              file=sys.stderr, flush=True)
+                rows.append({"model": spec["title"], "runs": runs})
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, capture_output=True)
+    return {"before": before, "rounds": rounds, "rows": rows}
+
+
+def render(payload: dict[str, Any]) -> str:
+    lines = [
+        "# The placement search's checks: stop once failed, regions checked before timing (this code vs before)",
+        "",
+        f"Generated by `nice -n 5 python benchmarks/search_checks.py --before {payload['before']} --rounds "
+        f"{payload['rounds']}` on {payload['when']} (see the script's docstring). Do not edit by hand.", "",
+        f"Host: {payload['host']}; load average {payload['load']}.", "",
+        "Each model: the default `normalize` + `quantize` pipeline, each version in its own process, the versions "
+        f"taking turns going first, {payload['rounds']} runs each. Wall time: the fastest run (all runs in "
+        "brackets). Search / fallback: the placement search's own seconds and, within them, the mixed-precision "
+        "fallback's (fastest run's). Checks stopped: candidates whose check ended before the last of the check "
+        "samples, and after how many. Chosen: the candidate kept, in each run (among candidates that pass their "
+        "checks the fastest wins: a timing, which can differ from run to run whatever the code). Checks as before: "
+        "every candidate checked by both versions got the same verdict, and the fallback's trials (the number of "
+        "layers kept FP32 and whether the candidate passed) were the same, comparing every run with every run of "
+        "the code before.", "",
+        "| model | code | wall time | search | fallback | checks stopped early | chosen | checks as before |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in payload["rows"]:
+        labels = list(row["runs"])
+        before_runs = row["runs"][labels[-1]]
+        for label in labels:
+            runs = row["runs"][label]
+            best = min(runs, key=lambda r: r["seconds"])
+            all_runs = ", ".join(f"{r['seconds']:.1f}" for r in runs)
+            stopped = best["checks_stopped"]
+            early = (f"{len(stopped)} (after {min(stopped)}-{max(stopped)} of {best['check_samples']} samples)"
+                     if stopped else "none")
+            fallback = f"{best['fallback_seconds']:.1f} s" if best["fallback_seconds"] is not None else "-"
+            compared = [same_checks(r["decision"], b["decision"]) for r in runs for b in before_runs]
+            verdict = (f"{'yes' if all(same for same, _ in compared) else 'NO'} "
+                       f"({min(n for _, n in compared)} or more candidates checked by both)")
+            chosen = ", ".join(dict.fromkeys(r["decision"]["chosen"] for r in runs))
+            lines.append(f"| {row['model']} | {label} | {best['seconds']:.1f} s ({all_runs}) | "
+                         f"{best['search_seconds']:.1f} s | {fallback} | {early} | {chosen} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", required=True, metavar="REF", help="git ref of the code to compare with")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--models", help="comma-separated subset of example,det,rec (default: all)")
+    parser.add_argument("--out", default=str(REPO / "reports" / "search_checks.md"))
+    args = parser.parse_args()
+    from onnxopt.hostinfo import host_info
+
+    info = host_info()
+    payload = measure(args.before, args.rounds, set(args.models.split(",")) if args.models else None)
+    payload.update(when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   host=f"{info.cpu_model or info.machine}, {info.logical_cores} logical cores; onnxruntime "
+                        f"{info.onnxruntime_version}",
+                   load=", ".join(f"{v:.1f}" for v in os.getloadavg()))
+    write_report(Path(args.out), payload, render)
+
+
+if __name__ == "__main__":
+    main()
