@@ -174,8 +174,9 @@ def render(payload: dict[str, Any]) -> str:
                      if stopped else "none")
             fallback = f"{best['fallback_seconds']:.1f} s" if best["fallback_seconds"] is not None else "-"
             compared = [same_checks(r["decision"], b["decision"]) for r in runs for b in before_runs]
-            verdict = (f"{'yes' if all(same for same, _ in compared) else 'NO'} "
-                       f"({min(n for _, n in compared)} or more candidates checked by both)")
+            counts = sorted({n for _, n in compared})
+            verdict = (f"{'yes' if all(same for same, _ in compared) else 'NO'} (candidates checked by both: "
+                       f"{'-'.join(str(n) for n in dict.fromkeys([counts[0], counts[-1]]))})")
             chosen = ", ".join(dict.fromkeys(r["decision"]["chosen"] for r in runs))
             lines.append(f"| {row['model']} | {label} | {best['seconds']:.1f} s ({all_runs}) | "
                          f"{best['search_seconds']:.1f} s | {fallback} | {early} | {chosen} | {verdict} |")
@@ -188,7 +189,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--models", help="comma-separated subset of example,det,rec (default: all)")
     parser.add_argument("--out", default=str(REPO / "reports" / "search_checks.md"))
+    parser.add_argument("--render", metavar="JSON", help="only render the Markdown of an earlier run's JSON")
     args = parser.parse_args()
+    if args.render:
+        write_report(Path(args.out), json.loads(Path(args.render).read_text()), render)
+        return
     from onnxopt.hostinfo import host_info
 
     info = host_info()

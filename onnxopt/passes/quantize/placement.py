@@ -15,10 +15,9 @@ The search is most of a MinMax quantization's wall time, so it is kept cheap wit
 one ORT session per model serves the agreement check, the timing and the confirmation (:func:`sharing_sessions`);
 the agreement check runs the samples as one batch where the model's batch dim allows, and one at a time otherwise,
 stopping once the candidate can no longer pass (:class:`~onnxopt.passes.quantize.agreement.PrefixCheck`); and the
-timing run
-(:func:`race`) stops timing a candidate once even its fastest run is clearly slower than another model's median,
-since such a candidate can neither be the fastest nor beat FP32 by ``MIN_SPEEDUP``, and ends once a lone candidate
-is clearly faster than FP32.
+timing run (:func:`race`) stops timing a candidate once even its fastest run is clearly slower than another model's
+median, since such a candidate can neither be the fastest nor beat FP32 by ``MIN_SPEEDUP``, and ends once a lone
+candidate is clearly faster than FP32.
 """
 
 from __future__ import annotations
