@@ -32,7 +32,20 @@ def test_cuts_of_a_chain_and_around_a_residual_block():
              helper.make_node("Tanh", ["b"], ["c"], name="n2"),
              helper.make_node("Add", ["a", "c"], ["d"], name="n3"),
              helper.make_node("Relu", ["d"], ["y"], name="n4")]
-    assert cut_points(_graph(nodes)) == [(1, "a"), (4, "d")]
+    assert cut_points(_graph(nodes)) == [(1, ("a",)), (4, ("d",))]
+
+
+def test_cuts_of_several_activations_where_a_skip_connection_is_pending():
+    """A U-Net-like graph: a is saved for the Add at the end, so past n1 the only one-activation cut is gone, but
+    the tail from n2 can be fed (a, b) and the tail from n3 (a, c)."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="n0"),
+             helper.make_node("Sigmoid", ["a"], ["b"], name="n1"),
+             helper.make_node("Tanh", ["b"], ["c"], name="n2"),
+             helper.make_node("Relu", ["c"], ["d"], name="n3"),
+             helper.make_node("Add", ["a", "d"], ["y"], name="n4")]
+    assert cut_points(_graph(nodes)) == [(1, ("a",))]
+    assert cut_points(_graph(nodes), max_tensors=2) == [(1, ("a",)), (2, ("a", "b")), (3, ("a", "c")),
+                                                       (4, ("a", "d"))]
 
 
 def test_no_cut_while_a_second_input_or_an_early_output_is_pending():
@@ -83,6 +96,7 @@ def test_probes_from_cuts_give_the_whole_graph_table(prepared):
     proto, layers, _, feeds = prepared
     starts = sensitivity._probe_starts(proto, layers, len(feeds), 1)
     assert len(starts) >= len(layers) - 2
+    assert any(len(tensors) > 1 for _, tensors in starts.values())  # inside a residual block: block input + branch
     whole, cut = _table(prepared, cuts=False), _table(prepared, cuts=True)
     assert list(whole) == list(cut)
     for name, row in whole.items():
@@ -105,8 +119,8 @@ def test_a_tail_that_cannot_run_falls_back_to_the_whole_graph(prepared, monkeypa
     over the whole graph instead, with the same figures."""
     real = sensitivity._tail
 
-    def stale(model, index, tensor):
-        tail = real(model, index, tensor)
+    def stale(model, index, tensors):
+        tail = real(model, index, tensors)
         dims = tail.graph.input[0].type.tensor_type.shape.dim
         dims[len(dims) - 1].dim_value = dims[len(dims) - 1].dim_value + 1
         return tail

@@ -9,10 +9,11 @@ optimization level (NCHWc kernels; a lone Quantize/Dequantize pair before a floa
 ``benchmarks/sensitivity_levels.py`` measured it against the basic level (the one used before) on the PaddleOCR v4
 models and the digits nets.
 
-A probe need not run what lies upstream of its layer, which is FP32 and the same as in the reference run: where the
-graph narrows to one activation before the layer (a *cut*: nothing else computed upstream is read downstream), the
-probe is the graph's tail from there, fed that activation's values from the reference run
-(:func:`cut_points`). ``benchmarks/sensitivity_cuts.py`` measures what it saves and that the table stays the same.
+A probe need not run what lies upstream of its layer, which is FP32 and the same as in the reference run: where few
+activations computed upstream are still read downstream before the layer (a *cut*: one activation in a chain or
+after a residual block, the current activation and the saved stage outputs in a U-Net or an FPN), the probe is the
+graph's tail from there, fed those activations' values from the reference run (:func:`cut_points`).
+``benchmarks/sensitivity_cuts.py`` measures what it saves and that the table stays the same.
 """
 
 from __future__ import annotations
@@ -59,24 +60,29 @@ def sqnr_db(reference: np.ndarray, noisy: np.ndarray) -> float:
 #: The cut activations kept from the reference run for the probes, at most (bytes, all samples): above it the
 #: earliest cuts are dropped (their layers' probes start at an earlier cut, or run the whole graph).
 CUT_VALUES_BYTES = 512 << 20
+#: A cut has at most this many activations (each probe's tail gets them all as inputs).
+MAX_CUT_TENSORS = 8
+
+Cut = tuple[int, tuple[str, ...]]  # (index of the tail's first node, the activations it is fed)
 
 
 def layer_sensitivity(model: onnx.ModelProto, layers: Sequence[onnx.NodeProto], ranges: Mapping[str, TensorRange],
                       quantize_weight: WeightQuantizer, feeds: Sequence[dict[str, np.ndarray]],
                       labels: np.ndarray | None, reduce_range: bool, symmetric: bool,
                       threads: int | None = None, optimization: str = "all",
-                      cuts: bool = True) -> list[LayerSensitivity]:
+                      cuts: bool = True, max_cut_tensors: int = MAX_CUT_TENSORS) -> list[LayerSensitivity]:
     """One entry per layer of ``layers``, most sensitive (lowest output SQNR) first. ``optimization``: ORT's graph
     optimization level for the probes (a graph the full level cannot optimize runs at the basic one); ``cuts``:
-    probes run the graph's tail from the last cut before their layer (:func:`cut_points`), else the whole graph."""
+    probes run the graph's tail from the last cut of at most ``max_cut_tensors`` activations before their layer
+    (:func:`cut_points`), else the whole graph."""
     output = model.graph.output[0].name
     batch = max((int(np.shape(v)[0]) for v in feeds[0].values() if np.ndim(v)), default=1) if feeds else 1
-    starts = _probe_starts(model, layers, len(feeds), batch) if cuts else {}
-    cut_names = sorted({tensor for _, tensor in starts.values()})
+    starts = _probe_starts(model, layers, len(feeds), batch, max_cut_tensors) if cuts else {}
+    cut_names = sorted({tensor for _, tensors in starts.values() for tensor in tensors})
     names = [output, *(n.output[0] for n in layers)]
     parts = _run_parts(model, feeds, [*names, *cut_names], threads, optimization)
     reference, cut_values = [_joined(parts[name]) for name in names], {name: parts[name] for name in cut_names}
-    tails: dict[tuple[int, str], tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]] = {}  # with its initializers
+    tails: dict[Cut, tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]] = {}  # with its initializers
     table = []
     whole_inits = {init.name: init for init in model.graph.initializer}
 
@@ -95,8 +101,8 @@ def layer_sensitivity(model: onnx.ModelProto, layers: Sequence[onnx.NodeProto], 
             tail, tail_inits = tails[start]
             probe = _simulate(tail, node, tail_inits, ranges, quantize_weight, symmetric)
             try:
-                outs = _run(probe, [{start[1]: value} for value in cut_values[start[1]]], [output, node.output[0]],
-                            threads, optimization)
+                tail_feeds = [{tensor: cut_values[tensor][i] for tensor in start[1]} for i in range(len(feeds))]
+                outs = _run(probe, tail_feeds, [output, node.output[0]], threads, optimization)
             except Exception:  # noqa: BLE001 - ORT refuses the tail (a stale shape of the cut in the graph's
                 outs = probe_whole(node)  # value_info, say): the whole graph, whose own errors are raised
         accuracy = None
@@ -154,12 +160,12 @@ def _sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
-def cut_points(graph: onnx.GraphProto) -> list[tuple[int, str]]:
-    """``(i, tensor)`` for each node index ``i`` before which ``tensor`` is the only activation computed so far that
-    a node from ``i`` on (or a graph output) still reads: the graph from node ``i`` on, fed ``tensor``, computes every
-    output. Nodes must be in topological order (ONNX requires it); none where a node has a subgraph (it may read
-    outer values that its inputs do not list), and none while a graph input is still to be read or a graph output
-    has been computed."""
+def cut_points(graph: onnx.GraphProto, max_tensors: int = 1) -> list[Cut]:
+    """``(i, tensors)`` for each node index ``i`` before which ``tensors`` (at most ``max_tensors`` of them, sorted)
+    are the only activations computed so far that a node from ``i`` on (or a graph output) still reads: the graph
+    from node ``i`` on, fed ``tensors``, computes every output. Nodes must be in topological order (ONNX requires
+    it); none where a node has a subgraph (it may read outer values that its inputs do not list), and none while a
+    graph input is still to be read or a graph output has been computed."""
     if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node
            for attr in n.attribute):
         return []
@@ -172,22 +178,22 @@ def cut_points(graph: onnx.GraphProto) -> list[tuple[int, str]]:
     outputs = {o.name for o in graph.output}
     inputs = {i.name for i in graph.input if i.name not in constants}
     live = set(inputs)
-    cuts = []
+    cuts: list[Cut] = []
     for index, node in enumerate(graph.node):
         live = {name for name in live if name in outputs or last_read.get(name, -1) >= index}
-        if index and len(live) == 1 and not live & (inputs | outputs):  # the tail must compute every output
-            cuts.append((index, next(iter(live))))
+        if index and 1 <= len(live) <= max_tensors and not live & (inputs | outputs):  # the tail computes every output
+            cuts.append((index, tuple(sorted(live))))
         live.update(name for name in node.output if name)
     return cuts
 
 
 def _probe_starts(model: onnx.ModelProto, layers: Sequence[onnx.NodeProto], samples: int,
-                  batch: int) -> dict[str, tuple[int, str]]:
+                  batch: int, max_tensors: int = MAX_CUT_TENSORS) -> dict[str, Cut]:
     """Layer name -> the cut its probe starts at: the last one at or before the layer, among the cuts whose values
     for ``samples`` feeds of ``batch`` fit ``CUT_VALUES_BYTES`` together (the latest kept first: they skip the
-    most)."""
+    most; an activation in several cuts counts once)."""
     graph = model.graph
-    cuts = cut_points(graph)
+    cuts = cut_points(graph, max_tensors)
     if not cuts:
         return {}
     position = {node.name: index for index, node in enumerate(graph.node) if node.name}
@@ -197,12 +203,19 @@ def _probe_starts(model: onnx.ModelProto, layers: Sequence[onnx.NodeProto], samp
         if before:
             wanted[layer.name] = before[-1]
     sizes = {info.name: _tensor_bytes(info, batch) for info in graph.value_info}
-    kept, total = set(), 0
+    kept: set[Cut] = set()
+    held: set[str] = set()
+    total = 0
     for cut in sorted(set(wanted.values()), reverse=True):
-        size = sizes.get(cut[1])
-        if size is not None and total + size * samples <= CUT_VALUES_BYTES:
+        new = [tensor for tensor in cut[1] if tensor not in held]
+        needed = [sizes.get(tensor) for tensor in new]
+        if any(size is None for size in needed):
+            continue
+        extra = sum(size for size in needed if size is not None) * samples
+        if total + extra <= CUT_VALUES_BYTES:
             kept.add(cut)
-            total += size * samples
+            held.update(new)
+            total += extra
     starts = {}
     for layer in layers:
         if layer.name not in wanted:
@@ -226,8 +239,8 @@ def _tensor_bytes(info: onnx.ValueInfoProto, batch: int) -> int | None:
     return int(np.prod(dims, dtype=np.int64)) * 4
 
 
-def _tail(model: onnx.ModelProto, index: int, tensor: str) -> onnx.ModelProto:
-    """The graph from node ``index`` on, with ``tensor`` (a cut) as its one input and only the initializers it
+def _tail(model: onnx.ModelProto, index: int, tensors: Sequence[str]) -> onnx.ModelProto:
+    """The graph from node ``index`` on, with ``tensors`` (a cut) as its inputs and only the initializers it
     reads."""
     graph = model.graph
     nodes = list(graph.node)[index:]
@@ -238,9 +251,11 @@ def _tail(model: onnx.ModelProto, index: int, tensor: str) -> onnx.ModelProto:
     del tail.graph.initializer[:]
     tail.graph.initializer.extend(init for init in graph.initializer if init.name in read)
     del tail.graph.input[:]
-    info = next((v for v in [*graph.value_info, *graph.input] if v.name == tensor), None)
-    tail.graph.input.append(info if info is not None
-                            else helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    infos = {v.name: v for v in [*graph.value_info, *graph.input]}
+    for tensor in tensors:
+        info = infos.get(tensor)
+        tail.graph.input.append(info if info is not None
+                                else helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
     tail.graph.node.extend(nodes)
     return tail
 
