@@ -245,6 +245,33 @@ def compare_models(reference: ModelLike, candidate: ModelLike, feeds: Mapping[st
     return relative_error(run(reference, feeds), run(candidate, feeds))
 
 
+def outlier_net(batch: int | str = "N") -> onnx.ModelProto:
+    """Conv -> Relu -> Add -> Conv -> Relu -> Conv -> Sigmoid (a probability map, judged by SQNR) whose Add lifts one
+    channel of the middle conv's input by 300: one scale for the whole tensor crushes the other seven, so
+    every candidate that quantizes that input fails the 20 dB bar (the first conv and the head, the regions the
+    search keeps FP32, are not the cause); with the middle conv FP32 the other two are int8 and pass. A fixed
+    ``batch`` makes the search's checks run one sample at a time."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32)
+    offset = np.zeros((1, 8, 1, 1), np.float32)
+    offset[0, 0] = 300.0
+    w2 = rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)
+    w2[:, 0] /= 300.0
+    w3 = rng.normal(0, 0.3, (1, 8, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Add", ["r1", "offset"], ["m1"], name="outlier"),
+             helper.make_node("Conv", ["m1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c3"], ["y"], name="prob")]
+    graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 1, 8, 8])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(offset, "offset"),
+                               numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(w3, "w3")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def sparse_gather_model(folder: Path) -> tuple[Path, Path]:
     """``big.onnx``, whose one initializer (a 1-D float weight, 2 GiB + 4 KiB of zeros) lives in the sparse file
     ``big.bin``: Gather picks four values, so inputs and outputs stay tiny. No disk blocks, no time to create.

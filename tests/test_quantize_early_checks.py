@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx_builders import outlier_net
 
 from onnxopt.calib_data import open_data
 from onnxopt.modelio import as_ir_model, to_proto
@@ -46,10 +46,10 @@ def test_a_stop_is_always_a_failure_of_the_full_check(kind, axis, shape):
 def test_prefix_check_reports_what_it_has_seen_and_the_bound():
     reference = [np.ones((1, 4), np.float32) for _ in range(10)]
     check = PrefixCheck(reference, "sqnr", None, 20.0)
-    assert check.add(np.ones((1, 4), np.float32)) is None and check.sqnr_bound_db == np.inf
+    assert check.add(np.ones((1, 4), np.float32)) is None and check.figures()[0] == np.inf
     reason = check.add(np.full((1, 4), 1.5, np.float32))  # noise 4 x 0.25 = 1 against a total signal of 40
     assert reason == "SQNR at most 16.02 dB < 20 dB"
-    assert check.seen_sqnr_db == pytest.approx(10 * np.log10(8 / 1))  # the two samples seen
+    assert check.figures(seen_only=True)[0] == pytest.approx(10 * np.log10(8 / 1))  # the two samples seen
     nan = PrefixCheck(reference, "sqnr", None, 20.0)
     assert nan.add(np.full((1, 4), np.nan, np.float32)) == "its output is not finite"
 
@@ -60,7 +60,7 @@ def test_top1_bound_counts_every_decision_left():
     wrong = np.eye(1, 5, k=1, dtype=np.float32)
     assert check.add(wrong) is None  # 9 of 10 may still agree: 0.9 is reachable
     assert check.add(wrong) == "top-1 agreement at most 0.8000 < 0.9"
-    assert check.seen_agreement == 0.0
+    assert check.figures(seen_only=True)[1] == 0.0 and check.figures()[1] == 0.8
 
 
 def test_a_batched_output_that_does_not_line_up_leaves_the_verdict_to_the_full_check():
@@ -68,30 +68,6 @@ def test_a_batched_output_that_does_not_line_up_leaves_the_verdict_to_the_full_c
     check = PrefixCheck(reference, "sqnr", None, 20.0)
     assert check.add(np.zeros((3, 5), np.float32)) is None
     assert check.add(np.zeros((1, 4), np.float32)) is None and not check.aligned
-
-
-def _fixed_batch_outlier_net() -> onnx.ModelProto:
-    """tests/test_quantize_fallback.py's net at a fixed batch of 1, so the checks run one sample at a time: one
-    channel of the middle conv's input is lifted by 300, and every candidate quantizing that input fails 20 dB."""
-    rng = np.random.default_rng(0)
-    w1 = rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32)
-    offset = np.zeros((1, 8, 1, 1), np.float32)
-    offset[0, 0] = 300.0
-    w2 = rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)
-    w2[:, 0] /= 300.0
-    w3 = rng.normal(0, 0.3, (1, 8, 3, 3)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-             helper.make_node("Add", ["r1", "offset"], ["m1"], name="outlier"),
-             helper.make_node("Conv", ["m1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-             helper.make_node("Conv", ["r2", "w3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
-             helper.make_node("Sigmoid", ["c3"], ["y"], name="prob")]
-    graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 8])],
-                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(offset, "offset"),
-                               numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(w3, "w3")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def _search(fake_time_models, timed: list[set[str]]) -> tuple[onnx.ModelProto, dict]:
@@ -105,7 +81,7 @@ def _search(fake_time_models, timed: list[set[str]]) -> tuple[onnx.ModelProto, d
     x = np.random.default_rng(1).normal(size=(32, 3, 8, 8)).astype(np.float32)
     step = QuantizePass(placement="auto", calib_samples=32)
     step.bind(PassContext(calib=open_data({"x": x})))
-    return step.apply(to_proto(as_ir_model(_fixed_batch_outlier_net()))), step.details["placement"]
+    return step.apply(to_proto(as_ir_model(outlier_net(batch=1)))), step.details["placement"]
 
 
 def test_early_checks_keep_the_search_verdict(fake_time_models, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx_builders import outlier_net
 
 from onnxopt.calib_data import open_data
 from onnxopt.modelio import as_ir_model, to_proto
@@ -32,41 +32,15 @@ def test_fewest_passing_bisects_to_the_smallest_k():
     assert fp32_cap(62) == 31 and fp32_cap(1) == 0
 
 
-def _outlier_net() -> onnx.ModelProto:
-    """Conv -> Relu -> Add -> Conv -> Relu -> Conv -> Sigmoid (a probability map, judged by SQNR) whose Add lifts one
-    channel of the middle conv's input by 300: one scale for the whole tensor crushes the other seven, so
-    every candidate that quantizes that input fails the 20 dB bar (the first conv and the head, the regions the
-    search keeps FP32, are not the cause); with the middle conv FP32 the other two are int8 and pass."""
-    rng = np.random.default_rng(0)
-    w1 = rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32)
-    offset = np.zeros((1, 8, 1, 1), np.float32)
-    offset[0, 0] = 300.0
-    w2 = rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)
-    w2[:, 0] /= 300.0
-    w3 = rng.normal(0, 0.3, (1, 8, 3, 3)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-             helper.make_node("Add", ["r1", "offset"], ["m1"], name="outlier"),
-             helper.make_node("Conv", ["m1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-             helper.make_node("Conv", ["r2", "w3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
-             helper.make_node("Sigmoid", ["c3"], ["y"], name="prob")]
-    graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])],
-                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(offset, "offset"),
-                               numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(w3, "w3")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-
-
 def _run(params: dict, budgets: dict | None = None) -> tuple[onnx.ModelProto, QuantizePass, np.ndarray]:
     x = np.random.default_rng(1).normal(size=(32, 3, 8, 8)).astype(np.float32)
     step = QuantizePass(placement="auto", calib_samples=32, **params)
     step.bind(PassContext(calib=open_data({"x": x}), budgets=budgets or {}))
-    return step.apply(to_proto(as_ir_model(_outlier_net()))), step, x
+    return step.apply(to_proto(as_ir_model(outlier_net()))), step, x
 
 
 def _sqnr(model: onnx.ModelProto, x: np.ndarray) -> float:
-    reference = make_session(_outlier_net()).run(None, {"x": x})[0]
+    reference = make_session(outlier_net()).run(None, {"x": x})[0]
     return output_sqnr_db([reference], [make_session(model).run(None, {"x": x})[0]])
 
 

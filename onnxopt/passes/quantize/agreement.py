@@ -60,6 +60,7 @@ class PrefixCheck:
         self.kind, self.axis, self.agreement_name = kind, axis, agreement_name
         self.aligned = True  # False once an output does not match the reference's next rows: no verdict then
         self.min_sqnr_db, self.min_agreement = min_sqnr_db, min_agreement
+        self.judges_agreement = kind != "sqnr" and min_agreement is not None
         self.signal = float(np.sum(np.square(self._ref, dtype=np.float64)))
         self.decisions = self._decisions(self._ref)
         self.noise, self.disagreements, self.rows = 0.0, 0, 0
@@ -72,25 +73,11 @@ class PrefixCheck:
             return array.size // max(1, array.shape[self.axis % array.ndim])
         return array.shape[0]
 
-    @property
-    def sqnr_bound_db(self) -> float:
-        """The highest pooled SQNR the candidate can still reach."""
-        return _sqnr_db(self.signal, self.noise)
-
-    @property
-    def agreement_bound(self) -> float:
-        """The highest pooled agreement the candidate can still reach."""
-        return 1.0 - self.disagreements / self.decisions if self.decisions else 1.0
-
-    @property
-    def seen_sqnr_db(self) -> float:
-        """The pooled SQNR over the samples added so far."""
-        return _sqnr_db(self.seen_signal, self.noise)
-
-    @property
-    def seen_agreement(self) -> float:
-        """The agreement over the samples added so far."""
-        return 1.0 - self.disagreements / self.seen_decisions if self.seen_decisions else 1.0
+    def figures(self, seen_only: bool = False) -> tuple[float, float]:
+        """(pooled SQNR in dB, agreement): over the samples added so far with ``seen_only``, else the most the
+        candidate can still reach (all the reference's signal and decisions; the noise and disagreements so far)."""
+        signal, decisions = (self.seen_signal, self.seen_decisions) if seen_only else (self.signal, self.decisions)
+        return _sqnr_db(signal, self.noise), 1.0 - self.disagreements / decisions if decisions else 1.0
 
     def add(self, output: np.ndarray) -> str | None:
         """Count the candidate's next output (the samples after those already added); the reason it can no longer
@@ -107,16 +94,17 @@ class PrefixCheck:
         self.noise += float(np.sum(np.square(ref.astype(np.float64) - out)))
         self.seen_signal += float(np.sum(np.square(ref, dtype=np.float64)))
         self.seen_decisions += self._decisions(ref)
-        if self.kind != "sqnr" and self.min_agreement is not None:
+        if self.judges_agreement:
             if self.axis is not None and ref.ndim > 1:
                 axis = self.axis % ref.ndim
                 self.disagreements += int(np.sum(ref.argmax(axis) != out.argmax(axis)))
             else:
                 self.disagreements += int(np.sum(top1(ref) != top1(out)))
-            if self.agreement_bound < self.min_agreement:
-                return f"{self.agreement_name} at most {self.agreement_bound:.4f} < {self.min_agreement:g}"
-        if self.sqnr_bound_db < self.min_sqnr_db:
-            return f"SQNR at most {self.sqnr_bound_db:.2f} dB < {self.min_sqnr_db:g} dB"
+        sqnr_bound, agreement_bound = self.figures()
+        if self.judges_agreement and agreement_bound < self.min_agreement:  # type: ignore[operator]
+            return f"{self.agreement_name} at most {agreement_bound:.4f} < {self.min_agreement:g}"
+        if sqnr_bound < self.min_sqnr_db:
+            return f"SQNR at most {sqnr_bound:.2f} dB < {self.min_sqnr_db:g} dB"
         return None
 
 

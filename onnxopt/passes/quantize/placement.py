@@ -551,8 +551,8 @@ class Trial:
                 return False
             if reasons and len(outputs) < len(self.feeds):  # the rest of the samples cannot save it
                 cand.checked_samples = len(outputs)
-                cand.sqnr_db = prefix.seen_sqnr_db
-                cand.agreement = None if check == "sqnr" else prefix.seen_agreement
+                cand.sqnr_db, agreement = prefix.figures(seen_only=True)
+                cand.agreement = None if check == "sqnr" else agreement
                 self.reject(cand, f"{cand.check_text()} of {len(self.feeds)} against FP32: {reasons[-1]} whatever "
                                   f"the other {len(self.feeds) - len(outputs)} give")
                 return False
