@@ -265,7 +265,8 @@ def outlier_net(batch: int | str = "N") -> onnx.ModelProto:
              helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
              helper.make_node("Conv", ["r2", "w3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
              helper.make_node("Sigmoid", ["c3"], ["y"], name="prob")]
-    graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])]
+    graph = helper.make_graph(nodes, "outlier", inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 1, 8, 8])],
                               [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(offset, "offset"),
                                numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(w3, "w3")])
