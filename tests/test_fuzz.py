@@ -100,6 +100,39 @@ def test_derived_placements_equal_ort_rewrites(net, heavy_only, chosen):
 
 
 @FUZZ_SETTINGS
+@given(net=conv_nets())
+def test_sensitivity_from_cuts_equals_the_whole_graph(net):
+    """The sensitivity table's probes from cuts of several activations (a residual's or concat's pending branch, an
+    SE block's input) give the table the whole graph gives: every figure within float rounding (ORT fuses
+    differently at a cut), the layers in the same order up to near-ties."""
+    from onnxopt.calib_data import ArraySource
+    from onnxopt.modelio import input_specs
+    from onnxopt.passes import NormalizePass
+    from onnxopt.passes.quantize.collect import collect_statistics, tensors_to_calibrate
+    from onnxopt.passes.quantize.pass_ import _with_inferred_shapes
+    from onnxopt.passes.quantize.placement import HEAVY_OPS
+    from onnxopt.passes.quantize.sensitivity import layer_sensitivity
+    from onnxopt.passes.quantize.weights_prep import weight_quantizer
+
+    model = as_ir_model(net.model)
+    NormalizePass().apply(model)
+    proto = _with_inferred_shapes(model)
+    x = net.feeds(batch=8, seed=1)["input"]
+    calibrator, _ = collect_statistics(proto, tensors_to_calibrate(proto, list(HEAVY_OPS), []), ArraySource(x),
+                                       input_specs(model), samples=8, histograms=False)
+    layers = [n for n in proto.graph.node if n.op_type in HEAVY_OPS and n.name and len(n.input) > 1]
+    args = (proto, layers, calibrator.compute("minmax"), weight_quantizer(True, False, "minmax"),
+            [{"input": x[i:i + 1]} for i in range(4)], None, False, False)
+    whole = {row.node: row for row in layer_sensitivity(*args, cuts=False)}
+    cut = {row.node: row for row in layer_sensitivity(*args, cuts=True)}
+    assert set(whole) == set(cut), net.describe()
+    for name, row in whole.items():
+        for field in ("output_sqnr_db", "layer_sqnr_db"):
+            a, b = getattr(row, field), getattr(cut[name], field)
+            assert a == b or abs(a - b) < 0.05, f"{net.describe()}: {name} {field} {a:.3f} vs {b:.3f}"
+
+
+@FUZZ_SETTINGS
 @given(net=conv_nets(), ratio=st.sampled_from([0.25, 0.5]))
 def test_prune_gives_valid_smaller_model(net, ratio):
     """prune: a checker-valid model with the same input/output signature and no more parameters than before, or a
