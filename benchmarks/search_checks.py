@@ -46,11 +46,12 @@ import json, sys, time
 spec = json.loads(sys.argv[1])
 import onnxopt, onnxopt.passes.quantize, onnxruntime.quantization
 started = time.perf_counter()
-result = onnxopt.optimize(spec["model"], ["normalize", "quantize"], calib=spec["calib"],
-                          input_shapes=spec["shapes"], measure_latency=False)
+result = onnxopt.optimize(spec["model"], spec.get("recipe", ["normalize", "quantize"]), calib=spec["calib"],
+                          eval=spec.get("eval"), input_shapes=spec["shapes"], measure_latency=False)
 seconds = time.perf_counter() - started
-placement = result.report.to_dict()["steps"][-1].get("details", {}).get("placement", {})
-print(json.dumps({"seconds": seconds, "onnxopt": onnxopt.__file__, "placement": placement}))
+details = result.report.to_dict()["steps"][-1].get("details", {})
+print(json.dumps({"seconds": seconds, "onnxopt": onnxopt.__file__, "placement": details.get("placement", {}),
+                  "details": details}))
 """
 
 
@@ -74,7 +75,9 @@ def _cases(workdir: Path) -> list[dict[str, Any]]:
     return cases
 
 
-def _run(spec: dict[str, Any], tree: Path) -> dict[str, Any]:
+def run_version(spec: dict[str, Any], tree: Path) -> dict[str, Any]:
+    """``spec``'s pipeline run with the code of ``tree``, in a fresh process: wall time and the last step's
+    details."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(":")}
     done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(spec)], env=env, capture_output=True, text=True,
                           timeout=900, cwd=tempfile.gettempdir())
@@ -133,7 +136,7 @@ def measure(before: str, rounds: int, wanted: set[str] | None = None) -> dict[st
                 for round_ in range(rounds):
                     order = list(versions) if round_ % 2 == 0 else list(versions)[::-1]
                     for label in order:
-                        result = _summary(_run(spec, versions[label]))
+                        result = _summary(run_version(spec, versions[label]))
                         runs[label].append(result)
                         print(f"  {spec['key']} {label}: {result['seconds']:.1f} s, {result['decision']['chosen']}",
                               file=sys.stderr, flush=True)

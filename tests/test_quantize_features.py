@@ -319,7 +319,8 @@ def test_mixed_precision_keeps_the_most_sensitive_layers_fp32(monkeypatch):
     def fake_drop(self, model):
         dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
         int8 = {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in dequantized}
-        top = [row["node"] for row in seen["step"].details["sensitivity"]]  # filled before the search starts
+        # The all-int8 model is checked before the table is made: all 6 layers int8, so any 4 are the top 4.
+        top = [row["node"] for row in seen["step"].details.get("sensitivity", [])] or sorted(int8)
         return 0.01 * sum(1 for name in top[:4] if name in int8)
 
     original = QuantizePass._mixed_precision
@@ -339,6 +340,25 @@ def test_mixed_precision_keeps_the_most_sensitive_layers_fp32(monkeypatch):
     float_layers = {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] not in dequantized}
     assert float_layers == set(top[:2])
     assert any("kept 2 most sensitive layer(s) in FP32" in note for note in step.notes)
+
+
+def test_a_budget_the_all_int8_model_meets_needs_no_sensitivity_table(monkeypatch):
+    """The all-int8 model is checked first; when it meets the budget no layer is ranked, so no table is made (it
+    was most of such a run's time), unless sensitivity=true asks for it."""
+    from onnxopt.passes.quantize import sensitivity
+
+    made = []
+    real = sensitivity.layer_sensitivity
+    monkeypatch.setattr(sensitivity, "layer_sensitivity", lambda *a, **k: made.append(1) or real(*a, **k))
+    model, step = _quantize(as_ir_model(_chain_net()), calib=_calib(), eval=_labelled(), accuracy_drop=0.5)
+    assert not made and "sensitivity" not in step.details
+    assert step.details["mixed_precision"]["fp32_layers"] == []
+    assert [t["fp32_layers"] for t in step.details["mixed_precision"]["trials"]] == [0]
+    assert any("no sensitivity table needed" in note for note in step.notes)
+    assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    _, asked = _quantize(as_ir_model(_chain_net()), calib=_calib(), eval=_labelled(), accuracy_drop=0.5,
+                         sensitivity=True)
+    assert made and len(asked.details["sensitivity"]) == 6 and asked.details["mixed_precision"]["fp32_layers"] == []
 
 
 def test_budget_from_context_and_placement_rejects_over_budget(monkeypatch, fake_time_models):
