@@ -17,13 +17,7 @@ Usage: nice -n 5 python benchmarks/budget_table.py --before REF [--rounds 2] [--
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report_files import write_report  # noqa: E402 - beside this script
-from search_checks import run_version  # noqa: E402
+from search_checks import run_facts, side_by_side, side_by_side_parser  # noqa: E402
 
 BUDGET = 0.005
 
@@ -71,28 +65,6 @@ def _summary(out: dict[str, Any]) -> dict[str, Any]:
             "fp32_layers": mixed.get("fp32_layers"), "chosen": out["placement"].get("chosen")}
 
 
-def measure(before: str, rounds: int) -> dict[str, Any]:
-    from large_model import worktree
-
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="onnxopt-budget-table-") as tmp:
-        workdir = Path(tmp)
-        old = worktree(before, workdir / "before")
-        versions = {"this commit": REPO, f"before ({before})": old}
-        try:
-            for spec in _cases(workdir):
-                runs: dict[str, list[dict[str, Any]]] = {label: [] for label in versions}
-                for round_ in range(rounds):
-                    for label in (list(versions) if round_ % 2 == 0 else list(versions)[::-1]):
-                        result = _summary(run_version(spec, versions[label]))
-                        runs[label].append(result)
-                        print(f"  {spec['key']} {label}: {result}", file=sys.stderr, flush=True)
-                rows.append({"model": spec["title"], "runs": runs})
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, capture_output=True)
-    return {"before": before, "rounds": rounds, "budget": BUDGET, "rows": rows}
-
-
 def render(payload: dict[str, Any]) -> str:
     lines = [
         "# Accuracy budget: the all-int8 model checked before the sensitivity table (this code vs before)", "",
@@ -123,20 +95,10 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", required=True, metavar="REF", help="git ref of the code to compare with")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", default=str(REPO / "reports" / "budget_table.md"))
-    args = parser.parse_args()
-    from onnxopt.hostinfo import host_info
-
-    info = host_info()
-    payload = measure(args.before, args.rounds)
-    payload.update(when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   host=f"{info.cpu_model or info.machine}, {info.logical_cores} logical cores; onnxruntime "
-                        f"{info.onnxruntime_version}",
-                   load=", ".join(f"{v:.1f}" for v in os.getloadavg()))
-    write_report(Path(args.out), payload, render)
+    args = side_by_side_parser(__doc__, "budget_table.md").parse_args()
+    rows = side_by_side(_cases, args.before, args.rounds, _summary)
+    write_report(Path(args.out), {"before": args.before, "rounds": args.rounds, "budget": BUDGET, "rows": rows,
+                                  **run_facts()}, render)
 
 
 if __name__ == "__main__":

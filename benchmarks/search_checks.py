@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,28 +123,50 @@ def _summary(out: dict[str, Any]) -> dict[str, Any]:
             "decision": _decision(placement)}
 
 
-def measure(before: str, rounds: int, wanted: set[str] | None = None) -> dict[str, Any]:
+def side_by_side(cases: Callable[[Path], list[dict[str, Any]]], before: str, rounds: int,
+                 summary: Callable[[dict[str, Any]], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each of ``cases(workdir)`` run with this commit's code and with ``before``'s (a temporary git worktree), the
+    versions taking turns going first, ``rounds`` times each: per case {"model": title, "runs": {version:
+    [summary(run), ...]}}."""
     from large_model import worktree
 
     rows = []
-    with tempfile.TemporaryDirectory(prefix="onnxopt-search-checks-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="onnxopt-side-by-side-") as tmp:
         workdir = Path(tmp)
         old = worktree(before, workdir / "before")
         versions = {"this commit": REPO, f"before ({before})": old}
         try:
-            for spec in [case for case in _cases(workdir) if wanted is None or case["key"] in wanted]:
+            for spec in cases(workdir):
                 runs: dict[str, list[dict[str, Any]]] = {label: [] for label in versions}
                 for round_ in range(rounds):
-                    order = list(versions) if round_ % 2 == 0 else list(versions)[::-1]
-                    for label in order:
-                        result = _summary(run_version(spec, versions[label]))
+                    for label in (list(versions) if round_ % 2 == 0 else list(versions)[::-1]):
+                        result = summary(run_version(spec, versions[label]))
                         runs[label].append(result)
-                        print(f"  {spec['key']} {label}: {result['seconds']:.1f} s, {result['decision']['chosen']}",
-                              file=sys.stderr, flush=True)
+                        print(f"  {spec['key']} {label}: {result}", file=sys.stderr, flush=True)
                 rows.append({"model": spec["title"], "runs": runs})
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, capture_output=True)
-    return {"before": before, "rounds": rounds, "rows": rows}
+    return rows
+
+
+def side_by_side_parser(doc: str | None, report: str) -> argparse.ArgumentParser:
+    """The options every this-code-vs-before benchmark takes: --before, --rounds, --out (default reports/REPORT)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", required=True, metavar="REF", help="git ref of the code to compare with")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=str(REPO / "reports" / report))
+    return parser
+
+
+def run_facts() -> dict[str, str]:
+    """When, on what host and at what load a side-by-side run was made (for its report's header)."""
+    from onnxopt.hostinfo import host_info
+
+    info = host_info()
+    return {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "host": f"{info.cpu_model or info.machine}, {info.logical_cores} logical cores; onnxruntime "
+                    f"{info.onnxruntime_version}",
+            "load": ", ".join(f"{v:.1f}" for v in os.getloadavg())}
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -187,25 +210,17 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", required=True, metavar="REF", help="git ref of the code to compare with")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser = side_by_side_parser(__doc__, "search_checks.md")
     parser.add_argument("--models", help="comma-separated subset of example,det,rec (default: all)")
-    parser.add_argument("--out", default=str(REPO / "reports" / "search_checks.md"))
     parser.add_argument("--render", metavar="JSON", help="only render the Markdown of an earlier run's JSON")
     args = parser.parse_args()
     if args.render:
         write_report(Path(args.out), json.loads(Path(args.render).read_text()), render)
         return
-    from onnxopt.hostinfo import host_info
-
-    info = host_info()
-    payload = measure(args.before, args.rounds, set(args.models.split(",")) if args.models else None)
-    payload.update(when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   host=f"{info.cpu_model or info.machine}, {info.logical_cores} logical cores; onnxruntime "
-                        f"{info.onnxruntime_version}",
-                   load=", ".join(f"{v:.1f}" for v in os.getloadavg()))
-    write_report(Path(args.out), payload, render)
+    wanted = set(args.models.split(",")) if args.models else None
+    rows = side_by_side(lambda workdir: [case for case in _cases(workdir) if wanted is None or case["key"] in wanted],
+                        args.before, args.rounds, _summary)
+    write_report(Path(args.out), {"before": args.before, "rounds": args.rounds, "rows": rows, **run_facts()}, render)
 
 
 if __name__ == "__main__":
