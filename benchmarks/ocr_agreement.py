@@ -22,7 +22,8 @@ The int8 forms are onnxopt's ``normalize`` + ``quantize`` with ``placement=all``
 Runtime's ``quantize_static`` with its defaults on the model as shipped (the peer); the last rows are the default pass
 (the placement search) and the decision it takes, with and without its mixed-precision fallback
 (``mixed_fallback``: when every int8 candidate faster than FP32 fails its check, the fewest most sensitive layers
-are kept FP32 that let one pass). Speed: every form and the normalized FP32 model timed round-robin in 3
+are kept FP32 that let one pass, in two orders: the simulated sensitivity table's and the noise each layer adds in
+the all-int8 model; the decision column lists the candidates it found as its race timed them). Speed: every form and the normalized FP32 model timed round-robin in 3
 independent runs (``onnxopt.bench``, batch 1, ORT's default threads, random inputs), FP32 median / form median (and
 the same ratio of fastest runs), the median over the runs.
 
@@ -135,8 +136,11 @@ def quantize(name: str, params: dict[str, Any], calib: Path, budgets: list[str] 
                               input_shapes={"x": list(MODELS[name][1])}, measure_latency=False, budgets=budgets)
     step = result.report.to_dict()["steps"][-1]
     placement = step.get("details", {}).get("placement", {})
+    fallback = [{key: c.get(key) for key in ("label", "speedup", "best_run_speedup", "sqnr_db", "rejected")}
+                for c in placement.get("candidates", []) if "_sensitive_" in c["label"] or "_noisiest_" in c["label"]]
     info = {"seconds": round(time.perf_counter() - started, 1), "chosen": placement.get("chosen"),
-            "verdict": placement.get("verdict"), "measure": placement.get("agreement_measure")}
+            "verdict": placement.get("verdict"), "measure": placement.get("agreement_measure"),
+            "fallback_candidates": fallback}
     return result.model, info
 
 
@@ -250,11 +254,16 @@ def render(payload: dict) -> str:
                   "placement decision |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             decision = r["verdict"] or "-"
+            found = [c for c in r.get("fallback_candidates", []) if c["speedup"] is not None]
+            if found:  # the mixed-precision fallback's candidates, as its race timed them against FP32
+                decision += "; fallback candidates in one race: " + ", ".join(
+                    f"{c['label']} {c['speedup']:.2f}x ({c['best_run_speedup']:.2f}x), SQNR {c['sqnr_db']:.1f} dB on "
+                    "the check samples" for c in found)
             ocr = (f"{r['text_pixels_alike']:.4f} | {r['text_pixel_iou']:.3f}" if name == "det"
                    else f"{r['top1_per_position']:.3f} | {r['same_string']:.0%}")
             speed = f"{r['speedup']:.2f}x ({r['best_run_speedup']:.2f}x)" if "speedup" in r else "-"
             lines.append(f"| {r['variant']} | {r['sqnr_db']:.1f} | {r['top1_whole_output']:.2f} | {ocr} | {speed} | "
-                         f"{r['seconds']:.1f} s | {decision[:300]} |")
+                         f"{r['seconds']:.1f} s | {decision[:600]} |")
         lines.append("")
     return "\n".join(lines)
 

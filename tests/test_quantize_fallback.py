@@ -137,3 +137,21 @@ def test_fallback_reuses_the_sensitivity_table_when_one_was_made(fake_time_model
     fallback = step.details["placement"]["mixed_fallback"]
     assert fallback["ranking"] == "the sensitivity table" and fallback["fp32_layers"] == ["conv2"]
     assert step.details["placement"]["chosen"] == "conv_gemm_matmul_fp32_sensitive_1"
+
+
+def test_the_added_noise_order_finds_what_a_misleading_table_misses(fake_time_models, monkeypatch):
+    """With a sensitivity table that puts the culprit last, the one layer the fallback may keep FP32 (the cap: half
+    of 3) is the wrong one and fails; the second order, by the noise each layer adds in the all-int8 model, puts
+    conv2 first, and its candidate passes and is kept."""
+    fake_time_models(lambda models, threads, shapes: {label: 2.0 if label == placement.FP32 else 1.0
+                                                      for label in models})
+    real = QuantizePass._sensitivity
+    monkeypatch.setattr(QuantizePass, "_sensitivity", lambda self, *args: real(self, *args)[::-1])
+    model, step, x = _run({})
+    search = step.details["placement"]
+    fallback = search["mixed_fallback"]
+    assert fallback["fp32_layers"] is None and fallback["trials"][0]["passed"] is False
+    assert fallback["added_noise"]["fp32_layers"] == ["conv2"]
+    assert search["chosen"] == "conv_gemm_matmul_fp32_noisiest_1"
+    assert _float_weight_convs(model) == {"conv2"} and _sqnr(model, x) >= placement.MIN_SQNR_DB
+

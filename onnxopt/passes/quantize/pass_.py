@@ -574,12 +574,13 @@ class QuantizePass(OnnxoptPass):
             try:
                 found, fallback = self._mixed_fallback(proto, ranges, reduce_range, heavy, exclude, trial, base)
             except Exception as exc:  # noqa: BLE001 - a last resort that fails leaves the FP32 verdict, not a crash
-                found, fallback = None, {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                found, fallback = [], {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 self.note(f"mixed-precision fallback failed ({fallback['error']}); the search's verdict stands")
-            if found is not None:
-                candidates.append(found)
-                partial.add(found.label)
-                settings[found.label] = (self.per_channel, self.format)
+            for cand in found:
+                candidates.append(cand)
+                partial.add(cand.label)
+                settings[cand.label] = (self.per_channel, self.format)
+            if found:
                 fp32_ms = trial.time(candidates)
                 chosen = trial.pick(candidates, fp32_ms)
         confirmations: list[dict[str, Any]] = []
@@ -678,12 +679,19 @@ class QuantizePass(OnnxoptPass):
         return chosen.model, per_channel, fmt
 
     def _mixed_fallback(self, proto: onnx.ModelProto, ranges: dict[str, Any], reduce_range: bool, heavy: list[str],
-                        exclude: list[str], trial: pl.Trial, base: str) -> tuple[pl.Candidate | None, dict[str, Any]]:
+                        exclude: list[str], trial: pl.Trial, base: str
+                        ) -> tuple[list[pl.Candidate], dict[str, Any]]:
         """The fewest most sensitive layers kept FP32 that let a ``heavy``-only candidate pass the trial's checks
-        (:mod:`onnxopt.passes.quantize.mixed_fallback`): that candidate, vetted (or None), and the record of the
-        search for the report."""
+        (:mod:`onnxopt.passes.quantize.mixed_fallback`), bisected in two orders: the simulated sensitivity table's
+        (one layer fake-quantized at a time) and, below the number that order needed, the noise each layer adds
+        in the all-int8 model (:func:`sensitivity.added_noise_ranking`; on PaddleOCR's v4 detector 16 layers FP32
+        where the table's order needed 22, on the recognizer none below the table's 11). The candidates found,
+        vetted, go to the timing together: fewer FP32 layers are not always faster. Returns them and the record
+        of the search for the report."""
         from onnxopt.passes.quantize import mixed_fallback as mf
         from onnxopt.passes.quantize import placement as pl
+        from onnxopt.passes.quantize.sensitivity import added_noise_ranking
+
         started = time.perf_counter()
         weight_bytes = proto_tensor_bytes(proto)
         if weight_bytes > mf.MAX_WEIGHT_BYTES:
@@ -691,50 +699,67 @@ class QuantizePass(OnnxoptPass):
                    f"model per layer; above {mf.MAX_WEIGHT_BYTES >> 20} MiB that takes minutes); exclude_nodes or "
                    "max_fp32_layers keep chosen layers FP32")
             self.note(f"mixed-precision fallback {why}")
-            return None, {"skipped": why}
+            return [], {"skipped": why}
+        feeds = trial.feeds[:mf.RANKING_SAMPLES]
         ranking = [row["node"] for row in self.details.get("sensitivity", [])]  # the budget search's, when it ran
         ranked_on = "the sensitivity table"
         if not ranking:
-            feeds = trial.feeds[:mf.RANKING_SAMPLES]
             table = self._sensitivity(proto, ranges, reduce_range, heavy, exclude, feeds, None)
             ranking = [row.node for row in table]
             ranked_on = f"simulated per-layer sensitivity on {len(feeds)} calibration samples"
         ranking = [name for name in ranking if name not in exclude]
-        tried: dict[int, pl.Candidate] = {}
 
-        def passes(k: int) -> bool:
-            label = f"{base}_fp32_sensitive_{k}"
+        def bisect(order: list[str], stem: str, which: str, cap: int) -> tuple[pl.Candidate | None, dict[str, Any]]:
+            tried: dict[int, pl.Candidate] = {}
+
+            def passes(k: int) -> bool:
+                label = f"{base}_fp32_{stem}_{k}"
+                try:
+                    model, _ = self._build(proto, ranges, reduce_range, heavy, exclude + order[:k])
+                except Exception as exc:  # noqa: BLE001 - like a region ORT cannot build: this k fails
+                    tried[k] = pl.Candidate(label, None, rejected=f"could not be built: {exc}"[:200])
+                    return False
+                tried[k] = cand = pl.Candidate(label, model)
+                return trial.vet(cand)
+
+            search = mf.fewest_passing(cap, passes)
+            for k, cand in tried.items():
+                if k != search.found and cand.rejected is None:
+                    trial.reject(cand, "more FP32 layers than needed")  # frees its sessions
+            found = tried.get(search.found) if search.found is not None else None
+            if found is not None:
+                self.note(f"mixed-precision fallback: every int8 candidate faster than FP32 failed its check; with "
+                          f"the {search.found} {which} of {len(order)} layers in FP32 a {base} candidate passes "
+                          f"({found.check_text()}): {', '.join(order[:search.found])}")
+            elif cap:
+                last = tried[cap]
+                self.note(f"mixed-precision fallback: every int8 candidate faster than FP32 failed its check, and so "
+                          f"did a {base} candidate with the {cap} {which} of {len(order)} layers in FP32 "
+                          f"({last.rejected or last.check_text()})")
+            return found, {
+                "cap": cap, "fp32_layers": order[:search.found] if search.found is not None else None,
+                "trials": [{"fp32_layers": k, "passed": ok, "sqnr_db": tried[k].sqnr_db,
+                            "agreement": tried[k].agreement, "drop": tried[k].drop} for k, ok in search.trials]}
+
+        found, record = bisect(ranking, "sensitive", f"most sensitive ({ranked_on})", mf.fp32_cap(len(ranking)))
+        record["ranking"] = ranked_on
+        # The second order, only below what the first needed: it can only add a candidate with fewer FP32 layers.
+        cap = len(record["fp32_layers"]) - 1 if found is not None else record["cap"]
+        if cap >= 1:
             try:
-                model, _ = self._build(proto, ranges, reduce_range, heavy, exclude + ranking[:k])
-            except Exception as exc:  # noqa: BLE001 - like a region ORT cannot build: this k fails, the search goes on
-                tried[k] = pl.Candidate(label, None, rejected=f"could not be built: {exc}"[:200])
-                return False
-            tried[k] = cand = pl.Candidate(label, model)
-            return trial.vet(cand)
-
-        cap = mf.fp32_cap(len(ranking))
-        search = mf.fewest_passing(cap, passes)
-        for k, cand in tried.items():
-            if k != search.found and cand.rejected is None:
-                trial.reject(cand, "more FP32 layers than needed")  # frees its sessions
-        record: dict[str, Any] = {
-            "ranking": ranked_on, "cap": cap,
-            "trials": [{"fp32_layers": k, "passed": ok, "sqnr_db": tried[k].sqnr_db, "agreement": tried[k].agreement,
-                        "drop": tried[k].drop} for k, ok in search.trials],
-            "fp32_layers": ranking[:search.found] if search.found is not None else None,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        found = tried.get(search.found) if search.found is not None else None
-        if found is not None:
-            self.note(f"mixed-precision fallback: every int8 candidate faster than FP32 failed its check; with the "
-                      f"{search.found} most sensitive of {len(ranking)} layers in FP32 ({ranked_on}) a {base} "
-                      f"candidate passes ({found.check_text()}): {', '.join(ranking[:search.found])}")
-        elif cap:
-            last = tried[cap]
-            self.note(f"mixed-precision fallback: every int8 candidate faster than FP32 failed its check, and so "
-                      f"did a {base} candidate with the {cap} most sensitive of {len(ranking)} layers in FP32 "
-                      f"({last.rejected or last.check_text()})")
-        return found, record
+                nodes = {node.name: node for node in proto.graph.node}
+                whole, _ = self._build(proto, ranges, reduce_range, heavy, exclude)
+                order = added_noise_ranking(proto, whole, [nodes[name] for name in ranking], feeds,
+                                            self.context.threads)
+                noisiest, record["added_noise"] = bisect(order, "noisiest", "adding the most noise in the all-int8 "
+                                                         f"model (on {len(feeds)} calibration samples)", cap)
+            except Exception as exc:  # noqa: BLE001 - a second order that cannot be traced leaves the first's result
+                noisiest, record["added_noise"] = None, {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            found_all = [cand for cand in (found, noisiest) if cand is not None]
+        else:
+            found_all = [found] if found is not None else []
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        return found_all, record
 
     @staticmethod
     def _slower_elsewhere(fp32: onnx.ModelProto, chosen: pl.Candidate, shapes: dict[str, tuple[int, ...]],

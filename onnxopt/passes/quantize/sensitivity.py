@@ -160,6 +160,22 @@ def _sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
+def added_noise_ranking(fp32: onnx.ModelProto, quantized: onnx.ModelProto, layers: Sequence[onnx.NodeProto],
+                        feeds: Sequence[dict[str, np.ndarray]], threads: int | None = None) -> list[str]:
+    """``layers``' names, the one that adds the most quantization noise first, from one run of the int8 model
+    ``quantized`` (every layer quantized) beside ``fp32`` on ``feeds``: each layer's added noise-to-signal power is
+    its output's minus its input's (10^(-SQNR/10) against FP32), the noise arriving from upstream taken to pass
+    through at the same relative power. Two runs instead of one probe per layer; a different order than the probes'
+    (it sees each layer amid the others' noise), so the mixed-precision fallback bisects on both and lets the timing
+    choose (:meth:`QuantizePass._mixed_fallback`)."""
+    names = list(dict.fromkeys(name for node in layers for name in (node.input[0], node.output[0])))
+    reference = _run(fp32, feeds, names, threads)
+    noisy = _run(quantized, feeds, names, threads)
+    noise = {name: 10 ** (-sqnr_db(ref, out) / 10) for name, ref, out in zip(names, reference, noisy)}
+    added = {node.name: noise[node.output[0]] - noise[node.input[0]] for node in layers}
+    return sorted(added, key=lambda name: -added[name])
+
+
 def cut_points(graph: onnx.GraphProto, max_tensors: int = 1) -> list[Cut]:
     """``(i, tensors)`` for each node index ``i`` before which ``tensors`` (at most ``max_tensors`` of them, sorted)
     are the only activations computed so far that a node from ``i`` on (or a graph output) still reads: the graph
@@ -291,4 +307,4 @@ def _joined(values: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(values, axis=0) if values and values[0].ndim else np.stack(values)
 
 
-__all__ = ["LayerSensitivity", "cut_points", "layer_sensitivity", "sqnr_db"]
+__all__ = ["LayerSensitivity", "added_noise_ranking", "cut_points", "layer_sensitivity", "sqnr_db"]
