@@ -23,9 +23,9 @@ Runtime's ``quantize_static`` with its defaults on the model as shipped (the pee
 (the placement search) and the decision it takes, with and without its mixed-precision fallback
 (``mixed_fallback``: when every int8 candidate faster than FP32 fails its check, the fewest most sensitive layers
 are kept FP32 that let one pass, in two orders: the simulated sensitivity table's and the noise each layer adds in
-the all-int8 model; the decision column lists the candidates it found as its race timed them). Speed: every form and the normalized FP32 model timed round-robin in 3
-independent runs (``onnxopt.bench``, batch 1, ORT's default threads, random inputs), FP32 median / form median (and
-the same ratio of fastest runs), the median over the runs.
+the all-int8 model; the decision column lists the candidates it found as its race timed them). Speed: every form
+and the normalized FP32 model timed round-robin in 3 independent runs (``onnxopt.bench``, batch 1, ORT's default
+threads, random inputs), FP32 median / form median (and the same ratio of fastest runs), the median over the runs.
 
 Usage: nice -n 5 python benchmarks/ocr_agreement.py [--calib 32] [--eval 32] [--out reports/ocr_agreement.md]
 """
