@@ -18,7 +18,7 @@ graph's tail from there, fed those activations' values from the reference run (:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,11 +169,15 @@ def added_noise_ranking(fp32: onnx.ModelProto, quantized: onnx.ModelProto, layer
     (it sees each layer amid the others' noise), so the mixed-precision fallback bisects on both and lets the timing
     choose (:meth:`QuantizePass._mixed_fallback`)."""
     names = list(dict.fromkeys(name for node in layers for name in (node.input[0], node.output[0])))
-    reference = _run(fp32, feeds, names, threads)
-    noisy = _run(quantized, feeds, names, threads)
-    noise = {name: 10 ** (-sqnr_db(ref, out) / 10) for name, ref, out in zip(names, reference, noisy)}
-    added = {node.name: noise[node.output[0]] - noise[node.input[0]] for node in layers}
-    return sorted(added, key=lambda name: -added[name])
+    signal, noise = np.zeros(len(names)), np.zeros(len(names))
+    for reference, noisy in zip(_each_feed(fp32, feeds, names, threads), _each_feed(quantized, feeds, names, threads)):
+        for i, (ref, out) in enumerate(zip(reference, noisy)):  # one sample's activations held at a time
+            ref64 = ref.astype(np.float64)
+            signal[i] += float(np.sum(np.square(ref64)))
+            noise[i] += float(np.sum(np.square(ref64 - out))) if np.all(np.isfinite(out)) else np.inf
+    ratio = {name: (n / s if s > 0 else np.inf) if n > 0 else 0.0 for name, s, n in zip(names, signal, noise)}
+    added = {node.name: ratio[node.output[0]] - ratio[node.input[0]] for node in layers}
+    return sorted(added, key=lambda name: -added[name] if added[name] == added[name] else 0.0)  # NaN: inf - inf
 
 
 def cut_points(graph: onnx.GraphProto, max_tensors: int = 1) -> list[Cut]:
@@ -287,20 +291,27 @@ def _run_parts(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], n
                threads: int | None, optimization: str = "all") -> dict[str, list[np.ndarray]]:
     """Each of ``names`` (once, if named twice) over ``feeds``: one value per feed."""
     unique = list(dict.fromkeys(names))
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in unique}
+    for values in _each_feed(model, feeds, unique, threads, optimization):
+        for name, value in zip(unique, values):
+            parts[name].append(value)
+    return parts
+
+
+def _each_feed(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str],
+               threads: int | None, optimization: str = "all") -> Iterator[list[np.ndarray]]:
+    """``names``' values (distinct names, graph outputs or not) for one feed after another, from one session."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n in unique if n not in present)
+                              for n in names if n not in present)
     if optimization == "all":
         session = make_full_session(probe, threads=threads, what="the sensitivity probe")
     else:
         session = make_session(probe, threads=threads, optimization=optimization, what="the sensitivity probe")
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in unique}
     for feed in feeds:
-        for name, value in zip(unique, session.run(unique, feed)):
-            parts[name].append(np.asarray(value))
-    return parts
+        yield [np.asarray(value) for value in session.run(list(names), feed)]
 
 
 def _joined(values: list[np.ndarray]) -> np.ndarray:
