@@ -727,15 +727,17 @@ class QuantizePass(OnnxoptPass):
                 if k != search.found and cand.rejected is None:
                     trial.reject(cand, "more FP32 layers than needed")  # frees its sessions
             found = tried.get(search.found) if search.found is not None else None
+            first = stem == "sensitive"
+            lead = "mixed-precision fallback: " + ("every int8 candidate faster than FP32 failed its check" if first
+                                                   else "second order")
             if found is not None:
-                self.note(f"mixed-precision fallback: every int8 candidate faster than FP32 failed its check; with "
-                          f"the {search.found} {which} of {len(order)} layers in FP32 a {base} candidate passes "
-                          f"({found.check_text()}): {', '.join(order[:search.found])}")
+                self.note(f"{lead}; with the {search.found} {which} of {len(order)} layers in FP32 a {base} candidate "
+                          f"passes ({found.check_text()}): {', '.join(order[:search.found])}")
             elif cap:
                 last = tried[cap]
-                self.note(f"mixed-precision fallback: every int8 candidate faster than FP32 failed its check, and so "
-                          f"did a {base} candidate with the {cap} {which} of {len(order)} layers in FP32 "
-                          f"({last.rejected or last.check_text()})")
+                tail = f"a {base} candidate with the {cap} {which} of {len(order)} layers in FP32"
+                verdict = f"{lead}, and so did {tail}" if first else f"{lead}: {tail} fails too"
+                self.note(f"{verdict} ({last.rejected or last.check_text()})")
             return found, {
                 "cap": cap, "fp32_layers": order[:search.found] if search.found is not None else None,
                 "trials": [{"fp32_layers": k, "passed": ok, "sqnr_db": tried[k].sqnr_db,
@@ -745,6 +747,7 @@ class QuantizePass(OnnxoptPass):
         record["ranking"] = ranked_on
         # The second order, only below what the first needed: it can only add a candidate with fewer FP32 layers.
         cap = len(record["fp32_layers"]) - 1 if found is not None else record["cap"]
+        noisiest = None
         if cap >= 1:
             try:
                 nodes = {node.name: node for node in proto.graph.node}
@@ -754,12 +757,9 @@ class QuantizePass(OnnxoptPass):
                 noisiest, record["added_noise"] = bisect(order, "noisiest", "adding the most noise in the all-int8 "
                                                          f"model (on {len(feeds)} calibration samples)", cap)
             except Exception as exc:  # noqa: BLE001 - a second order that cannot be traced leaves the first's result
-                noisiest, record["added_noise"] = None, {"error": f"{type(exc).__name__}: {exc}"[:300]}
-            found_all = [cand for cand in (found, noisiest) if cand is not None]
-        else:
-            found_all = [found] if found is not None else []
+                record["added_noise"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         record["seconds"] = round(time.perf_counter() - started, 3)
-        return found_all, record
+        return [cand for cand in (found, noisiest) if cand is not None], record
 
     @staticmethod
     def _slower_elsewhere(fp32: onnx.ModelProto, chosen: pl.Candidate, shapes: dict[str, tuple[int, ...]],
