@@ -88,8 +88,9 @@ class QuantizePass(OnnxoptPass):
         max_candidates: int8 models timed by placement=auto at most.
         mixed_fallback: placement=auto's last resort, when every int8 candidate faster than FP32 fails its checks
             (agreement, SQNR, accuracy budget): keep the fewest most sensitive Conv/Gemm/MatMul layers FP32 (ranked
-            by simulated per-layer sensitivity, bisected on real int8 models, at most half of them) that let a
-            Conv/Gemm/MatMul-only candidate pass, and time that one against FP32 like the others.
+            by simulated per-layer sensitivity, and below that count by the noise each adds in the all-int8 model;
+            bisected on real int8 models, at most half of them) that let a Conv/Gemm/MatMul-only candidate pass,
+            and time what both orders find against FP32 like the others.
         derive_candidates: build a model that keeps some nodes FP32 (placement regions, the budget search's
             steps) from the QDQ model ORT's quantizer built for fewer FP32 nodes, by putting those nodes' float
             weights and activations back (same outputs as ORT's own rewrite, in milliseconds instead of a run of
