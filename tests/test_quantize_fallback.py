@@ -155,3 +155,25 @@ def test_the_added_noise_order_finds_what_a_misleading_table_misses(fake_time_mo
     assert search["chosen"] == "conv_gemm_matmul_fp32_noisiest_1"
     assert _float_weight_convs(model) == {"conv2"} and _sqnr(model, x) >= placement.MIN_SQNR_DB
 
+
+
+
+def test_a_second_order_that_cannot_be_traced_leaves_the_first_orders_result(fake_time_models, monkeypatch):
+    """A QOperator base renames the activations the trace reads, say: the error is recorded, nothing is added, and
+    the first order's verdict stands (here: its candidate failed, so FP32), with no crash."""
+    from onnxopt.passes.quantize import sensitivity
+
+    fake_time_models(lambda models, threads, shapes: {label: 2.0 if label == placement.FP32 else 1.0
+                                                      for label in models})
+
+    def untraceable(*args, **kwargs):
+        raise RuntimeError("no such tensor")
+
+    real = QuantizePass._sensitivity
+    monkeypatch.setattr(QuantizePass, "_sensitivity", lambda self, *args: real(self, *args)[::-1])
+    monkeypatch.setattr(sensitivity, "added_noise_ranking", untraceable)
+    model, step, _ = _run({})
+    fallback = step.details["placement"]["mixed_fallback"]
+    assert fallback["fp32_layers"] is None and fallback["added_noise"] == {"error": "RuntimeError: no such tensor"}
+    assert step.details["placement"]["chosen"] == placement.FP32
+    assert not any(n.op_type == "DequantizeLinear" for n in model.graph.node)
