@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,19 +88,21 @@ def _spearman(a: list[str], b: list[str]) -> float:
     return float(np.corrcoef(ranks[:, 0], ranks[:, 1])[0, 1])
 
 
-def compare(prepared: dict[str, Any], ways: dict[str, dict[str, Any]], rounds: int) -> dict[str, Any]:
-    """The table made each of two ``ways`` (label -> ``layer_sensitivity`` keyword arguments), alternately first,
-    ``rounds`` times each: the fastest run of each, and how far the figures and the order of the two differ."""
+def compare(prepared: dict[str, Any], ways: dict[str, dict[str, Any]], rounds: int,
+            functions: dict[str, Callable[..., list[Any]]] | None = None) -> dict[str, Any]:
+    """The table made each of two ``ways`` (label -> ``layer_sensitivity`` keyword arguments; ``functions``: label ->
+    the ``layer_sensitivity`` to call, this code's by default), alternately first, ``rounds`` times each: the
+    fastest run of each, and how far the figures and the order of the two differ."""
     from onnxopt.passes.quantize.sensitivity import layer_sensitivity
 
     seconds: dict[str, list[float]] = {way: [] for way in ways}
     tables: dict[str, list[Any]] = {}
     for round_ in range(rounds):
         for way in (list(ways) if round_ % 2 == 0 else list(ways)[::-1]):
+            make_table = (functions or {}).get(way, layer_sensitivity)
             start = time.perf_counter()
-            tables[way] = layer_sensitivity(prepared["proto"], prepared["layers"], prepared["ranges"],
-                                            prepared["quantize_weight"], prepared["feeds"], None, False, False,
-                                            **ways[way])
+            tables[way] = make_table(prepared["proto"], prepared["layers"], prepared["ranges"],
+                                     prepared["quantize_weight"], prepared["feeds"], None, False, False, **ways[way])
             seconds[way].append(time.perf_counter() - start)
     first, second = (({row.node: row for row in tables[way]}, [row.node for row in tables[way]]) for way in ways)
     nodes = list(second[0])

@@ -130,3 +130,42 @@ def test_a_tail_that_cannot_run_falls_back_to_the_whole_graph(prepared, monkeypa
     cut = _table(prepared, cuts=True)
     assert list(whole) == list(cut)
     assert all(abs(row.output_sqnr_db - cut[name].output_sqnr_db) < 1e-6 for name, row in whole.items())
+
+
+def test_the_table_sums_per_sample_what_the_joined_outputs_give(prepared):
+    """Each row's SQNR, summed one sample at a time, is the SQNR of the probe's outputs joined over the samples
+    (what the table computed before), for the graph output and the layer's own output; labels give accuracy."""
+    proto, layers, ranges, feeds = prepared
+    quantize_weight = weight_quantizer(True, False, "minmax")
+    output = proto.graph.output[0].name
+    labels = np.arange(len(feeds)) % 10
+    rows = {row.node: row for row in layer_sensitivity(proto, layers, ranges, quantize_weight, feeds, labels, False,
+                                                       False, cuts=False)}
+    inits = {init.name: init for init in proto.graph.initializer}
+    reference = sensitivity._run_parts(proto, feeds, [output, *(n.output[0] for n in layers)], None)  # as the table
+    for node in layers[::7]:
+        probe = sensitivity._simulate(proto, node, inits, ranges, quantize_weight, False)
+        names = [output, node.output[0]]
+        probed = sensitivity._run_parts(probe, feeds, names, None)
+        joined = {name: (np.concatenate(reference[name]), np.concatenate(probed[name])) for name in names}
+        assert rows[node.name].output_sqnr_db == pytest.approx(sensitivity.sqnr_db(*joined[output]), abs=1e-4)
+        assert rows[node.name].layer_sqnr_db == pytest.approx(sensitivity.sqnr_db(*joined[node.output[0]]), abs=1e-4)
+        accuracy = float(np.mean(joined[output][1].reshape(len(feeds), -1).argmax(1) == labels))
+        assert rows[node.name].accuracy == pytest.approx(accuracy)
+
+
+def test_sqnr_sums_float32_in_float64_and_reads_non_finite_outputs_as_the_worst():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 3, 50, 50)).astype(np.float32)
+    noisy = ref + np.float32(0.01) * rng.standard_normal(ref.shape).astype(np.float32)
+    exact = 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref.astype(np.float64) - noisy) ** 2))
+    assert sensitivity.sqnr_db(ref, noisy) == pytest.approx(exact, abs=1e-6)
+    assert sensitivity.sqnr_db(ref, ref.copy()) == float("inf")
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = noisy.copy()
+        broken[0, 0, 0, 0] = bad
+        assert sensitivity.sqnr_db(ref, broken) == float("-inf")
+    huge = np.full(8, 1e20, np.float32)  # squares beyond float32's range: summed again in float64, not "non-finite"
+    assert sensitivity.sqnr_db(huge, huge * np.float32(0.5)) == pytest.approx(10 * np.log10(4.0))
+    ints = np.arange(1, 9, dtype=np.int64)
+    assert sensitivity.sqnr_db(ints, ints + 1) == pytest.approx(10 * np.log10(np.sum(ints ** 2.0) / 8))
