@@ -47,6 +47,7 @@ def code_before(ref: str, folder: Path) -> Callable[..., list[Any]]:
     spec = importlib.util.spec_from_file_location("sensitivity_before", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.layer_sensitivity
 
