@@ -132,14 +132,18 @@ def _with_data(case: Case, workdir: Path, samples: int, seed: int = 0) -> Case:
     model = load_model(case.path)
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
-    for spec in input_specs(model):
-        dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
-        case.input_shapes.setdefault(spec.name, dims)
+    specs = input_specs(model)
+    for spec in specs:
+        case.input_shapes.setdefault(spec.name, [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape])
+    leading = {case.input_shapes[spec.name][0] for spec in specs if case.input_shapes[spec.name]}
+    for spec in specs:
         shape = case.input_shapes[spec.name]
-        if shape[0] == 1 or len(shape) == 0:
+        if len(leading) > 1 and shape:  # no batch axis the inputs share (torch.mm's [2, 3] by [3, 4]): whole feeds
+            arrays[spec.name] = rng.standard_normal((samples, *shape)).astype(spec.dtype)  # stacked on a new axis
+        elif len(shape) == 0 or shape[0] == 1:
             base = shape[1:] if shape else []
             arrays[spec.name] = rng.standard_normal((samples, *base)).astype(spec.dtype)
-        else:  # a fixed batch > 1 (onnx's torch tests): one sample = one batch, stacked on a new axis is not allowed
+        else:  # a fixed batch > 1 (onnx's torch tests): one batch of that many samples
             arrays[spec.name] = rng.standard_normal(tuple(shape)).astype(spec.dtype)
     reference = Path(case.path).parent / "test_data_set_0" / "input_0.pb"
     if reference.exists() and len(arrays) == 1:

@@ -655,3 +655,87 @@ def test_two_iterations_are_identical(kind: str, tmp_path: Path):
     assert sum(b.size for b in first) == 7
     assert_same_batches(first, second)
     assert source.num_samples() == 7
+
+
+MATMUL = [InputSpec("a", (2, 3), F32), InputSpec("b", (3, 4), F32)]  # no batch axis: the leading dims differ
+
+
+def test_arrays_one_rank_above_the_inputs_are_stacks_of_whole_feeds(tmp_path: Path):
+    """A model without a batch axis (a MatMul of [2, 3] by [3, 4]) gets its calibration samples stacked on a new
+    first axis: each is one whole feed, one sample, fed as it is; labels go one per feed."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 2, 3)).astype(np.float32), rng.normal(size=(5, 3, 4)).astype(np.float32)
+    np.savez(tmp_path / "mm.npz", a=a, b=b, y=np.arange(5))
+    for source in (NpzSource(tmp_path / "mm.npz"), ArraySource({"a": a, "b": b}, labels=np.arange(5))):
+        assert source.num_samples() == 5
+        batches = collect(source, MATMUL, batch_size=4)
+        assert len(batches) == 5 and all(batch.is_feed and batch.size == 1 for batch in batches)
+        assert [batch.inputs["a"].shape for batch in batches] == [(2, 3)] * 5
+        np.testing.assert_array_equal(np.stack([batch.inputs["b"] for batch in batches]), b)
+        np.testing.assert_array_equal(all_labels(batches), np.arange(5))
+        assert [batch.size for batch in source.iter_samples(MATMUL, 3)] == [1, 1, 1]
+    feeds = collect(IterableSource([{"a": a[i:i + 2], "b": b[i:i + 2]} for i in (0, 2)]), MATMUL)
+    assert len(feeds) == 4 and feeds[3].inputs["a"].shape == (2, 3)
+    reader = collect(IterableSource([{"a": a[i], "b": b[i]} for i in range(5)]), MATMUL)  # an ORT reader's feeds
+    assert len(reader) == 5 and all(batch.is_feed for batch in reader)
+    np.testing.assert_array_equal(reader[4].inputs["b"], b[4])
+
+
+def test_stacked_feeds_are_checked_feed_by_feed():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 2, 3)).astype(np.float32), rng.normal(size=(4, 3, 4)).astype(np.float32)
+    with pytest.raises(DataError, match="input 'a' is a stack of feeds .* but input 'b' is not"):
+        collect(ArraySource({"a": a, "b": b[0]}), MATMUL)
+    with pytest.raises(DataError, match=r"input 'a': feed 0 has shape \(3, 3\), model expects \(2, 3\)"):
+        collect(ArraySource({"a": rng.normal(size=(4, 3, 3)).astype(np.float32), "b": b}), MATMUL)
+    with pytest.raises(DataError, match=r"'b' has 3"):
+        collect(ArraySource({"a": a, "b": b[:3]}), MATMUL)
+    broken = a.copy()
+    broken[2, 1, 1] = np.nan
+    with pytest.raises(DataError, match="input 'a'.*sample 2"):
+        collect(ArraySource({"a": broken, "b": b}), MATMUL)
+    one_row = [InputSpec("x", (1, 4), F32)]  # a fixed batch of 1: rows, or feeds stacked; not both
+    with pytest.raises(DataError, match="sample 2 is a stack of feeds but earlier samples are not"):
+        collect(IterableSource([np.zeros(4, np.float32), np.zeros((1, 4), np.float32),
+                                np.zeros((3, 1, 4), np.float32)]), one_row)
+    with pytest.raises(DataError, match=r"data has shape \(2, 3, 3, 8, 8\), model expects \(N, 3, 8, 8\)"):
+        collect(open_data(np.zeros((2, 3, 3, 8, 8), np.float32)), IMAGE)  # a batch axis: one rank above is wrong
+
+
+def test_a_model_without_a_batch_axis_is_quantized_from_stacked_feeds(tmp_path: Path):
+    """The pipeline end to end: calibration, the placement search's checks and the evaluation run one feed per
+    sample; the report counts feeds as samples."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnxopt
+
+    weight = numpy_helper.from_array(np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["ab"], name="mm"), helper.make_node("MatMul", ["ab", "w"], ["y"],
+                                                                                    name="head")],
+        "mm", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 3]),
+               helper.make_tensor_value_info("b", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])], [weight])
+    path = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", a=rng.normal(size=(12, 2, 3)).astype(np.float32),
+             b=rng.normal(size=(12, 3, 4)).astype(np.float32))
+    result = onnxopt.optimize(str(path), ["normalize", {"name": "quantize", "placement": "all"}],
+                              calib=str(tmp_path / "calib.npz"), output=tmp_path / "out.onnx", plot=False,
+                              measure_latency=False)
+    report = result.report.to_dict()
+    assert report["data"]["calib"]["samples"] == 12
+    assert report["steps"][-1]["details"]["calib_samples"] == 12
+    assert report["steps"][-1]["fidelity_vs_original"]["sqnr_db"] > 20
+    assert any(node.op_type == "DequantizeLinear" for node in onnx.load(str(tmp_path / "out.onnx")).graph.node)
+
+
+def test_training_refuses_stacked_feeds():
+    from onnxopt.passes.distill.data import load
+
+    rng = np.random.default_rng(0)
+    with pytest.raises(DataError, match="stack of whole feeds"):
+        load({"a": rng.normal(size=(4, 2, 3)).astype(np.float32), "b": rng.normal(size=(4, 3, 4)).astype(np.float32)},
+             MATMUL)

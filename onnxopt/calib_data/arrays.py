@@ -11,7 +11,7 @@ import numpy as np
 
 from onnxopt.calib_data.npzio import NpzArchive
 from onnxopt.calib_data.stream import Chunk, ChunkedSource
-from onnxopt.calib_data.validate import LABEL_KEY, add_batch_axis, bind_inputs, check_shape, to_numpy
+from onnxopt.calib_data.validate import LABEL_KEY, add_batch_axis, bind_inputs, check_shape, stacked_feeds, to_numpy
 from onnxopt.errors import DataError
 from onnxopt.modelio import InputSpec
 
@@ -21,7 +21,8 @@ class ArraySource(ChunkedSource):
 
     ``arrays`` is one array (for a single-input model), a sequence of arrays in graph input order, or a dict keyed by
     input name whose ``y`` entry (when no input is named ``y``) holds integer labels; ``labels`` gives them
-    explicitly. Arrays carry a leading sample axis; an array one rank short of the model input is one sample.
+    explicitly. Arrays carry a leading sample axis; an array one rank short of the model input is one sample; arrays
+    one rank above the model inputs are stacks of whole feeds (a model without a batch axis), one sample each.
     """
 
     def __init__(self, arrays: Any, labels: Any = None, *, where: str = "in-memory arrays"):
@@ -67,9 +68,13 @@ class ArraySource(ChunkedSource):
         """Bind names and add the batch axis on the whole arrays (views), then cut them into chunks."""
         named, labels = bind_inputs(arrays, specs, self.where, labels)
         by_name = {spec.name: spec for spec in specs}
-        batched = {name: add_batch_axis(to_numpy(value), by_name[name]) for name, value in named.items()}
-        for name, array in batched.items():  # check the whole array, so messages show its real shape
-            check_shape(name, array.shape, by_name[name], self.where, self.shape_hint)
+        feeds = stacked_feeds(named, by_name, self.where)
+        if feeds is not None:  # whole feeds on a new first axis: each checked as it is cut
+            batched = feeds
+        else:
+            batched = {name: add_batch_axis(to_numpy(value), by_name[name]) for name, value in named.items()}
+            for name, array in batched.items():  # check the whole array, so messages show its real shape
+                check_shape(name, array.shape, by_name[name], self.where, self.shape_hint)
         if any(a.ndim == 0 for a in batched.values()):
             yield Chunk(batched, labels)  # a scalar where the model wants more: the shape check explains
             return

@@ -13,14 +13,26 @@ from onnxopt.modelio import InputSpec
 
 @dataclass
 class Batch:
-    """One batch: arrays keyed by graph input name (leading batch dim), optional integer labels ``[N]``."""
+    """One batch: arrays keyed by graph input name (leading batch dim), optional integer labels ``[N]``.
+
+    ``samples`` is set (to 1) for a whole feed of a stack of feeds (data one rank above the model's inputs, for a
+    model without a batch axis: :func:`onnxopt.calib_data.validate.stacked_feeds`): its arrays are fed as they are,
+    and their leading dims count no samples."""
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    samples: int | None = None
 
     @property
     def size(self) -> int:
+        if self.samples is not None:
+            return self.samples
         return int(next(iter(self.inputs.values())).shape[0])
+
+    @property
+    def is_feed(self) -> bool:
+        """True for one whole feed of stacked feeds (no batch axis to cut or join along)."""
+        return self.samples is not None
 
 
 class DataSource(abc.ABC):

@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 
 from onnxopt.calib_data.base import Batch, DataSource
-from onnxopt.calib_data.validate import bind_inputs, conform, conform_labels, fixed_batch_size, format_shape
+from onnxopt.calib_data.validate import (
+    bind_inputs,
+    conform,
+    conform_feed,
+    conform_labels,
+    fixed_batch_size,
+    format_shape,
+    stacked_feeds,
+)
 from onnxopt.errors import DataError
 from onnxopt.modelio import InputSpec
 
@@ -38,7 +46,9 @@ class ChunkedSource(DataSource):
 
     Batching rules: a model with a fixed batch dim gets batches of exactly that size and a short tail is dropped;
     otherwise batches have ``batch_size`` samples except the last. Samples whose shapes differ (dynamic dims, e.g.
-    text lines of varying width) are never put in one batch: a shape change ends the batch early.
+    text lines of varying width) are never put in one batch: a shape change ends the batch early. Data one rank
+    above every model input is a stack of whole feeds (a model without a batch axis): each is one batch of one
+    sample, fed as it is.
     """
 
     #: Short origin used in error messages, e.g. ``npz 'calib.npz'``.
@@ -73,6 +83,14 @@ class ChunkedSource(DataSource):
             raise DataError(f"{self.where}: batch size must be at least 1, got {batch_size}")
         return self._batches(list(specs), int(batch_size))
 
+    def _whole_feeds(self, feeds: dict[str, np.ndarray], labels: np.ndarray | None, by_name: dict[str, InputSpec],
+                     where: str, seen: int) -> Iterator[Batch]:
+        """Each of a chunk of stacked feeds as a batch of one sample, its arrays as the model takes them."""
+        for i in range(_chunk_count(feeds, where)):
+            inputs = {name: conform_feed(name, value[i], by_name[name], where, seen + i, self.shape_hint)
+                      for name, value in feeds.items()}
+            yield Batch(inputs, None if labels is None else labels[i:i + 1], samples=1)
+
     def _batches(self, specs: list[InputSpec], batch_size: int) -> Iterator[Batch]:
         fixed = fixed_batch_size(specs)
         size = fixed or batch_size
@@ -82,21 +100,31 @@ class ChunkedSource(DataSource):
         labelled: bool | None = None
         seen = 0
         yielded = 0
+        stacked: bool | None = None  # whether the data are stacks of whole feeds (one rank above the inputs)
         for chunk in self._chunks(specs, size):
             where = f"{self.where}, {chunk.origin}" if chunk.origin else self.where
             named, raw_labels = bind_inputs(chunk.inputs, specs, where, chunk.labels)
+            feeds = stacked_feeds(named, by_name, where)
+            if stacked is not None and (feeds is not None) != stacked:
+                raise DataError(f"{where}: sample {seen} is {'' if feeds is not None else 'not '}a stack of feeds "
+                                f"but earlier samples {'are not' if feeds is not None else 'are'}; give the data one "
+                                "way")
+            stacked = feeds is not None
+            if feeds is not None:
+                count = _chunk_count(feeds, where)
+                labels = conform_labels(raw_labels, count, where, seen)
+                labelled = _same_labelling(labelled, labels, where, seen) if count else labelled
+                yield from self._whole_feeds(feeds, labels, by_name, where, seen)
+                yielded += count
+                seen += count
+                continue
             arrays = {name: conform(name, value, by_name[name], where, seen, self.shape_hint)
                       for name, value in named.items()}
             count = _chunk_count(arrays, where)
             labels = conform_labels(raw_labels, count, where, seen)
             if count == 0:
                 continue
-            if labelled is None:
-                labelled = labels is not None
-            elif labelled != (labels is not None):
-                state = "has labels" if labels is not None else "has no labels"
-                raise DataError(f"{where}: sample {seen} {state} but earlier samples "
-                                f"{'do not' if labels is not None else 'do'}; label all samples or none")
+            labelled = _same_labelling(labelled, labels, where, seen)
             if pending and _sample_shapes(arrays) != _sample_shapes(pending[0][0]):
                 if fixed:
                     name = next(n for n in arrays if arrays[n].shape[1:] != pending[0][0][n].shape[1:])
@@ -125,9 +153,18 @@ class ChunkedSource(DataSource):
             raise DataError(f"{self.where} is empty: it holds no samples")
         if pending and not fixed:
             yield _join(pending)
-        elif fixed and yielded == 0:
+        elif fixed and yielded == 0 and not stacked:
             raise DataError(f"{self.where} holds {seen} sample{'s' if seen != 1 else ''}, fewer than the model's "
                             f"fixed batch size of {fixed}")
+
+
+def _same_labelling(labelled: bool | None, labels: np.ndarray | None, where: str, seen: int) -> bool:
+    """Whether this chunk is labelled, refusing a change from what the chunks before were."""
+    if labelled is not None and labelled != (labels is not None):
+        state = "has labels" if labels is not None else "has no labels"
+        raise DataError(f"{where}: sample {seen} {state} but earlier samples "
+                        f"{'do not' if labels is not None else 'do'}; label all samples or none")
+    return labels is not None
 
 
 def _chunk_count(arrays: dict[str, np.ndarray], where: str) -> int:

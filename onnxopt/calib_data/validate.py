@@ -93,6 +93,48 @@ def add_batch_axis(array: np.ndarray, spec: InputSpec) -> np.ndarray:
     return array
 
 
+def no_batch_axis(specs: Sequence[InputSpec]) -> bool:
+    """True for a model whose inputs fix their leading dims to different sizes (``torch.mm``'s ``[2, 3]`` by
+    ``[3, 4]``): no axis they share can count samples, so a sample is a whole feed."""
+    leading = [spec.shape[0] for spec in specs if spec.shape]
+    return len(set(leading)) > 1 and all(isinstance(d, int) and d > 0 for d in leading)
+
+
+def stacked_feeds(values: Mapping[str, Any], specs: Mapping[str, InputSpec],
+                  where: str) -> dict[str, np.ndarray] | None:
+    """``values`` as a stack of whole feeds on a new first axis, or None for data along the model's batch axis.
+
+    Data one rank above every input is such a stack (for a model without a batch axis, say), but only where the
+    inputs' leading dims are fixed: one rank above an input with a symbolic batch dim is a shape error, reported as
+    one. A model without a batch axis (:func:`no_batch_axis`) fed at its own ranks gets one feed (an ONNX Runtime
+    data reader's item). Some inputs stacked and others not is refused."""
+    ranks = {name: (np.ndim(value), len(specs[name].shape)) for name, value in values.items() if specs[name].shape}
+    if ranks and no_batch_axis(list(specs.values())) and all(data == model for data, model in ranks.values()):
+        return {name: to_numpy(value)[np.newaxis] for name, value in values.items()}
+    stacked = [name for name, (data, model) in ranks.items() if data == model + 1]
+    if not stacked or not all(isinstance(specs[name].shape[0], int) and specs[name].shape[0] > 0 for name in stacked):
+        return None
+    if len(stacked) != len(ranks):  # an input of unknown rank goes either way
+        other = next(name for name in ranks if name not in stacked)
+        raise DataError(f"{where}: input '{stacked[0]}' is a stack of feeds (one rank above the model input) but "
+                        f"input '{other}' is not; stack every input's feeds on a new first axis, or none")
+    return {name: to_numpy(value) for name, value in values.items()}
+
+
+def conform_feed(name: str, value: Any, spec: InputSpec, where: str, sample: int, hint: str = "") -> np.ndarray:
+    """One whole feed of stacked feeds: its shape checked in full (a fixed leading dim too: it is not cut or joined
+    into batches), cast, NaN/Inf checked."""
+    original = to_numpy(value)
+    check_shape(name, original.shape, spec, where, hint)
+    want = spec.shape[0] if spec.shape else None
+    if isinstance(want, int) and want > 0 and original.shape[0] != want:
+        raise DataError(f"{where}: input '{name}': feed {sample} has shape {format_shape(original.shape)}, model "
+                        f"expects {format_model_shape(spec.shape)}" + (f"; {hint}" if hint else ""))
+    array = cast_to(name, original, spec.dtype, where)
+    check_finite(name, array[np.newaxis], where, sample, original=original[np.newaxis])  # the feed is one sample
+    return np.ascontiguousarray(array)
+
+
 def conform(
     name: str,
     value: Any,

@@ -66,8 +66,8 @@ def collect_outputs(
     seen = 0
     for batch in data.iter_batches(input_specs(model), batch_size=batch_size):
         outputs = session.run(names, batch.inputs)
-        for store, array in zip(chunks, outputs):
-            store.append(np.asarray(array))
+        for store, array in zip(chunks, outputs):  # a whole feed's outputs get a sample axis: one sample
+            store.append(np.asarray(array)[np.newaxis] if batch.is_feed else np.asarray(array))
         if batch.labels is not None:
             labels.append(np.asarray(batch.labels))
         seen += batch.size

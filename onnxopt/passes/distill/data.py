@@ -86,6 +86,9 @@ def load(source: object, specs: Sequence[InputSpec], *, max_samples: int | None 
     count = 0
     unlabelled = False
     for batch in data.iter_batches(specs, batch_size=256):
+        if batch.is_feed:
+            raise DataError(f"{what} ({data.description}) is a stack of whole feeds for a model without a batch "
+                            "axis: training draws mini-batches along a batch axis")
         take = batch.size if max_samples is None else min(batch.size, max_samples - count)
         for name, array in batch.inputs.items():
             chunks[name].append(np.asarray(array[:take]))
