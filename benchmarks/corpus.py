@@ -370,17 +370,25 @@ def compare_on_data(case: Case, output: Path) -> dict[str, Any]:
     candidate = make_session(str(output), threads=1)
     names = [o.name for o in reference.get_outputs()]
     accumulator = FidelityAccumulator(names)
-    data = dict(np.load(case.data))
-    inputs = [i.name for i in reference.get_inputs()]
-    count = len(next(iter(data[n] for n in inputs)))
-    whole = any(case.input_shapes.get(n) and case.input_shapes[n][0] != 1 for n in inputs)  # one fixed batch
-    for index in range(1 if whole else min(count, EVAL_SAMPLES)):
-        feeds = {n: data[n] if whole else data[n][index:index + 1] for n in inputs}
-        accumulator.update(reference.run(None, feeds), candidate.run(None, feeds))
+    feeds = sample_feeds(case, reference.get_inputs(), dict(np.load(case.data)), EVAL_SAMPLES)
+    for feed in feeds:
+        accumulator.update(reference.run(None, feed), candidate.run(None, feed))
     fid = accumulator.result()
-    constant = _constant_outputs(reference, data, inputs, whole)
+    constant = _constant_outputs(reference, feeds[:4])
     return {"max_rel_error": fid.max_rel_error, "sqnr_db": fid.sqnr_db, "top1_agreement": fid.top1_agreement,
             "compared_samples": fid.samples, "constant_reference": constant}
+
+
+def sample_feeds(case: Case, inputs: list[Any], data: dict[str, np.ndarray], limit: int) -> list[dict[str, Any]]:
+    """The case's samples as ONNX Runtime feeds (up to ``limit``): whole feeds stacked one rank above the inputs
+    (a model without a batch axis), the one batch of a model that fixes a batch above 1, or one row each."""
+    names = [i.name for i in inputs]
+    count = min(len(data[names[0]]), limit)
+    if all(data[i.name].ndim == len(i.shape) + 1 for i in inputs):
+        return [{n: data[n][k] for n in names} for k in range(count)]
+    if any(case.input_shapes.get(n) and case.input_shapes[n][0] != 1 for n in names):
+        return [{n: data[n] for n in names}]
+    return [{n: data[n][k:k + 1] for n in names} for k in range(count)]
 
 
 def _runnable_reference(path: str, load: Any) -> Any:
@@ -393,12 +401,10 @@ def _runnable_reference(path: str, load: Any) -> Any:
     return onnx.version_converter.convert_version(onnx.load(path), 13)
 
 
-def _constant_outputs(session: Any, data: dict[str, np.ndarray], inputs: list[str], whole: bool) -> bool:
-    """True when the input model gives the same outputs for every sample (then a comparison proves little)."""
-    if whole:
-        return False
-    runs = [session.run(None, {n: data[n][i:i + 1] for n in inputs})
-            for i in range(min(len(data[inputs[0]]), 4))]
+def _constant_outputs(session: Any, feeds: list[dict[str, Any]]) -> bool:
+    """True when the input model gives the same outputs for every one of ``feeds`` (then a comparison proves
+    little); False for a single feed."""
+    runs = [session.run(None, feed) for feed in feeds]
     return len(runs) > 1 and all(np.array_equal(runs[0][k], r[k]) for r in runs[1:] for k in range(len(runs[0])))
 
 
