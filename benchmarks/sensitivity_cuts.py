@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report_files import write_report  # noqa: E402 - beside this script
-from sensitivity_levels import SAMPLES, _cases, _prepared, compare, difference_cells  # noqa: E402
+from sensitivity_levels import SAMPLES, compare, difference_cells, each_case  # noqa: E402
 
 from onnxopt.passes.quantize.sensitivity import MAX_CUT_TENSORS  # noqa: E402
 
@@ -48,14 +48,9 @@ def _coverage(prepared: dict[str, Any], max_tensors: int) -> dict[str, Any]:
 
 
 def measure() -> list[dict[str, Any]]:
-    rows = []
-    for name, path, arrays, shapes in _cases():
-        prepared = _prepared(path, arrays, shapes)
-        row = {"model": name, "coverage": {way: _coverage(prepared, k) for way, k in WAYS.items()},
-               **compare(prepared, {way: {"max_cut_tensors": k} for way, k in WAYS.items()}, ROUNDS)}
-        rows.append(row)
-        print(f"  {name}: {row}", file=sys.stderr, flush=True)
-    return rows
+    return each_case(lambda prepared: {
+        "coverage": {way: _coverage(prepared, k) for way, k in WAYS.items()},
+        **compare(prepared, {way: {"max_cut_tensors": k} for way, k in WAYS.items()}, ROUNDS)})
 
 
 def render(payload: dict[str, Any]) -> str:

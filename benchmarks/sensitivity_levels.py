@@ -124,14 +124,19 @@ def difference_cells(row: dict[str, Any]) -> str:
             f"{'yes' if row['same_order'] else 'no'} |")
 
 
-def measure() -> list[dict[str, Any]]:
+def each_case(measure_one: Callable[[dict[str, Any]], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``{"model": name, **measure_one(prepared)}`` for each of :func:`_cases`, as :func:`_prepared` makes it."""
     rows = []
     for name, path, arrays, shapes in _cases():
-        row = {"model": name, **compare(_prepared(path, arrays, shapes),
-                                        {level: {"optimization": level} for level in LEVELS}, rounds=2)}
+        row = {"model": name, **measure_one(_prepared(path, arrays, shapes))}
         rows.append(row)
         print(f"  {name}: {row}", file=sys.stderr, flush=True)
     return rows
+
+
+def measure() -> list[dict[str, Any]]:
+    return each_case(lambda prepared: compare(prepared, {level: {"optimization": level} for level in LEVELS},
+                                              rounds=2))
 
 
 def render(payload: dict[str, Any]) -> str:
