@@ -48,7 +48,7 @@ class LayerSensitivity:
 
 def sqnr_db(reference: np.ndarray, noisy: np.ndarray) -> float:
     """10 log10(signal power / noise power); inf when identical, -inf when not finite."""
-    return _sqnr_from_sums(square_sum(reference), noise_sum(reference, noisy), 1)
+    return _sqnr_from_sums(square_sum(reference), noise_sum(reference, noisy), max(int(np.size(reference)), 1))
 
 
 def square_sum(values: np.ndarray) -> float:
