@@ -681,6 +681,17 @@ def test_arrays_one_rank_above_the_inputs_are_stacks_of_whole_feeds(tmp_path: Pa
     np.testing.assert_array_equal(reader[4].inputs["b"], b[4])
 
 
+def test_npy_files_of_a_model_without_a_batch_axis_are_one_feed_each(tmp_path: Path):
+    for name, shape in (("a", (2, 3)), ("b", (3, 4))):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            np.save(tmp_path / name / f"{i}.npy", np.full(shape, i, np.float32))
+    source = open_data(tmp_path)
+    batches = collect(source, MATMUL, batch_size=4)
+    assert source.num_samples() == 3 and [b.is_feed for b in batches] == [True] * 3
+    assert batches[2].inputs["a"].shape == (2, 3) and batches[2].inputs["b"][0, 0] == 2
+
+
 def test_stacked_feeds_are_checked_feed_by_feed():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(4, 2, 3)).astype(np.float32), rng.normal(size=(4, 3, 4)).astype(np.float32)
