@@ -26,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxopt.modelio import copy_fields
+from onnxopt.passes.quantize.agreement import noise_sum, square_sum
 from onnxopt.passes.quantize.qparams import TensorRange, quant_params
 from onnxopt.runtime import make_full_session, make_session
 
@@ -49,29 +50,6 @@ class LayerSensitivity:
 def sqnr_db(reference: np.ndarray, noisy: np.ndarray) -> float:
     """10 log10(signal power / noise power); inf when identical, -inf when not finite."""
     return _sqnr_from_sums(square_sum(reference), noise_sum(reference, noisy), max(int(np.size(reference)), 1))
-
-
-def square_sum(values: np.ndarray) -> float:
-    """The sum of ``values``' squares, in float64."""
-    return float(np.sum(np.square(values, dtype=np.float64)))
-
-
-def noise_sum(reference: np.ndarray, noisy: np.ndarray) -> float:
-    """The sum of ``(reference - noisy)``'s squares; inf when ``noisy`` is not finite.
-
-    float32 values are subtracted and squared in float32 and summed in float64: no float64 copy of either array, a
-    third of the time on a detector's 640x640 maps (the SQNR the same to 1e-6 dB, ad hoc); a sum that is not finite
-    that way (a NaN or Inf output, or a square beyond float32's range) is redone in float64."""
-    if reference.dtype == np.float32 and noisy.dtype == np.float32:
-        with np.errstate(over="ignore", invalid="ignore"):  # judged below, on the sum
-            diff = np.subtract(reference, noisy)
-            np.square(diff, out=diff)
-            total = float(np.sum(diff, dtype=np.float64))
-        if np.isfinite(total):
-            return total
-    if not np.all(np.isfinite(noisy)):
-        return float("inf")
-    return float(np.sum(np.square(reference.astype(np.float64) - noisy)))
 
 
 def _sqnr_from_sums(signal: float, noise: float, count: int) -> float:
