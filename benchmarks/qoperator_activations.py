@@ -1,0 +1,274 @@
+"""QOperator models that keep their Relu: onnxopt's guard against ORT's QOperator writer dropping it, measured.
+
+ONNX Runtime's QOperator writer removes a Relu/Clip behind a quantized tensor, trusting its producer's saturation to
+clip; that holds only where the tensor is read by the Relu alone and comes straight from its producer
+(``onnxopt/passes/quantize/qoperator_guard.py``). Three nets, trained here on scikit-learn's digits (train split,
+``onnxopt.zoo.train``'s recipe) and exported with torch's TorchScript exporter, have the patterns where it does not:
+
+* ``transformer``: a small ViT-style encoder (4x4 patches, 2 ``nn.TransformerEncoderLayer``s): each feed-forward
+  block exports as ``Gemm -> Reshape -> Relu``;
+* ``preact``: pre-activation residual blocks, ``x + Conv(Relu(Conv(Relu(x))))``: the first Relu's input is read by
+  the residual Add too;
+* ``pool_relu``: the Caffe-era order ``Conv -> MaxPool -> Relu``.
+
+Each model is quantized to QOperator by ORT's ``quantize_static`` (its defaults on the export as it is, and
+per-channel on onnxopt's normalized model), by onnxopt's ``quantize`` pass with ``format=qoperator,
+placement=all`` as it was before the guard (the guard replaced by a no-op in this process) and as it is, and, for
+reference, onnxopt's QDQ form. Columns: accuracy on the 400 held-out images, top-1 agreement and SQNR of the logits
+against FP32, the Relu/Clip nodes the model still runs, and speed vs the normalized FP32 model (batch 1, 1 thread,
+every variant of a model interleaved round-robin by ``onnxopt.bench``, median of the per-run ratio of medians over 3
+runs).
+
+Usage: nice -n 5 python benchmarks/qoperator_activations.py [--epochs 12] [--out reports/qoperator_activations.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report_files import write_report  # noqa: E402 - beside this script
+
+REPO = Path(__file__).resolve().parents[1]
+CALIB = 200
+TIMING_RUNS = 3
+VARIANTS = ("ORT quantize_static QOperator (defaults, export as it is)",
+            "ORT quantize_static QOperator (normalized, per-channel, uint8 activations)",
+            "onnxopt quantize qoperator, placement=all, without the guard (the code before)",
+            "onnxopt quantize qoperator, placement=all",
+            "onnxopt quantize qdq, placement=all (reference)")
+
+
+def build_nets() -> dict[str, Any]:
+    import torch
+    from torch import nn
+
+    class Transformer(nn.Module):
+        def __init__(self, dim: int = 64, depth: int = 2, heads: int = 4) -> None:
+            super().__init__()
+            self.patch = nn.Conv2d(3, dim, 4, 4)
+            self.position = nn.Parameter(torch.zeros(1, 64, dim))
+            layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+            self.head = nn.Linear(dim, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.patch(x).flatten(2).transpose(1, 2) + self.position
+            return self.head(self.encoder(tokens).mean(1))
+
+    class PreActBlock(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.shortcut(x) + self.conv2(torch.relu(self.conv1(torch.relu(x))))
+
+    class PreAct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, 1, 1)
+            self.blocks = nn.Sequential(PreActBlock(16, 16, 1), PreActBlock(16, 32, 2), PreActBlock(32, 32, 1),
+                                        PreActBlock(32, 64, 2))
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.blocks(self.stem(x))).mean((2, 3)))
+
+    class PoolRelu(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.convs = nn.ModuleList([nn.Conv2d(3, 16, 3, 1, 1), nn.Conv2d(16, 32, 3, 1, 1),
+                                        nn.Conv2d(32, 64, 3, 1, 1)])
+            self.head = nn.Linear(64 * 4 * 4, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for conv in self.convs:
+                x = torch.relu(nn.functional.max_pool2d(conv(x), 2))
+            return self.head(x.flatten(1))
+
+    return {"transformer": Transformer, "preact": PreAct, "pool_relu": PoolRelu}
+
+
+def train_and_export(name: str, net_class: Any, splits: dict, epochs: int, workdir: Path) -> Path:
+    import warnings
+
+    import torch
+
+    from onnxopt.zoo.train import seed_everything, train
+
+    seed_everything(0, 1)
+    net = net_class()
+    x, y = splits["train"]
+    train(net, x, y, seed=0, epochs=epochs, fill=float(x.min()), log=False)
+    path = workdir / f"{name}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), (torch.zeros(1, 3, 32, 32),), str(path), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}},
+                          opset_version=17, dynamo=False)
+    return path
+
+
+def ort_qoperator(source: Path, target: Path, calib: np.ndarray, best: bool) -> None:
+    """ORT's defaults (int8 activations), or its best settings for x86 (per-channel, uint8 activations)."""
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(calib[i:i + 1] for i in range(len(calib)))
+
+        def get_next(self):  # noqa: ANN202 - ORT's interface
+            item = next(self.items, None)
+            return None if item is None else {"input": item}
+
+    logging.disable(logging.WARNING)
+    try:
+        options = {"per_channel": True, "activation_type": QuantType.QUInt8} if best else {}
+        quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QOperator, **options)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def onnxopt_quantize(source: Path, target: Path, calib_file: Path, fmt: str, guard: bool) -> dict[str, Any]:
+    import onnx
+
+    import onnxopt
+    from onnxopt.passes.quantize import qoperator_guard
+
+    original = qoperator_guard.guard_activation_removal
+    if not guard:  # the code before: ORT's writer gets the ranges and exclusions as they are
+        qoperator_guard.guard_activation_removal = lambda model, ranges, *args, **kwargs: qoperator_guard.Guard(ranges)
+    try:
+        result = onnxopt.optimize(str(source), ["normalize", {"name": "quantize", "format": fmt, "placement": "all"}],
+                                  calib=str(calib_file), measure_latency=False)
+    finally:
+        qoperator_guard.guard_activation_removal = original
+    onnx.save(result.model, str(target))
+    notes = result.report.to_dict()["steps"][-1].get("notes", [])
+    return {"guard_note": next((note for note in notes if note.startswith("QOperator:")), "")}
+
+
+def logits(path: Path, x: np.ndarray) -> np.ndarray:
+    from onnxopt.runtime import make_session
+
+    session = make_session(str(path), threads=1)
+    return np.concatenate([session.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+
+
+def sqnr_db(reference: np.ndarray, noisy: np.ndarray) -> float:
+    noise = float(np.sum((reference.astype(np.float64) - noisy) ** 2))
+    return float("inf") if noise == 0 else 10 * float(np.log10(np.sum(reference.astype(np.float64) ** 2) / noise))
+
+
+def measure_model(name: str, path: Path, splits: dict, workdir: Path) -> dict[str, Any]:
+    import onnx
+
+    import onnxopt
+    from onnxopt.bench import BenchConfig, benchmark
+
+    calib_x = splits["calib"][0][:CALIB]
+    x_eval, y_eval = splits["eval"]
+    calib_file = workdir / f"{name}_calib.npz"
+    np.savez(calib_file, input=calib_x)
+    fp32 = workdir / f"{name}_fp32.onnx"
+    onnx.save(onnxopt.optimize(str(path), ["normalize"], measure_latency=False).model, str(fp32))
+    files = {"FP32 (normalized)": fp32}
+    extra: dict[str, dict[str, Any]] = {}
+    for index, label in enumerate(VARIANTS):
+        target = workdir / f"{name}_{index}.onnx"
+        started = time.perf_counter()
+        if index == 0:
+            ort_qoperator(path, target, calib_x, best=False)
+        elif index == 1:
+            ort_qoperator(fp32, target, calib_x, best=True)
+        else:
+            extra[label] = onnxopt_quantize(path, target, calib_file, "qdq" if index == 4 else "qoperator",
+                                            guard=index != 2)
+        extra.setdefault(label, {})["seconds"] = round(time.perf_counter() - started, 2)
+        files[label] = target
+    reference = logits(fp32, x_eval)
+    rows: dict[str, dict[str, Any]] = {}
+    for label, file in files.items():
+        out = logits(file, x_eval)
+        graph = onnx.load(str(file)).graph
+        rows[label] = {"accuracy": float(np.mean(out.argmax(1) == y_eval)),
+                       "agreement": float(np.mean(out.argmax(1) == reference.argmax(1))),
+                       "sqnr_db": sqnr_db(reference, out),
+                       "activations": sum(node.op_type in ("Relu", "Clip") for node in graph.node),
+                       "speed_runs": [], **extra.get(label, {})}
+    labels = list(files)
+    config = BenchConfig(batch_sizes=(1,), threads=(1,), warmup=20, repeats=200)
+    for _ in range(TIMING_RUNS):
+        report = benchmark([str(files[label]) for label in labels], config, labels=labels)
+        base = report.result(labels[0], 1, 1).median_ms
+        for label in labels:
+            rows[label]["speed_runs"].append(base / report.result(label, 1, 1).median_ms)
+    for row in rows.values():
+        row["speed"] = float(np.median(row["speed_runs"]))
+    return {"model": name, "rows": rows}
+
+
+def render(payload: dict) -> str:
+    lines = ["# QOperator models that keep their Relu: onnxopt's guard against ORT's QOperator writer", "",
+             f"Generated by `{payload['command']}` in {payload['minutes']:.1f} min. Do not edit by hand.", "",
+             f"Host: {payload['host']}.", "",
+             "Data: scikit-learn digits (onnxopt.datasets.digits): nets trained on the 1097 training images "
+             f"({payload['epochs']} epochs, onnxopt.zoo.train's recipe), {CALIB} calibration images, 400 held-out "
+             "evaluation images. Columns: accuracy on the evaluation images; top-1 agreement and SQNR of the logits "
+             "against the normalized FP32 model; Relu/Clip = activation nodes the model still runs (the QOperator "
+             "writer folds the others into its producers' saturation); speed = FP32 / variant latency, batch 1, 1 "
+             f"thread, round-robin, median over {TIMING_RUNS} runs; time = the quantizer's wall time (onnxopt: "
+             "normalize + quantize through `onnxopt.optimize`, validation included).", ""]
+    for result in payload["results"]:
+        lines += [f"## {result['model']}", "",
+                  "| variant | accuracy | agreement | SQNR dB | Relu/Clip | speed | time |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, row in result["rows"].items():
+            lines.append(f"| {label} | {row['accuracy']:.2%} | {row['agreement']:.2%} | {row['sqnr_db']:.1f} | "
+                         f"{row['activations']} | {row['speed']:.2f}x | "
+                         + (f"{row['seconds']:.1f} s" if "seconds" in row else "-") + " |")
+        notes = {row.get("guard_note") for row in result["rows"].values()} - {None, ""}
+        lines += [""] + [f"- onnxopt's note: {note}" for note in sorted(notes)] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "qoperator_activations.md")
+    args = parser.parse_args()
+    from onnxopt.datasets.digits import build_splits
+    from onnxopt.hostinfo import host_info
+
+    started = time.perf_counter()
+    splits, _ = build_splits()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for name, net_class in build_nets().items():
+            print(f"{name}: training", flush=True)
+            path = train_and_export(name, net_class, splits, args.epochs, workdir)
+            print(f"{name}: quantizing and timing", flush=True)
+            results.append(measure_model(name, path, splits, workdir))
+    command = "nice -n 5 python benchmarks/qoperator_activations.py" + (
+        f" --epochs {args.epochs}" if args.epochs != 12 else "")
+    payload = {"command": command, "minutes": (time.perf_counter() - started) / 60, "host": host_info().describe(),
+               "epochs": args.epochs, "results": results}
+    write_report(args.out, payload, render)
+
+
+if __name__ == "__main__":
+    main()
