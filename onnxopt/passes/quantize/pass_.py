@@ -864,14 +864,14 @@ class QuantizePass(OnnxoptPass):
         from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
         from onnxruntime.quantization.quant_utils import QuantizationMode, QuantType
 
-        if (fmt or self.format) == "qoperator":
-            from onnxopt.passes.quantize.qoperator_guard import guard_activation_removal
+        from onnxopt.passes.quantize.activation_guard import guard_activation_removal
 
-            guard = guard_activation_removal(proto, ranges, op_types, exclude, self.symmetric_activations)
-            ranges, exclude = dict(guard.ranges), [*exclude, *guard.exclude]
-            line = guard.describe()
-            if line and line not in self.notes:
-                self.note(line)
+        guard = guard_activation_removal(proto, ranges, op_types, exclude, fmt or self.format,
+                                         self.symmetric_activations)
+        ranges, exclude = guard.ranges, [*exclude, *guard.exclude]
+        line = guard.describe()
+        if line and line not in self.notes:
+            self.note(line)
         data = {
             name: TensorData(lowest=np.array(rng.low, dtype=np.float32), highest=np.array(rng.high, dtype=np.float32))
             for name, rng in ranges.items()

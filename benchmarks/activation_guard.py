@@ -1,25 +1,26 @@
-"""QOperator models that keep their Relu: onnxopt's guard against ORT's QOperator writer dropping it, measured.
+"""Quantized models that keep their Relu/Clip: onnxopt's guard against ORT's writers dropping it, measured.
 
-ONNX Runtime's QOperator writer removes a Relu/Clip behind a quantized tensor, trusting its producer's saturation to
-clip; that holds only where the tensor is read by the Relu alone and comes straight from its producer
-(``onnxopt/passes/quantize/qoperator_guard.py``). Three nets, trained here on scikit-learn's digits (train split,
-``onnxopt.zoo.train``'s recipe) and exported with torch's TorchScript exporter, have the patterns where it does not:
+ONNX Runtime's quantizer removes a Relu/Clip behind a quantized tensor and lets int8 saturation clip instead. In
+QOperator form that holds only where the tensor is read by the activation alone and comes straight from its
+producer; in both forms it cannot hold for a Clip whose interval excludes zero (every int8 range includes zero)
+(``onnxopt/passes/quantize/activation_guard.py``). Four nets, trained here on scikit-learn's digits (train split,
+``onnxopt.zoo.train``'s recipe) and exported with torch's TorchScript exporter, have the patterns:
 
 * ``transformer``: a small ViT-style encoder (4x4 patches, 2 ``nn.TransformerEncoderLayer``s): each feed-forward
-  block exports as ``Gemm -> Reshape -> Relu``;
+  block, normalized, is ``Gemm -> Reshape -> Relu``;
 * ``preact``: pre-activation residual blocks, ``x + Conv(Relu(Conv(Relu(x))))``: the first Relu's input is read by
   the residual Add too;
-* ``pool_relu``: the Caffe-era order ``Conv -> MaxPool -> Relu``.
+* ``pool_relu``: the Caffe-era order ``Conv -> MaxPool -> Relu``;
+* ``floor_gate``: gates with a floor, ``y * clamp(Conv(y), 0.1, 1)``.
 
-Each model is quantized to QOperator by ORT's ``quantize_static`` (its defaults on the export as it is, and
-per-channel on onnxopt's normalized model), by onnxopt's ``quantize`` pass with ``format=qoperator,
-placement=all`` as it was before the guard (the guard replaced by a no-op in this process) and as it is, and, for
-reference, onnxopt's QDQ form. Columns: accuracy on the 400 held-out images, top-1 agreement and SQNR of the logits
-against FP32, the Relu/Clip nodes the model still runs, and speed vs the normalized FP32 model (batch 1, 1 thread,
-every variant of a model interleaved round-robin by ``onnxopt.bench``, median of the per-run ratio of medians over 3
-runs).
+Each model is quantized by ORT's ``quantize_static`` (QOperator with its defaults on the export as it is; QOperator
+and QDQ per-channel with uint8 activations on onnxopt's normalized model) and by onnxopt's ``quantize`` pass with
+``placement=all`` in both formats, as it was before the guard (the guard replaced by a no-op in this process) and
+as it is. Columns: accuracy on the 400 held-out images, top-1 agreement and SQNR of the logits against FP32, the
+Relu/Clip nodes the model still runs, and speed vs the normalized FP32 model (batch 1, 1 thread, every variant of a
+model interleaved round-robin by ``onnxopt.bench``, median of the per-run ratio of medians over 3 runs).
 
-Usage: nice -n 5 python benchmarks/qoperator_activations.py [--epochs 12] [--out reports/qoperator_activations.md]
+Usage: nice -n 5 python benchmarks/activation_guard.py [--epochs 12] [--out reports/activation_guard.md]
 """
 
 from __future__ import annotations
@@ -40,11 +41,16 @@ from report_files import write_report  # noqa: E402 - beside this script
 REPO = Path(__file__).resolve().parents[1]
 CALIB = 200
 TIMING_RUNS = 3
-VARIANTS = ("ORT quantize_static QOperator (defaults, export as it is)",
-            "ORT quantize_static QOperator (normalized, per-channel, uint8 activations)",
-            "onnxopt quantize qoperator, placement=all, without the guard (the code before)",
-            "onnxopt quantize qoperator, placement=all",
-            "onnxopt quantize qdq, placement=all (reference)")
+#: label -> (quantizer, format, guard): "ort" on the export as it is, "ort_best" on the normalized model
+VARIANTS = {
+    "ORT quantize_static QOperator (defaults, export as it is)": ("ort", "qoperator", False),
+    "ORT quantize_static QOperator (normalized, per-channel, uint8 activations)": ("ort_best", "qoperator", False),
+    "ORT quantize_static QDQ (normalized, per-channel, uint8 activations)": ("ort_best", "qdq", False),
+    "onnxopt quantize qoperator, placement=all, without the guard (the code before)": ("onnxopt", "qoperator", False),
+    "onnxopt quantize qoperator, placement=all": ("onnxopt", "qoperator", True),
+    "onnxopt quantize qdq, placement=all, without the guard (the code before)": ("onnxopt", "qdq", False),
+    "onnxopt quantize qdq, placement=all": ("onnxopt", "qdq", True),
+}
 
 
 def build_nets() -> dict[str, Any]:
@@ -97,7 +103,21 @@ def build_nets() -> dict[str, Any]:
                 x = torch.relu(nn.functional.max_pool2d(conv(x), 2))
             return self.head(x.flatten(1))
 
-    return {"transformer": Transformer, "preact": PreAct, "pool_relu": PoolRelu}
+    class FloorGate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.convs = nn.ModuleList([nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 32, 3, 2, 1),
+                                        nn.Conv2d(32, 64, 3, 2, 1)])
+            self.gates = nn.ModuleList([nn.Conv2d(c, c, 1) for c in (16, 32, 64)])
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for conv, gate in zip(self.convs, self.gates):
+                x = torch.relu(conv(x))
+                x = x * torch.clamp(gate(x), 0.1, 1.0)
+            return self.head(x.mean((2, 3)))
+
+    return {"transformer": Transformer, "preact": PreAct, "pool_relu": PoolRelu, "floor_gate": FloorGate}
 
 
 def train_and_export(name: str, net_class: Any, splits: dict, epochs: int, workdir: Path) -> Path:
@@ -120,7 +140,7 @@ def train_and_export(name: str, net_class: Any, splits: dict, epochs: int, workd
     return path
 
 
-def ort_qoperator(source: Path, target: Path, calib: np.ndarray, best: bool) -> None:
+def ort_quantize(source: Path, target: Path, calib: np.ndarray, fmt: str, best: bool) -> None:
     """ORT's defaults (int8 activations), or its best settings for x86 (per-channel, uint8 activations)."""
     import logging
 
@@ -137,7 +157,8 @@ def ort_qoperator(source: Path, target: Path, calib: np.ndarray, best: bool) -> 
     logging.disable(logging.WARNING)
     try:
         options = {"per_channel": True, "activation_type": QuantType.QUInt8} if best else {}
-        quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QOperator, **options)
+        quant_format = QuantFormat.QOperator if fmt == "qoperator" else QuantFormat.QDQ
+        quantize_static(str(source), str(target), Reader(), quant_format=quant_format, **options)
     finally:
         logging.disable(logging.NOTSET)
 
@@ -146,19 +167,19 @@ def onnxopt_quantize(source: Path, target: Path, calib_file: Path, fmt: str, gua
     import onnx
 
     import onnxopt
-    from onnxopt.passes.quantize import qoperator_guard
+    from onnxopt.passes.quantize import activation_guard
 
-    original = qoperator_guard.guard_activation_removal
+    original = activation_guard.guard_activation_removal
     if not guard:  # the code before: ORT's writer gets the ranges and exclusions as they are
-        qoperator_guard.guard_activation_removal = lambda model, ranges, *args, **kwargs: qoperator_guard.Guard(ranges)
+        activation_guard.guard_activation_removal = lambda _model, ranges, *_args, **_kw: activation_guard.Guard(ranges)
     try:
         result = onnxopt.optimize(str(source), ["normalize", {"name": "quantize", "format": fmt, "placement": "all"}],
                                   calib=str(calib_file), measure_latency=False)
     finally:
-        qoperator_guard.guard_activation_removal = original
+        activation_guard.guard_activation_removal = original
     onnx.save(result.model, str(target))
     notes = result.report.to_dict()["steps"][-1].get("notes", [])
-    return {"guard_note": next((note for note in notes if note.startswith("QOperator:")), "")}
+    return {"guard_note": next((note for note in notes if "without their clipping" in note), "")}
 
 
 def logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -187,16 +208,13 @@ def measure_model(name: str, path: Path, splits: dict, workdir: Path) -> dict[st
     onnx.save(onnxopt.optimize(str(path), ["normalize"], measure_latency=False).model, str(fp32))
     files = {"FP32 (normalized)": fp32}
     extra: dict[str, dict[str, Any]] = {}
-    for index, label in enumerate(VARIANTS):
+    for index, (label, (quantizer, fmt, guard)) in enumerate(VARIANTS.items()):
         target = workdir / f"{name}_{index}.onnx"
         started = time.perf_counter()
-        if index == 0:
-            ort_qoperator(path, target, calib_x, best=False)
-        elif index == 1:
-            ort_qoperator(fp32, target, calib_x, best=True)
+        if quantizer == "onnxopt":
+            extra[label] = onnxopt_quantize(path, target, calib_file, fmt, guard)
         else:
-            extra[label] = onnxopt_quantize(path, target, calib_file, "qdq" if index == 4 else "qoperator",
-                                            guard=index != 2)
+            ort_quantize(path if quantizer == "ort" else fp32, target, calib_x, fmt, best=quantizer == "ort_best")
         extra.setdefault(label, {})["seconds"] = round(time.perf_counter() - started, 2)
         files[label] = target
     reference = logits(fp32, x_eval)
@@ -222,14 +240,14 @@ def measure_model(name: str, path: Path, splits: dict, workdir: Path) -> dict[st
 
 
 def render(payload: dict) -> str:
-    lines = ["# QOperator models that keep their Relu: onnxopt's guard against ORT's QOperator writer", "",
+    lines = ["# Quantized models that keep their Relu/Clip: onnxopt's guard against ORT's writers dropping it", "",
              f"Generated by `{payload['command']}` in {payload['minutes']:.1f} min. Do not edit by hand.", "",
              f"Host: {payload['host']}.", "",
              "Data: scikit-learn digits (onnxopt.datasets.digits): nets trained on the 1097 training images "
              f"({payload['epochs']} epochs, onnxopt.zoo.train's recipe), {CALIB} calibration images, 400 held-out "
              "evaluation images. Columns: accuracy on the evaluation images; top-1 agreement and SQNR of the logits "
-             "against the normalized FP32 model; Relu/Clip = activation nodes the model still runs (the QOperator "
-             "writer folds the others into its producers' saturation); speed = FP32 / variant latency, batch 1, 1 "
+             "against the normalized FP32 model; Relu/Clip = activation nodes the model still runs (the writers fold "
+             "the others into their producers' saturation); speed = FP32 / variant latency, batch 1, 1 "
              f"thread, round-robin, median over {TIMING_RUNS} runs; time = the quantizer's wall time (onnxopt: "
              "normalize + quantize through `onnxopt.optimize`, validation included).", ""]
     for result in payload["results"]:
@@ -263,7 +281,7 @@ def main() -> None:
             path = train_and_export(name, net_class, splits, args.epochs, workdir)
             print(f"{name}: quantizing and timing", flush=True)
             results.append(measure_model(name, path, splits, workdir))
-    command = "nice -n 5 python benchmarks/qoperator_activations.py" + (
+    command = "nice -n 5 python benchmarks/activation_guard.py" + (
         f" --epochs {args.epochs}" if args.epochs != 12 else "")
     payload = {"command": command, "minutes": (time.perf_counter() - started) / 60, "host": host_info().describe(),
                "epochs": args.epochs, "results": results}

@@ -1,9 +1,9 @@
-"""QOperator output keeps every Relu's clipping where ORT's writer would drop it
-(``onnxopt/passes/quantize/qoperator_guard.py``).
+"""Quantized models keep every Relu/Clip's clipping where ORT's writers would drop it
+(``onnxopt/passes/quantize/activation_guard.py``).
 
 The models are built here: a pre-activation residual (the Relu's input also read by an Add), a transformer-style
-``Gemm -> Reshape -> Relu`` and ``Conv -> MaxPool -> Relu`` (a chain of ops that reuse their input's scale), and a
-Relu whose input is also a graph output.
+``Gemm -> Reshape -> Relu`` and ``Conv -> MaxPool -> Relu`` (a chain of ops that reuse their input's scale), a Relu
+whose input is also a graph output, a Relu behind a Split, and a Clip whose interval excludes zero.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.calib_data import open_data
 from onnxopt.passes.quantize import QuantizePass
-from onnxopt.passes.quantize.qoperator_guard import guard_activation_removal
+from onnxopt.passes.quantize.activation_guard import clip_bounds, guard_activation_removal
 from onnxopt.passes.quantize.qparams import TensorRange
 from onnxopt.pipeline.context import PassContext
 from onnxopt.runtime import make_session
@@ -79,6 +79,29 @@ def relu_of_graph_output() -> onnx.ModelProto:
     return _model(nodes, inits, [1, 3, 8, 8], [("out", [1, 8, 8, 8]), ("y", [1, 8, 8, 8])])
 
 
+def relu_after_split() -> onnx.ModelProto:
+    """Conv -> Split -> (Relu -> Conv, the other half) -> Concat: the Split's halves keep the Conv's scale."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["y"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Split", ["y", "halves"], ["a", "b"], name="split", axis=1),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["c"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["c", "b"], ["out"], name="concat", axis=1)]
+    inits = [_init("w1", 8, 3, 3, 3), _init("b1", 8), _init("w2", 4, 4, 3, 3), _init("b2", 4),
+             numpy_helper.from_array(np.array([4, 4], np.int64), "halves")]
+    return _model(nodes, inits, [1, 3, 8, 8], [("out", [1, 8, 8, 8])])
+
+
+def clip_without_zero() -> onnx.ModelProto:
+    """Conv -> Clip(0.5, 2) -> Conv: int8 ranges always include zero, so saturation cannot clip at 0.5."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["y"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["y", "low", "high"], ["r"], name="clip"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["out"], name="conv2", pads=[1, 1, 1, 1])]
+    inits = [_init("w1", 8, 3, 3, 3), _init("b1", 8), _init("w2", 8, 8, 3, 3), _init("b2", 8),
+             numpy_helper.from_array(np.array(0.5, np.float32), "low"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "high")]
+    return _model(nodes, inits, [1, 3, 8, 8], [("out", [1, 8, 8, 8])])
+
+
 def _feeds(model: onnx.ModelProto, count: int = 24) -> np.ndarray:
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     return np.random.default_rng(1).standard_normal((count, *shape[1:])).astype(np.float32)
@@ -94,16 +117,16 @@ def _sqnr_db(reference: np.ndarray, noisy: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(reference ** 2) / max(np.sum((reference - noisy) ** 2), 1e-30)))
 
 
-def _qoperator(model: onnx.ModelProto, data: np.ndarray, **params) -> tuple[onnx.ModelProto, QuantizePass]:
-    step = QuantizePass(format="qoperator", placement="all", **params)
+def _quantize(model: onnx.ModelProto, data: np.ndarray, fmt: str) -> tuple[onnx.ModelProto, QuantizePass]:
+    step = QuantizePass(format=fmt, placement="all")
     step.bind(PassContext(calib=open_data(data)))
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return step.apply(copy), step
 
 
-def _ort_qoperator(model: onnx.ModelProto, data: np.ndarray, tmp_path) -> onnx.ModelProto:
-    """ORT's own QOperator writer, as ``quantize_static`` runs it (the bug this module guards against)."""
+def _ort_quantize(model: onnx.ModelProto, data: np.ndarray, tmp_path, fmt: str) -> onnx.ModelProto:
+    """ORT's own writer, as ``quantize_static`` runs it (what the guard is for)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -116,28 +139,33 @@ def _ort_qoperator(model: onnx.ModelProto, data: np.ndarray, tmp_path) -> onnx.M
 
     source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, source)
-    quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QOperator)
+    quantize_static(str(source), str(target), Reader(),
+                    quant_format=QuantFormat.QOperator if fmt == "qoperator" else QuantFormat.QDQ)
     return onnx.load(target)
 
 
 CASES = {"preact_residual": preact_residual, "gemm_reshape_relu": gemm_reshape_relu,
-         "conv_pool_relu": conv_pool_relu, "relu_of_graph_output": relu_of_graph_output}
+         "conv_pool_relu": conv_pool_relu, "relu_of_graph_output": relu_of_graph_output,
+         "relu_after_split": relu_after_split, "clip_without_zero": clip_without_zero}
+#: (case, format) pairs where ORT's writer alone loses the clipping; QDQ checks the QOperator-only conditions itself
+BROKEN_BY_ORT = [(case, "qoperator") for case in sorted(CASES)] + [("clip_without_zero", "qdq")]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_qoperator_output_keeps_the_relu(case, tmp_path):
+@pytest.mark.parametrize(("case", "fmt"), BROKEN_BY_ORT)
+def test_quantized_output_keeps_the_clipping(case, fmt, tmp_path):
     model = CASES[case]()
     data = _feeds(model)
     reference = _outputs(model, data)
-    quantized, step = _qoperator(model, data)
+    quantized, step = _quantize(model, data, fmt)
     ours = _outputs(quantized, data)
-    assert any(n.op_type.startswith("QLinear") or n.op_type == "QGemm" for n in quantized.graph.node)
-    assert any("QOperator:" in note for note in step.notes)
+    int8_ops = ("QLinearConv", "QGemm") if fmt == "qoperator" else ("QuantizeLinear",)
+    assert any(n.op_type in int8_ops for n in quantized.graph.node)
+    assert any("would drop them without their clipping" in note for note in step.notes)
     worst = min(_sqnr_db(ref, out) for ref, out in zip(reference, ours))
     assert worst > 25.0  # int8 noise only (33-37 dB here)
-    # The same model through ORT's writer alone loses the clipping (0.6-19 dB here): the pattern is one the guard
-    # is for.
-    theirs = _outputs(_ort_qoperator(model, data, tmp_path), data)
+    # The same model through ORT's writer alone loses the clipping (0.3-22 dB here): the pattern is one the
+    # guard is for.
+    theirs = _outputs(_ort_quantize(model, data, tmp_path, fmt), data)
     assert min(_sqnr_db(ref, out) for ref, out in zip(reference, theirs)) < worst - 10.0
 
 
@@ -160,7 +188,37 @@ def test_guard_decisions():
     # a Relu read straight from its producer, once: ORT adjusts that range itself
     plain = guard_activation_removal(relu_of_graph_output(), ranges, ops, [])
     assert not plain.moved
+    split = guard_activation_removal(relu_after_split(), {**ranges, "a": ranges["y"]}, [*ops, "Split"], [])
+    assert split.excluded == {"relu": "behind a Split, whose int8 form keeps its input's scale"}
+    clip = ["Conv", "Clip"]
+    for fmt in ("qdq", "qoperator"):
+        assert guard_activation_removal(clip_without_zero(), ranges, clip, [], fmt).exclude == ["clip"]
+    # QDQ's writer checks readers and graph outputs itself
+    assert not guard_activation_removal(preact_residual(), ranges, ops, [], "qdq").exclude
+    assert not guard_activation_removal(gemm_reshape_relu(), ranges, ops, [], "qdq").moved
     single = onnx.ModelProto()
     single.CopyFrom(relu_of_graph_output())
     del single.graph.output[1:]
     assert guard_activation_removal(single, ranges, ops, []).describe() == ""
+
+
+def test_clip_bounds():
+    inits = {"lo": numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+             "hi": numpy_helper.from_array(np.array(6.0, np.float32), "hi")}
+    assert clip_bounds(helper.make_node("Clip", ["x", "lo", "hi"], ["y"]), inits) == (0.0, 6.0)
+    assert clip_bounds(helper.make_node("Clip", ["x", "", "hi"], ["y"]), inits) == (-np.inf, 6.0)
+    assert clip_bounds(helper.make_node("Clip", ["x"], ["y"], min=0.5, max=2.0), {}) == (0.5, 2.0)
+    assert clip_bounds(helper.make_node("Clip", ["x", "computed"], ["y"]), inits) is None
+
+
+def test_clip_with_computed_bound_stays_float():
+    model = clip_without_zero()
+    graph = model.graph
+    low = next(init for init in graph.initializer if init.name == "low")
+    graph.initializer.remove(low)
+    graph.node.insert(0, helper.make_node("Constant", [], ["low"], name="low_const",
+                                          value=numpy_helper.from_array(np.array(0.5, np.float32))))
+    ranges = {name: TensorRange(-1.0, 1.0) for name in ("y", "r")}
+    guard = guard_activation_removal(model, ranges, ["Conv", "Clip"], [], "qdq")
+    assert guard.excluded == {"clip": "bounds not constant"}
+    assert "1 Relu/Clip kept float (bounds not constant): clip" in guard.describe()

@@ -1,0 +1,171 @@
+"""Keep ONNX Runtime's quantizer from dropping a Relu/Clip whose clipping nothing else then does.
+
+Both of ORT's writers remove a Relu or Clip behind a quantized tensor and let int8 saturation clip instead: the
+tensor is quantized with the activation's output range. Three cases break that trade:
+
+* **a Clip whose interval excludes zero** (``clamp(x, 0.5, 2)``, ``clamp(x, min=eps)`` on a conv's output): every
+  int8 range ORT makes includes zero, so values between zero and the bound pass unclipped. Both formats (the QDQ
+  writer removes it whenever the input is read once; measured on a Conv -> Pad -> Clip(0.5, 2) net: 3.6 dB output
+  SQNR in QDQ, -1.4 dB in QOperator).
+* **QOperator: the input is read elsewhere too** (a pre-activation residual, ``x + Conv(Relu(x))``) or is a graph
+  output. ``QLinearActivation.QuantizeClipRelu`` drops the activation whenever its input is quantized, while
+  ``adjust_tensor_ranges`` gives that input the activation's range only where the activation is its one reader:
+  the other readers' values would be clipped, so nothing is adjusted, and the clipping is simply lost.
+* **QOperator: the input comes through an op that reuses its own input's scale and zero point** (Reshape,
+  Transpose, Squeeze, Unsqueeze, Flatten, MaxPool, Split, Pad, Resize, Gather), as in torch's TransformerEncoder
+  normalized to ``Gemm -> Reshape -> Relu``: the adjusted range is never used, the producer's own range is.
+
+The QDQ writer checks the second and third itself (``try_replacing_upstream_output``: one reader, not a graph
+output). :func:`guard_activation_removal` fixes the ranges or the node list ORT gets so that what it writes computes
+the same function: through a chain of Reshape-like ops that commute with clipping (:data:`PASS_THROUGH`), each
+tensor read once, the activation's range moves up to the chain's head; elsewhere the activation stays float
+(excluded from quantization, so ORT keeps it). ``benchmarks/activation_guard.py`` measures it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+#: Ops whose QOperator form reuses its input's scale and zero point and that commute with an elementwise
+#: nondecreasing clip: clipping before them computes the same values.
+PASS_THROUGH = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "MaxPool"})
+#: Ops whose QOperator form also reuses its input's scale but where a clip cannot move up (several outputs, a pad
+#: value, interpolation, a gather of one input among others): an activation behind them stays float.
+REUSES_INPUT_SCALE = frozenset({"Split", "Pad", "Resize", "Gather"})
+CLIPS = frozenset({"Relu", "Clip"})
+
+
+@dataclass
+class Guard:
+    """What :func:`guard_activation_removal` changed: ``ranges`` (a new mapping, or the one given when nothing
+    moved), the activations to leave float with the reason for each, and those whose range moved up a chain."""
+
+    ranges: Mapping[str, Any]
+    excluded: dict[str, str] = field(default_factory=dict)
+    moved: list[str] = field(default_factory=list)
+
+    #: Activations that need leaving float but have no name to exclude them by (normalize names every node).
+    unnamed: int = 0
+
+    @property
+    def exclude(self) -> list[str]:
+        return list(self.excluded)
+
+    def keep_float(self, node: onnx.NodeProto, reason: str) -> None:
+        if node.name:
+            self.excluded[node.name] = reason
+        else:
+            self.unnamed += 1
+
+    def describe(self) -> str:
+        """One line for the pass's notes ('' when nothing changed)."""
+        parts = []
+        if self.moved:
+            parts.append(f"{len(self.moved)} Relu/Clip range(s) moved up through Reshape-like ops to their producer "
+                         "(QOperator)")
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.excluded.items():
+            by_reason.setdefault(reason, []).append(name)
+        for reason, names in by_reason.items():
+            parts.append(f"{len(names)} Relu/Clip kept float ({reason}): " + ", ".join(names[:5])
+                         + (" ..." if len(names) > 5 else ""))
+        if self.unnamed:
+            parts.append(f"{self.unnamed} unnamed Relu/Clip left to ORT, which may drop their clipping (run normalize "
+                         "first: it names every node)")
+        return ("; ".join(parts) + " - ORT's quantizer would drop them without their clipping") if parts else ""
+
+
+def guard_activation_removal(model: onnx.ModelProto, ranges: Mapping[str, Any], op_types: Collection[str],
+                             exclude: Collection[str], fmt: str = "qoperator",
+                             symmetric_activations: bool = False) -> Guard:
+    """The ranges and extra exclusions under which ORT's ``fmt`` writer ("qdq" or "qoperator") keeps every
+    Relu/Clip's clipping.
+
+    ``ranges``: tensor name -> calibrated range (values are moved, never read); ``op_types``/``exclude``: what ORT is
+    asked to quantize. With symmetric activations ORT keeps every Relu/Clip, and nothing changes."""
+    guard = Guard(ranges)
+    if symmetric_activations:
+        return guard
+    graph = model.graph
+    skip = set(exclude)
+    inits = {init.name: init for init in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    producer = {out: node for node in graph.node for out in node.output}
+    moved: dict[str, Any] = {}
+    for node in graph.node:
+        if node.op_type not in CLIPS or node.domain not in ("", "ai.onnx") or node.op_type not in op_types:
+            continue
+        if node.name in skip:  # float already: ORT keeps it
+            continue
+        if node.op_type == "Clip":
+            bounds = clip_bounds(node, inits)
+            if bounds is None:
+                guard.keep_float(node, "bounds not constant")
+                continue
+            if bounds[0] > 0 or bounds[1] < 0:
+                guard.keep_float(node, "clip interval excludes zero, which every int8 range includes")
+                continue
+        if fmt != "qoperator":
+            continue
+        reason = _qoperator_chain(node, readers, outputs, producer)
+        if isinstance(reason, str):
+            guard.keep_float(node, reason)
+        elif node.output[0] not in ranges:
+            guard.keep_float(node, "no calibrated range of its own")
+        elif len(reason) > 1:  # [input, ..., the chain's head]; a lone input is adjusted by ORT itself
+            for tensor in reason:
+                moved[tensor] = ranges[node.output[0]]
+            guard.moved.append(node.name)
+    if moved:
+        guard.ranges = {**ranges, **moved}
+    return guard
+
+
+def _qoperator_chain(node: onnx.NodeProto, readers: Mapping[str, int], outputs: Collection[str],
+                     producer: Mapping[str, onnx.NodeProto]) -> list[str] | str:
+    """The tensors from the activation's input up to the first producer with a scale of its own, or why its range
+    cannot move there."""
+    chain, name = [], node.input[0]
+    while True:
+        if readers.get(name, 0) != 1 or name in outputs:
+            return "its input is read elsewhere too" if chain == [] else "a tensor before it is read elsewhere too"
+        chain.append(name)
+        source = producer.get(name)
+        if source is None or source.domain not in ("", "ai.onnx"):
+            return chain
+        if source.op_type in REUSES_INPUT_SCALE:
+            return f"behind a {source.op_type}, whose int8 form keeps its input's scale"
+        if source.op_type not in PASS_THROUGH:
+            return chain
+        name = source.input[0]
+
+
+def clip_bounds(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> tuple[float, float] | None:
+    """A Clip's (min, max), from its attributes (opset < 11) or constant inputs; None when an input is computed."""
+    low, high = -np.inf, np.inf
+    for attr in node.attribute:
+        if attr.name == "min":
+            low = attr.f
+        elif attr.name == "max":
+            high = attr.f
+    for index in (1, 2):
+        if len(node.input) > index and node.input[index]:
+            if node.input[index] not in inits:
+                return None
+            value = float(numpy_helper.to_array(inits[node.input[index]]).reshape(-1)[0])
+            low, high = (value, high) if index == 1 else (low, value)
+    return float(low), float(high)
+
+
+__all__ = ["CLIPS", "PASS_THROUGH", "REUSES_INPUT_SCALE", "Guard", "clip_bounds", "guard_activation_removal"]
