@@ -14,7 +14,7 @@ import numpy as np
 from onnxopt.errors import DataError, RecipeError
 from onnxopt.passes.quantize.qparams import QuantParams, TensorRange, quant_params
 from onnxopt.passes.quantize.range_methods import compute_range
-from onnxopt.passes.quantize.stats import TensorStats
+from onnxopt.passes.quantize.stats import InfiniteValuesError, TensorStats
 
 DEFAULT_BINS = 2048
 _MIN_BINS = 16
@@ -33,6 +33,8 @@ class Calibrator:
         self.bins = int(bins)
         self.histograms = histograms
         self._stats: dict[str, TensorStats] = {}
+        #: Activations that held +-inf (name -> infinite values in the first batch that had them): no range.
+        self.infinite: dict[str, int] = {}
 
     def update(self, name: str, array: np.ndarray) -> None:
         """Fold one batch of tensor ``name`` into its statistics (DataError on NaN/Inf)."""
@@ -49,11 +51,29 @@ class Calibrator:
         for name, array in arrays.items():
             self.update(name, array)
 
+    def update_activations(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Like :meth:`update_many` for a model's intermediate activations: one that holds +-inf (an attention mask's
+        -inf, log(0)) has no int8 range; it is listed in :attr:`infinite` and left out from then on (NaN still
+        raises: the model computes NaN on the calibration data)."""
+        for name, array in arrays.items():
+            if name in self.infinite:
+                continue
+            try:
+                self.update(name, array)
+            except InfiniteValuesError as exc:
+                self.infinite[name] = exc.count
+                self._stats.pop(name, None)
+
     def merge(self, other: Calibrator) -> None:
         """Add the statistics of another calibrator with the same settings (exact)."""
         if (other.bins, other.histograms) != (self.bins, self.histograms):
             raise RecipeError("only calibrators with the same bin count and histogram setting can be merged")
+        for name, count in other.infinite.items():
+            self.infinite.setdefault(name, count)
+            self._stats.pop(name, None)
         for name, stats in other._stats.items():
+            if name in self.infinite:
+                continue
             mine = self._stats.setdefault(name, TensorStats(self.bins, self.histograms, name))
             mine.merge(stats)
 

@@ -45,6 +45,16 @@ def tensors_to_calibrate(model: onnx.ModelProto, op_types: Iterable[str], exclud
     return list(names)
 
 
+def nodes_reading_or_writing(model: onnx.ModelProto, tensors: Iterable[str], op_types: Iterable[str],
+                             exclude: Iterable[str] = ()) -> list[str]:
+    """Names of the nodes of ``op_types`` (not in ``exclude``) that read or write one of ``tensors``: those that
+    must stay float when the tensors have no int8 range (they hold +-inf on the calibration data)."""
+    wanted, skipped, names = set(op_types), set(exclude), set(tensors)
+    return [node.name for node in model.graph.node
+            if node.op_type in wanted and node.name and node.name not in skipped
+            and any(name in names for name in [*node.input, *node.output])]
+
+
 def collect_statistics(
     model: onnx.ModelProto,
     tensors: Sequence[str],
@@ -83,13 +93,13 @@ def collect_statistics(
     seen = 0
     for batch in data.iter_samples(specs, samples, batch_size=CALIB_BATCH):
         outputs = session.run(output_names, batch.inputs)
-        calibrator.update_many({n: a for n, a in zip(output_names, outputs) if n in keep})
+        calibrator.update_activations({n: a for n, a in zip(output_names, outputs) if n in keep})
         # Graph inputs are not outputs of any node: fold them in directly.
         calibrator.update_many({n: a for n, a in batch.inputs.items() if n in keep and n not in output_names})
         seen += batch.size
     if seen == 0:
         raise DataError(f"the calibration data ({data.description}) yielded no samples")
-    missing = [name for name in tensors if name not in calibrator]
+    missing = [name for name in tensors if name not in calibrator and name not in calibrator.infinite]
     if missing:
         raise DataError(f"calibration saw no values for {len(missing)} tensor(s), e.g. '{missing[0]}'")
     return calibrator, seen

@@ -225,6 +225,16 @@ class QuantizePass(OnnxoptPass):
         if seen < needed:
             raise DataError(f"quantize method '{self.method}' needs at least {needed} calibration samples, the data "
                             f"({self.context.calib.description}) has {seen}; add samples or use method=minmax")
+        if calibrator.infinite:
+            from onnxopt.passes.quantize.collect import nodes_reading_or_writing
+
+            around = nodes_reading_or_writing(proto, calibrator.infinite, op_types, exclude)
+            exclude = [*exclude, *around]
+            names = list(calibrator.infinite)
+            self.details["infinite_activations"] = {"tensors": names, "float_nodes": around}
+            self.note(f"{len(names)} activation(s) hold +-inf on the calibration data (an attention mask's -inf, "
+                      f"log(0)), which no int8 range holds: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}; "
+                      f"the {len(around)} node(s) reading or writing them stay float")
         opts: dict[str, Any] = {"percentile": self.percentile} if self.method == "percentile" else {}
         ranges = calibrator.compute(self.method, symmetric=self.symmetric_activations, **opts)
         graph_inputs = [name for name in (spec.name for spec in specs) if name in ranges]

@@ -10,6 +10,15 @@ from onnxopt.errors import DataError
 from onnxopt.passes.quantize.histogram import GridHistogram
 
 
+class InfiniteValuesError(DataError):
+    """A tensor holds +-inf (and no NaN): a masked attention score or log(0) in an intermediate activation, which
+    no int8 range can hold; the caller may keep the nodes around it float instead of failing."""
+
+    def __init__(self, message: str, count: int):
+        super().__init__(message)
+        self.count = count
+
+
 class TensorStats:
     """Exact count/min/max/sum/sum of squares/zeros plus two histograms: of ``|x|`` and of ``x`` (signed).
 
@@ -65,11 +74,15 @@ class TensorStats:
         self.max = max(self.max, hi)
 
     def _finite_bounds(self, values: np.ndarray, shape: tuple[int, ...]) -> tuple[float, float]:
-        """Min and max of ``values`` as Python floats; DataError naming the tensor when any value is NaN/Inf."""
+        """Min and max of ``values`` as Python floats; DataError naming the tensor when any value is NaN/Inf
+        (:class:`InfiniteValuesError` when they are all infinities: NaN propagates into the min and max)."""
         lo, hi = float(values.min()), float(values.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             bad = int(np.count_nonzero(~np.isfinite(values)))
-            raise DataError(f"tensor '{self.name}' has {bad} NaN/Inf value(s) in a batch of shape {tuple(shape)}")
+            message = f"tensor '{self.name}' has {bad} NaN/Inf value(s) in a batch of shape {tuple(shape)}"
+            if math.isnan(lo) or math.isnan(hi):
+                raise DataError(message)
+            raise InfiniteValuesError(message, bad)
         return lo, hi
 
     def merge(self, other: TensorStats) -> None:

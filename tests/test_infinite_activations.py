@@ -1,0 +1,90 @@
+"""Activations that hold +-inf on the calibration data (a causal attention mask's -inf added to the scores) have no
+int8 range: the nodes around them stay float instead of the pass refusing the model; NaN is still refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.calib_data import open_data
+from onnxopt.errors import DataError
+from onnxopt.passes.quantize import QuantizePass
+from onnxopt.passes.quantize.calibrators import Calibrator
+from onnxopt.passes.quantize.collect import nodes_reading_or_writing
+from onnxopt.pipeline.context import PassContext
+from onnxopt.runtime import make_session
+
+SEQ, DIM = 8, 16
+
+
+def masked_attention() -> onnx.ModelProto:
+    """One head of causal self-attention: softmax(q k^T / sqrt(d) + mask) v, the mask -inf above the diagonal."""
+    rng = np.random.default_rng(0)
+    mask = np.triu(np.full((SEQ, SEQ), -np.inf, np.float32), k=1)
+    inits = [numpy_helper.from_array((rng.standard_normal((DIM, DIM)) * 0.3).astype(np.float32), name)
+             for name in ("wq", "wk", "wv", "wo")]
+    inits += [numpy_helper.from_array(mask, "mask"), numpy_helper.from_array(np.array(DIM ** -0.5, np.float32), "s")]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+             helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+             helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["qk"], name="scores"),
+             helper.make_node("Mul", ["qk", "s"], ["scaled"], name="scale"),
+             helper.make_node("Add", ["scaled", "mask"], ["masked"], name="mask_add"),
+             helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["att"], name="mix"),
+             helper.make_node("MatMul", ["att", "wo"], ["y"], name="o_proj")]
+    graph = helper.make_graph(nodes, "attention",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, SEQ, DIM])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, SEQ, DIM])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_calibrator_sets_infinite_activations_aside():
+    calibrator = Calibrator(histograms=False)
+    calibrator.update_activations({"a": np.array([1.0, 2.0], np.float32), "b": np.array([0.0, 1.0], np.float32)})
+    calibrator.update_activations({"a": np.array([-np.inf, 0.5, -np.inf], np.float32),
+                                   "b": np.array([3.0], np.float32)})
+    calibrator.update_activations({"a": np.array([7.0], np.float32)})  # set aside for good: no range from later ones
+    assert calibrator.infinite == {"a": 2} and "a" not in calibrator and calibrator.stats("b").max == 3.0
+    with pytest.raises(DataError, match="'c'.*NaN/Inf"):  # NaN: the model computes NaN on the data
+        calibrator.update_activations({"c": np.array([np.nan, 1.0], np.float32)})
+    other = Calibrator(histograms=False)
+    other.update_activations({"b": np.array([np.inf], np.float32), "a": np.array([1.0], np.float32)})
+    calibrator.merge(other)
+    assert set(calibrator.infinite) == {"a", "b"} and len(calibrator) == 0
+
+
+def test_nodes_reading_or_writing():
+    model = masked_attention()
+    ops = ["MatMul", "Mul", "Add", "Softmax", "Transpose"]
+    assert nodes_reading_or_writing(model, ["masked"], ops) == ["mask_add", "softmax"]
+    assert nodes_reading_or_writing(model, ["masked"], ops, exclude=["softmax"]) == ["mask_add"]
+    assert nodes_reading_or_writing(model, ["masked"], ["MatMul"]) == []
+
+
+@pytest.mark.parametrize("fmt", ["qoperator", "qdq"])
+def test_masked_attention_quantizes_around_the_mask(fmt):
+    model = masked_attention()
+    data = np.random.default_rng(1).standard_normal((16, 1, SEQ, DIM)).astype(np.float32)
+    step = QuantizePass(format=fmt, placement="all")
+    step.bind(PassContext(calib=open_data(data)))
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    quantized = step.apply(copy)
+    reference, ours = make_session(model), make_session(quantized)
+    ref = np.concatenate([reference.run(None, {"x": sample})[0] for sample in data])
+    out = np.concatenate([ours.run(None, {"x": sample})[0] for sample in data])
+    assert np.isfinite(out).all()
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - out) ** 2)) > 25.0
+    ops = {node.op_type for node in quantized.graph.node}
+    assert {"Add", "Softmax"} <= ops  # the mask's Add and the Softmax reading it run in float
+    int8 = {"QLinearMatMul"} if fmt == "qoperator" else {"QuantizeLinear", "DequantizeLinear"}
+    assert int8 <= ops
+    if fmt == "qoperator":  # QDQ's op types do not include Add: nothing reads or writes the masked scores
+        assert step.details["infinite_activations"] == {"tensors": ["masked"], "float_nodes": ["mask_add", "softmax"]}
+        assert any("hold +-inf on the calibration data" in note for note in step.notes)
