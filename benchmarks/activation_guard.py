@@ -5,7 +5,7 @@ QOperator form that holds only where the tensor is read by the activation alone 
 producer; in both forms it cannot hold for a Clip whose interval excludes zero (every int8 range includes zero)
 (``onnxopt/passes/quantize/activation_guard.py``). And an activation that holds -inf on the calibration data (a
 causal attention mask added to the scores) has no int8 range: onnxopt refused such a model with ``format=qoperator``
-(whose op types include the Add); it now keeps the nodes reading or writing it float. Five nets, trained here on
+(whose op types include the Add); it now keeps the nodes reading or writing it float. Six nets, trained here on
 scikit-learn's digits (train split, ``onnxopt.zoo.train``'s recipe) and exported with torch's TorchScript exporter,
 have the patterns:
 
@@ -16,7 +16,10 @@ have the patterns:
 * ``pool_relu``: the Caffe-era order ``Conv -> MaxPool -> Relu``;
 * ``floor_gate``: gates with a floor, ``y * clamp(Conv(y), 0.1, 1)``;
 * ``causal_transformer``: the ``transformer`` with a causal mask (-inf above the diagonal, as
-  ``nn.Transformer.generate_square_subsequent_mask`` makes it), classifying from its last token.
+  ``nn.Transformer.generate_square_subsequent_mask`` makes it), classifying from its last token;
+* ``causal_transformer_lowest_fill``: the same with float32's lowest value as the mask's fill (as Hugging Face
+  transformers builds its masks): finite, but a Softmax input spanning 3.4e38 leaves the real scores no int8 step,
+  so onnxopt keeps the nodes reading or writing such a Softmax input float (``collect.mask_filled_softmax_inputs``).
 
 Each model is quantized by ORT's ``quantize_static`` (QOperator with its defaults on the export as it is; QOperator
 and QDQ per-channel with uint8 activations on onnxopt's normalized model) and by onnxopt's ``quantize`` pass with
@@ -132,8 +135,13 @@ def build_nets() -> dict[str, Any]:
                 x = x * torch.clamp(gate(x), 0.1, 1.0)
             return self.head(x.mean((2, 3)))
 
+    class CausalTransformerLowestFill(CausalTransformer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mask = torch.triu(torch.full((64, 64), torch.finfo(torch.float32).min), diagonal=1)
+
     return {"transformer": Transformer, "preact": PreAct, "pool_relu": PoolRelu, "floor_gate": FloorGate,
-            "causal_transformer": CausalTransformer}
+            "causal_transformer": CausalTransformer, "causal_transformer_lowest_fill": CausalTransformerLowestFill}
 
 
 def train_and_export(name: str, net_class: Any, splits: dict, epochs: int, workdir: Path) -> Path:
@@ -184,21 +192,25 @@ def onnxopt_quantize(source: Path, target: Path, calib_file: Path, fmt: str, gua
 
     import onnxopt
     from onnxopt.passes.quantize import activation_guard
+    from onnxopt.passes.quantize import pass_ as quantize_pass
     from onnxopt.passes.quantize.calibrators import Calibrator
 
-    original = activation_guard.guard_activation_removal, Calibrator.update_activations
+    original = (activation_guard.guard_activation_removal, Calibrator.update_activations,
+                quantize_pass.mask_filled_softmax_inputs)
     if not guard:  # the code before: ORT's writer gets the ranges and exclusions as they are, -inf is refused
         activation_guard.guard_activation_removal = lambda _model, ranges, *_args, **_kw: activation_guard.Guard(ranges)
         Calibrator.update_activations = Calibrator.update_many
+        quantize_pass.mask_filled_softmax_inputs = lambda *_args: {}
     try:
         result = onnxopt.optimize(str(source), ["normalize", {"name": "quantize", "format": fmt, "placement": "all"}],
                                   calib=str(calib_file), measure_latency=False)
     finally:
-        activation_guard.guard_activation_removal, Calibrator.update_activations = original
+        (activation_guard.guard_activation_removal, Calibrator.update_activations,
+         quantize_pass.mask_filled_softmax_inputs) = original
     onnx.save(result.model, str(target))
     notes = result.report.to_dict()["steps"][-1].get("notes", [])
     return {"guard_note": next((note for note in notes
-                                if "without their clipping" in note or "hold +-inf" in note), "")}
+                                if "without their clipping" in note or "no int8 range serves" in note), "")}
 
 
 def logits(path: Path, x: np.ndarray) -> np.ndarray:

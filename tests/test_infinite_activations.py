@@ -1,5 +1,6 @@
-"""Activations that hold +-inf on the calibration data (a causal attention mask's -inf added to the scores) have no
-int8 range: the nodes around them stay float instead of the pass refusing the model; NaN is still refused."""
+"""Activations that hold +-inf on the calibration data (a causal attention mask's -inf added to the scores) or a
+mask's finite fill in front of a Softmax (-1e9, float32's lowest) have no int8 range: the nodes around them stay
+float instead of the pass refusing the model or writing one that attends everywhere; NaN is still refused."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from onnxopt.runtime import make_session
 SEQ, DIM = 8, 16
 
 
-def masked_attention() -> onnx.ModelProto:
-    """One head of causal self-attention: softmax(q k^T / sqrt(d) + mask) v, the mask -inf above the diagonal."""
+def masked_attention(fill: float = -np.inf) -> onnx.ModelProto:
+    """One head of causal self-attention: softmax(q k^T / sqrt(d) + mask) v, the mask ``fill`` above the diagonal."""
     rng = np.random.default_rng(0)
-    mask = np.triu(np.full((SEQ, SEQ), -np.inf, np.float32), k=1)
+    mask = np.triu(np.full((SEQ, SEQ), fill, np.float32), k=1)
     inits = [numpy_helper.from_array((rng.standard_normal((DIM, DIM)) * 0.3).astype(np.float32), name)
              for name in ("wq", "wk", "wv", "wo")]
     inits += [numpy_helper.from_array(mask, "mask"), numpy_helper.from_array(np.array(DIM ** -0.5, np.float32), "s")]
@@ -67,9 +68,15 @@ def test_nodes_reading_or_writing():
     assert nodes_reading_or_writing(model, ["masked"], ["MatMul"]) == []
 
 
+FILLS = {"-inf": (-np.inf, "infinite"), "-1e9": (-1e9, "mask_filled"),
+         "float32 lowest": (float(np.finfo(np.float32).min), "mask_filled")}
+
+
 @pytest.mark.parametrize("fmt", ["qoperator", "qdq"])
-def test_masked_attention_quantizes_around_the_mask(fmt):
-    model = masked_attention()
+@pytest.mark.parametrize("fill", sorted(FILLS))
+def test_masked_attention_quantizes_around_the_mask(fmt, fill):
+    value, kind = FILLS[fill]
+    model = masked_attention(value)
     data = np.random.default_rng(1).standard_normal((16, 1, SEQ, DIM)).astype(np.float32)
     step = QuantizePass(format=fmt, placement="all")
     step.bind(PassContext(calib=open_data(data)))
@@ -86,5 +93,16 @@ def test_masked_attention_quantizes_around_the_mask(fmt):
     int8 = {"QLinearMatMul"} if fmt == "qoperator" else {"QuantizeLinear", "DequantizeLinear"}
     assert int8 <= ops
     if fmt == "qoperator":  # QDQ's op types do not include Add: nothing reads or writes the masked scores
-        assert step.details["infinite_activations"] == {"tensors": ["masked"], "float_nodes": ["mask_add", "softmax"]}
-        assert any("hold +-inf on the calibration data" in note for note in step.notes)
+        assert step.details[f"{kind}_activations"] == {"tensors": ["masked"], "float_nodes": ["mask_add", "softmax"]}
+        assert any("which no int8 range serves" in note for note in step.notes)
+
+
+def test_mask_filled_softmax_inputs():
+    from onnxopt.passes.quantize.collect import mask_filled_softmax_inputs
+
+    calibrator = Calibrator(histograms=False)
+    calibrator.update_activations({"masked": np.array([-1e4 + 3.0, 2.0], np.float32), "qk": np.array([-1e4, 1.0])})
+    assert mask_filled_softmax_inputs(masked_attention(), calibrator) == {"masked": pytest.approx(1e4 - 1.0)}
+    plain = Calibrator(histograms=False)
+    plain.update_activations({"masked": np.array([-60.0, 40.0], np.float32)})  # wide, but real scores
+    assert mask_filled_softmax_inputs(masked_attention(), plain) == {}

@@ -55,6 +55,24 @@ def nodes_reading_or_writing(model: onnx.ModelProto, tensors: Iterable[str], op_
             and any(name in names for name in [*node.input, *node.output])]
 
 
+#: A Softmax input whose calibrated values span more than this holds an attention mask's fill (-1e4, -1e9, float32's
+#: lowest): an int8 grid over that span leaves the real scores a step or two, while in float32 a logit 104 below its
+#: row's maximum already contributes exactly 0, so unmasked scores never span this much.
+SOFTMAX_FILL_SPAN = 1e3
+
+
+def mask_filled_softmax_inputs(model: onnx.ModelProto, calibrator: Calibrator) -> dict[str, float]:
+    """Softmax inputs whose calibrated min-max span exceeds :data:`SOFTMAX_FILL_SPAN` -> that span: like an
+    activation holding -inf, no int8 range serves them."""
+    spans = {}
+    for node in model.graph.node:
+        if node.op_type == "Softmax" and node.input and node.input[0] in calibrator:
+            stats = calibrator.stats(node.input[0])
+            if stats.count and stats.max - stats.min > SOFTMAX_FILL_SPAN:
+                spans[node.input[0]] = stats.max - stats.min
+    return spans
+
+
 def collect_statistics(
     model: onnx.ModelProto,
     tensors: Sequence[str],

@@ -28,7 +28,13 @@ from onnxopt.errors import BadInputError, DataError, RecipeError
 from onnxopt.irutil import adopt, is_quantized_op
 from onnxopt.modelio import input_specs, proto_tensor_bytes, to_proto
 from onnxopt.passes import opset
-from onnxopt.passes.quantize.collect import collect_statistics, tensors_to_calibrate
+from onnxopt.passes.quantize.collect import (
+    SOFTMAX_FILL_SPAN,
+    collect_statistics,
+    mask_filled_softmax_inputs,
+    nodes_reading_or_writing,
+    tensors_to_calibrate,
+)
 from onnxopt.passes.quantize.placement import HEAVY_OPS
 from onnxopt.passes.quantize.range_methods import METHODS
 from onnxopt.pipeline.base import OnnxoptPass
@@ -225,16 +231,7 @@ class QuantizePass(OnnxoptPass):
         if seen < needed:
             raise DataError(f"quantize method '{self.method}' needs at least {needed} calibration samples, the data "
                             f"({self.context.calib.description}) has {seen}; add samples or use method=minmax")
-        if calibrator.infinite:
-            from onnxopt.passes.quantize.collect import nodes_reading_or_writing
-
-            around = nodes_reading_or_writing(proto, calibrator.infinite, op_types, exclude)
-            exclude = [*exclude, *around]
-            names = list(calibrator.infinite)
-            self.details["infinite_activations"] = {"tensors": names, "float_nodes": around}
-            self.note(f"{len(names)} activation(s) hold +-inf on the calibration data (an attention mask's -inf, "
-                      f"log(0)), which no int8 range holds: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}; "
-                      f"the {len(around)} node(s) reading or writing them stay float")
+        exclude = self._float_around_unrangeable(proto, calibrator, op_types, exclude)
         opts: dict[str, Any] = {"percentile": self.percentile} if self.method == "percentile" else {}
         ranges = calibrator.compute(self.method, symmetric=self.symmetric_activations, **opts)
         graph_inputs = [name for name in (spec.name for spec in specs) if name in ranges]
@@ -440,6 +437,26 @@ class QuantizePass(OnnxoptPass):
                   and n.name not in exclude and len(n.input) > 1]
         return layer_sensitivity(proto, layers, ranges, self._quantize_weight, feeds, labels, reduce_range,
                                  self.symmetric_activations, self.context.threads)
+
+    def _float_around_unrangeable(self, proto: onnx.ModelProto, calibrator: Any, op_types: list[str],
+                                  exclude: list[str]) -> list[str]:
+        """``exclude`` plus the nodes reading or writing an activation no int8 range serves: one that holds +-inf on
+        the calibration data (an attention mask's -inf, log(0)), or a Softmax input that holds a mask's finite fill
+        (-1e4, -1e9, float32's lowest: :func:`collect.mask_filled_softmax_inputs`); noted, and in the details."""
+        found = {"infinite": list(calibrator.infinite),
+                 "mask_filled": list(mask_filled_softmax_inputs(proto, calibrator))}
+        for kind, names in found.items():
+            if not names:
+                continue
+            around = nodes_reading_or_writing(proto, names, op_types, exclude)
+            exclude = [*exclude, *around]
+            self.details[f"{kind}_activations"] = {"tensors": names, "float_nodes": around}
+            what = ("hold +-inf on the calibration data (an attention mask's -inf, log(0))" if kind == "infinite" else
+                    f"feed a Softmax with values spanning over {SOFTMAX_FILL_SPAN:.0f} (an attention mask's fill)")
+            self.note(f"{len(names)} activation(s) {what}, which no int8 range serves: {', '.join(names[:3])}"
+                      f"{' ...' if len(names) > 3 else ''}; the {len(around)} node(s) reading or writing them stay "
+                      "float")
+        return exclude
 
     def _op_types(self) -> list[str]:
         if self.op_types:
