@@ -5,7 +5,7 @@ QOperator form that holds only where the tensor is read by the activation alone 
 producer; in both forms it cannot hold for a Clip whose interval excludes zero (every int8 range includes zero)
 (``onnxopt/passes/quantize/activation_guard.py``). And an activation that holds -inf on the calibration data (a
 causal attention mask added to the scores) has no int8 range: onnxopt refused such a model with ``format=qoperator``
-(whose op types include the Add); it now keeps the nodes reading or writing it float. Six nets, trained here on
+(whose op types include the Add); it now keeps the nodes reading or writing it float. Seven nets, trained here on
 scikit-learn's digits (train split, ``onnxopt.zoo.train``'s recipe) and exported with torch's TorchScript exporter,
 have the patterns:
 
@@ -19,7 +19,10 @@ have the patterns:
   ``nn.Transformer.generate_square_subsequent_mask`` makes it), classifying from its last token;
 * ``causal_transformer_lowest_fill``: the same with float32's lowest value as the mask's fill (as Hugging Face
   transformers builds its masks): finite, but a Softmax input spanning 3.4e38 leaves the real scores no int8 step,
-  so onnxopt keeps the nodes reading or writing such a Softmax input float (``collect.mask_filled_softmax_inputs``).
+  so onnxopt keeps the nodes reading or writing such a Softmax input float (``collect.mask_filled_softmax_inputs``);
+* ``padded_transformer``: the ``transformer`` with a key padding mask (``src_key_padding_mask``) over the empty
+  patches, computed in the graph as BERT-style models compute theirs from an input: its -inf reaches tensors that
+  the QDQ op types calibrate too (Where, Reshape, Expand), so the code before refused it in both formats.
 
 Each model is quantized by ORT's ``quantize_static`` (QOperator with its defaults on the export as it is; QOperator
 and QDQ per-channel with uint8 activations on onnxopt's normalized model) and by onnxopt's ``quantize`` pass with
@@ -140,8 +143,16 @@ def build_nets() -> dict[str, Any]:
             super().__init__()
             self.mask = torch.triu(torch.full((64, 64), torch.finfo(torch.float32).min), diagonal=1)
 
+    class PaddedTransformer(Transformer):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.patch(x).flatten(2).transpose(1, 2) + self.position
+            background = x[:, :1].amin((2, 3), keepdim=True)
+            empty = nn.functional.avg_pool2d((x[:, :1] - background).abs(), 4).flatten(1) < 1e-3
+            return self.head(self.encoder(tokens, src_key_padding_mask=empty).mean(1))
+
     return {"transformer": Transformer, "preact": PreAct, "pool_relu": PoolRelu, "floor_gate": FloorGate,
-            "causal_transformer": CausalTransformer, "causal_transformer_lowest_fill": CausalTransformerLowestFill}
+            "causal_transformer": CausalTransformer, "causal_transformer_lowest_fill": CausalTransformerLowestFill,
+            "padded_transformer": PaddedTransformer}
 
 
 def train_and_export(name: str, net_class: Any, splits: dict, epochs: int, workdir: Path) -> Path:

@@ -45,6 +45,31 @@ def masked_attention(fill: float = -np.inf) -> onnx.ModelProto:
     return model
 
 
+def padded_attention() -> onnx.ModelProto:
+    """The attention above with a key padding mask computed in the graph, as BERT-style exports compute theirs: keys
+    whose first feature is below -2 are masked by Where(cond, -inf, 0), reshaped and added to every query's scores.
+    Where and Reshape are QDQ op types too: their outputs hold -inf."""
+    model = masked_attention(0.0)
+    graph = model.graph
+    graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "first"),
+                              numpy_helper.from_array(np.array([1], np.int64), "second"),
+                              numpy_helper.from_array(np.array([2], np.int64), "last_axis"),
+                              numpy_helper.from_array(np.array(-2.0, np.float32), "cut"),
+                              numpy_helper.from_array(np.array(-np.inf, np.float32), "ninf"),
+                              numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                              numpy_helper.from_array(np.array([1, 1, SEQ], np.int64), "row")])
+    add = next(node for node in graph.node if node.name == "mask_add")
+    add.input[1] = "key_mask"
+    nodes = [helper.make_node("Slice", ["x", "first", "second", "last_axis"], ["x0"], name="first_feature"),
+             helper.make_node("Less", ["x0", "cut"], ["padded"], name="pad_test"),
+             helper.make_node("Where", ["padded", "ninf", "zero"], ["fill"], name="pad_fill"),
+             helper.make_node("Reshape", ["fill", "row"], ["key_mask"], name="pad_row")]
+    for index, node in enumerate(nodes):
+        graph.node.insert(index, node)
+    onnx.checker.check_model(model)
+    return model
+
+
 def test_calibrator_sets_infinite_activations_aside():
     calibrator = Calibrator(histograms=False)
     calibrator.update_activations({"a": np.array([1.0, 2.0], np.float32), "b": np.array([0.0, 1.0], np.float32)})
@@ -106,3 +131,22 @@ def test_mask_filled_softmax_inputs():
     plain = Calibrator(histograms=False)
     plain.update_activations({"masked": np.array([-60.0, 40.0], np.float32)})  # wide, but real scores
     assert mask_filled_softmax_inputs(masked_attention(), plain) == {}
+
+
+@pytest.mark.parametrize("fmt", ["qoperator", "qdq"])
+def test_padding_mask_computed_in_the_graph(fmt):
+    """The code before refused this model in both formats ('fill' holds -inf and Where is a QDQ op type)."""
+    model = padded_attention()
+    data = np.random.default_rng(1).standard_normal((16, 1, SEQ, DIM)).astype(np.float32)
+    step = QuantizePass(format=fmt, placement="all")
+    step.bind(PassContext(calib=open_data(data)))
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    quantized = step.apply(copy)
+    reference, ours = make_session(model), make_session(quantized)
+    ref = np.concatenate([reference.run(None, {"x": sample})[0] for sample in data])
+    out = np.concatenate([ours.run(None, {"x": sample})[0] for sample in data])
+    assert np.isfinite(ref).all() and np.isfinite(out).all()
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - out) ** 2)) > 25.0
+    record = step.details["infinite_activations"]
+    assert {"fill", "key_mask"} <= set(record["tensors"]) and "pad_fill" in record["float_nodes"]
