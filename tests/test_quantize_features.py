@@ -391,6 +391,18 @@ def test_nan_calibration_data_is_a_data_error(normalized):
         _quantize(normalized, calib={"input": x})
 
 
+def test_float16_model_is_passed_through_with_the_reason():
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float16), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [1, 4, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    data = {"x": np.random.default_rng(1).normal(size=(4, 3, 8, 8)).astype(np.float16)}
+    out, step = _quantize(model, calib=data)
+    assert [n.op_type for n in out.graph.node] == ["Conv"]
+    assert any("float16/bfloat16" in note and "convert the model to float32" in note for note in step.notes)
+
+
 def test_too_few_samples_for_histogram_methods(normalized):
     x = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
     with pytest.raises(DataError, match="entropy.*at least 8"):

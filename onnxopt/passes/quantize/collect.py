@@ -26,12 +26,14 @@ _FLOAT = onnx.TensorProto.FLOAT
 CALIB_BATCH = 32
 
 
-def tensors_to_calibrate(model: onnx.ModelProto, op_types: Iterable[str], exclude: Iterable[str] = ()) -> list[str]:
-    """Float32 activations (not weights) read or written by nodes of ``op_types``, in graph order.
+def tensors_to_calibrate(model: onnx.ModelProto, op_types: Iterable[str], exclude: Iterable[str] = (),
+                         elem_types: Iterable[int] = (_FLOAT,)) -> list[str]:
+    """Float32 activations (not weights; ``elem_types`` for others) read or written by nodes of ``op_types``, in
+    graph order.
 
     ``model`` must carry inferred value_info (types of intermediate tensors), as ORT's quantizer requires too.
     """
-    wanted, skipped = set(op_types), set(exclude)
+    wanted, skipped, wanted_types = set(op_types), set(exclude), set(elem_types)
     graph = model.graph
     constants = {init.name for init in graph.initializer}
     types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.input, *graph.output, *graph.value_info]}
@@ -40,7 +42,7 @@ def tensors_to_calibrate(model: onnx.ModelProto, op_types: Iterable[str], exclud
         if node.op_type not in wanted or node.name in skipped:
             continue
         for name in [*node.input, *node.output]:
-            if name and name not in constants and types.get(name) == _FLOAT:
+            if name and name not in constants and types.get(name) in wanted_types:
                 names[name] = None
     return list(names)
 

@@ -41,6 +41,8 @@ from onnxopt.pipeline.base import OnnxoptPass
 from onnxopt.pipeline.registry import register
 from onnxopt.shared_weights import SharedWeights, external_sources
 
+#: Activation types int8 calibration does not take (the note says to convert the model to float32).
+_HALF_TYPES = frozenset({onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
 #: Per-channel DequantizeLinear (the ``axis`` attribute) needs opset 13.
 _PER_CHANNEL_OPSET = 13
 _REDUCE_RANGE_CHOICES = ("auto", "on", "off")
@@ -208,7 +210,11 @@ class QuantizePass(OnnxoptPass):
             raise RecipeError(f"quantize.exclude_nodes names node(s) not in the model: {', '.join(unknown)}")
         tensors = tensors_to_calibrate(proto, op_types, exclude)
         if not tensors:
-            self.note(f"nothing to quantize: no node of {', '.join(sorted(op_types))} has float activations")
+            half = tensors_to_calibrate(proto, op_types, exclude, elem_types=_HALF_TYPES)
+            why = (f"its activations are float16/bfloat16 ({len(half)} of them, e.g. '{half[0]}'), and int8 "
+                   "calibration takes float32 ones: convert the model to float32 first" if half else
+                   f"no node of {', '.join(sorted(op_types))} has float32 activations")
+            self.note(f"nothing to quantize: {why}")
             return self._unquantized(model, modified=normalized)
         self._check_sample_count()
         specs = input_specs(model)
