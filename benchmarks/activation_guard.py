@@ -220,8 +220,8 @@ def onnxopt_quantize(source: Path, target: Path, calib_file: Path, fmt: str, gua
          quantize_pass.mask_filled_softmax_inputs) = original
     onnx.save(result.model, str(target))
     notes = result.report.to_dict()["steps"][-1].get("notes", [])
-    return {"guard_note": next((note for note in notes
-                                if "without their clipping" in note or "no int8 range serves" in note), "")}
+    return {"guard_notes": [note for note in notes
+                            if "kept float" in note or "moved up" in note or "no int8 range serves" in note]}
 
 
 def logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -316,7 +316,7 @@ def render(payload: dict) -> str:
             lines.append(f"| {label} | {row['accuracy']:.2%} | {row['agreement']:.2%} | {row['sqnr_db']:.1f} | "
                          f"{row['activations']} | {row['speed']:.2f}x | "
                          + (f"{row['seconds']:.1f} s" if "seconds" in row else "-") + " |")
-        notes = {row.get("guard_note") for row in result["rows"].values()} - {None, ""}
+        notes = {note for row in result["rows"].values() for note in row.get("guard_notes", [])}
         lines += [""] + [f"- onnxopt's note: {note}" for note in sorted(notes)] + [""]
     return "\n".join(lines)
 

@@ -39,6 +39,14 @@ PASS_THROUGH = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatt
 #: value, interpolation, a gather of one input among others): an activation behind them stays float.
 REUSES_INPUT_SCALE = frozenset({"Split", "Pad", "Resize", "Gather"})
 CLIPS = frozenset({"Relu", "Clip"})
+#: Ops whose output is a yes/no of their inputs' values: rounding an input near the threshold flips the answer.
+COMPARISONS = frozenset({"Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Equal"})
+#: Ops that only move values (int8 in, the same int8 out): rounding before them is rounding after them.
+SHAPE_ONLY = PASS_THROUGH | {"Slice", "Gather", "Split", "Expand", "Identity", "Tile"}
+#: How far up a comparison's input the producer that rounds it is looked for.
+MAX_COMPARISON_WALK = 8
+_DROPPED = " (ORT's quantizer would drop its clipping)"
+_DROPPED_QOPERATOR = " (ORT's QOperator writer would drop its clipping)"
 
 
 @dataclass
@@ -68,17 +76,17 @@ class Guard:
         parts = []
         if self.moved:
             parts.append(f"{len(self.moved)} Relu/Clip range(s) moved up through Reshape-like ops to their producer "
-                         "(QOperator)")
+                         "(ORT's QOperator writer would otherwise lose their clipping)")
         by_reason: dict[str, list[str]] = {}
         for name, reason in self.excluded.items():
             by_reason.setdefault(reason, []).append(name)
         for reason, names in by_reason.items():
-            parts.append(f"{len(names)} Relu/Clip kept float ({reason}): " + ", ".join(names[:5])
+            parts.append(f"{len(names)} node(s) kept float, {reason}: " + ", ".join(names[:5])
                          + (" ..." if len(names) > 5 else ""))
         if self.unnamed:
-            parts.append(f"{self.unnamed} unnamed Relu/Clip left to ORT, which may drop their clipping (run normalize "
-                         "first: it names every node)")
-        return ("; ".join(parts) + " - ORT's quantizer would drop them without their clipping") if parts else ""
+            parts.append(f"{self.unnamed} unnamed node(s) left to ORT, which may drop a Relu/Clip's clipping or round "
+                         "a comparison's input (run normalize first: it names every node)")
+        return "; ".join(parts)
 
 
 def guard_activation_removal(model: onnx.ModelProto, ranges: Mapping[str, Any], op_types: Collection[str],
@@ -90,18 +98,19 @@ def guard_activation_removal(model: onnx.ModelProto, ranges: Mapping[str, Any], 
     ``ranges``: tensor name -> calibrated range (values are moved, never read); ``op_types``/``exclude``: what ORT is
     asked to quantize. With symmetric activations ORT keeps every Relu/Clip, and nothing changes."""
     guard = Guard(ranges)
-    if symmetric_activations:
-        return guard
     graph = model.graph
     skip = set(exclude)
     inits = {init.name: init for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    _float_before_comparisons(graph, producer, inits, op_types, skip, guard)
+    if symmetric_activations:
+        return guard
     readers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             if name:
                 readers[name] = readers.get(name, 0) + 1
     outputs = {o.name for o in graph.output}
-    producer = {out: node for node in graph.node for out in node.output}
     moved: dict[str, Any] = {}
     for node in graph.node:
         if node.op_type not in CLIPS or node.domain not in ("", "ai.onnx") or node.op_type not in op_types:
@@ -111,18 +120,19 @@ def guard_activation_removal(model: onnx.ModelProto, ranges: Mapping[str, Any], 
         if node.op_type == "Clip":
             bounds = clip_bounds(node, inits)
             if bounds is None:
-                guard.keep_float(node, "bounds not constant")
+                guard.keep_float(node, f"a Clip whose bounds are computed{_DROPPED}")
                 continue
             if bounds[0] > 0 or bounds[1] < 0:
-                guard.keep_float(node, "clip interval excludes zero, which every int8 range includes")
+                guard.keep_float(node, "a Clip whose interval excludes zero, which every int8 range includes"
+                                 + _DROPPED)
                 continue
         if fmt != "qoperator":
             continue
         reason = _qoperator_chain(node, readers, outputs, producer)
         if isinstance(reason, str):
-            guard.keep_float(node, reason)
+            guard.keep_float(node, f"a {node.op_type} {reason}{_DROPPED_QOPERATOR}")
         elif node.output[0] not in ranges:
-            guard.keep_float(node, "no calibrated range of its own")
+            guard.keep_float(node, f"a {node.op_type} without a calibrated range of its own{_DROPPED_QOPERATOR}")
         elif len(reason) > 1:  # [input, ..., the chain's head]; a lone input is adjusted by ORT itself
             for tensor in reason:
                 moved[tensor] = ranges[node.output[0]]
@@ -132,6 +142,31 @@ def guard_activation_removal(model: onnx.ModelProto, ranges: Mapping[str, Any], 
     return guard
 
 
+def _float_before_comparisons(graph: onnx.GraphProto, producer: Mapping[str, onnx.NodeProto],
+                              inits: Mapping[str, onnx.TensorProto], op_types: Collection[str], skip: set[str],
+                              guard: Guard) -> None:
+    """Leave float the node that would round a comparison's input (a mask computed in the graph, ``mean(|x - bg|)
+    < 1e-3``; a score threshold): up the input through ops with one activation input, the first quantizable node
+    that computes values, and the value-moving ones on the way. A step of int8 rounding turns into flipped
+    decisions, which no later layer undoes; the rest of the upstream graph stays int8."""
+    for node in graph.node:
+        if node.op_type not in COMPARISONS or node.domain not in ("", "ai.onnx"):
+            continue
+        for name in node.input:
+            source, steps = producer.get(name), 0
+            while source is not None and steps < MAX_COMPARISON_WALK and source.name not in skip:
+                steps += 1
+                quantizable = source.op_type in op_types and source.domain in ("", "ai.onnx")
+                if quantizable:
+                    guard.keep_float(source, f"feeding a {node.op_type} (int8 rounding would flip its decisions)")
+                    if source.op_type not in SHAPE_ONLY:
+                        break
+                activations = [i for i in source.input if i and i not in inits]
+                if len(activations) != 1:
+                    break
+                source = producer.get(activations[0])
+
+
 def _qoperator_chain(node: onnx.NodeProto, readers: Mapping[str, int], outputs: Collection[str],
                      producer: Mapping[str, onnx.NodeProto]) -> list[str] | str:
     """The tensors from the activation's input up to the first producer with a scale of its own, or why its range
@@ -139,7 +174,7 @@ def _qoperator_chain(node: onnx.NodeProto, readers: Mapping[str, int], outputs: 
     chain, name = [], node.input[0]
     while True:
         if readers.get(name, 0) != 1 or name in outputs:
-            return "its input is read elsewhere too" if chain == [] else "a tensor before it is read elsewhere too"
+            return "whose input is read elsewhere too" if chain == [] else "with a tensor before it read elsewhere too"
         chain.append(name)
         source = producer.get(name)
         if source is None or source.domain not in ("", "ai.onnx"):
@@ -168,4 +203,5 @@ def clip_bounds(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> 
     return float(low), float(high)
 
 
-__all__ = ["CLIPS", "PASS_THROUGH", "REUSES_INPUT_SCALE", "Guard", "clip_bounds", "guard_activation_removal"]
+__all__ = ["CLIPS", "COMPARISONS", "PASS_THROUGH", "REUSES_INPUT_SCALE", "SHAPE_ONLY", "Guard", "clip_bounds",
+           "guard_activation_removal"]

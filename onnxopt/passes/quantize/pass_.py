@@ -925,18 +925,33 @@ class QuantizePass(OnnxoptPass):
                       activation_qType=QuantType.QUInt8, tensors_range=tensors_range, nodes_to_quantize=[],
                       nodes_to_exclude=exclude, op_types_to_quantize=op_types, extra_options=extra)
         original_bytes = proto_tensor_bytes(proto)
-        if not consume:  # placement and the budget search reuse the original
-            original, proto = proto, onnx.ModelProto()
-            proto.CopyFrom(original)
+        qoperator = (fmt or self.format) == "qoperator"
         from onnxopt.passes.quantize.ort_fast import vectorized_weight_quantization
 
-        with _quiet_ort(), vectorized_weight_quantization():
-            if (fmt or self.format) == "qdq":
-                quantizer: Any = QDQQuantizer(proto, **common)
-            else:
-                quantizer = ONNXQuantizer(proto, mode=QuantizationMode.QLinearOps, static=True, **common)
-            quantizer.quantize_model()
-            quantizer.model.topological_sort()  # ORT sorts only when it saves the file itself
+        for attempt in range(_WRITER_RETRIES + 1):
+            work = proto
+            if not consume or qoperator:  # placement and the budget search reuse the original; so may a retry
+                work = onnx.ModelProto()
+                work.CopyFrom(proto)
+            try:
+                with _quiet_ort(), vectorized_weight_quantization():
+                    if qoperator:
+                        quantizer: Any = ONNXQuantizer(work, mode=QuantizationMode.QLinearOps, static=True, **common)
+                    else:
+                        quantizer = QDQQuantizer(work, **common)
+                    quantizer.quantize_model()
+                    quantizer.model.topological_sort()  # ORT sorts only when it saves the file itself
+                break
+            except RuntimeError as exc:
+                # ORT's QOperator writer can leave a tensor that a node it does not convert reads (a Where whose
+                # other value is a constant) without the DequantizeLinear of its quantized producer's output: those
+                # producers stay float, and it runs again.
+                unknown, writers = _left_unknown(exc, proto, op_types, common["nodes_to_exclude"])
+                if not qoperator or not writers or attempt == _WRITER_RETRIES:
+                    raise
+                common["nodes_to_exclude"] = [*common["nodes_to_exclude"], *writers]
+                self.note(f"ORT's QOperator writer left {', '.join(unknown)} without a value (no DequantizeLinear for "
+                          f"a node it kept float): {', '.join(writers)} kept float")
         result = quantizer.model.model
         if original_bytes >= _REPACK_BYTES:
             # ORT removed the float weights from its copy, but a protobuf message frees its memory only as a whole:
@@ -945,6 +960,30 @@ class QuantizePass(OnnxoptPass):
             packed.CopyFrom(result)
             result = packed
         return result
+
+
+#: Runs of ORT's QOperator writer after the first, each with the nodes it left reading a missing tensor kept float.
+_WRITER_RETRIES = 3
+
+
+def _left_unknown(error: Exception, model: onnx.ModelProto, op_types: list[str],
+                  exclude: list[str]) -> tuple[list[str], list[str]]:
+    """From ORT's "Invalid model with unknown initializers/tensors.{...}": the tensors, and the nodes of ``model``
+    (of ``op_types``, not in ``exclude``) that write them; nothing for any other error."""
+    import ast
+    import re
+
+    found = re.search(r"unknown initializers/tensors\.\s*(\{.*\})", str(error))
+    if found is None:
+        return [], []
+    try:
+        unknown = sorted(str(name) for name in ast.literal_eval(found.group(1)))
+    except (ValueError, SyntaxError):
+        return [], []
+    skip = set(exclude)
+    writers = [node.name for node in model.graph.node if node.name and node.name not in skip
+               and node.op_type in op_types and any(name in unknown for name in node.output)]
+    return unknown, writers
 
 
 def _speeds(by_median: float | None, by_best_run: float | None) -> str:
