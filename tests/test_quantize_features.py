@@ -457,3 +457,30 @@ def test_per_channel_min_gain_keeps_channel_scales_only_where_they_raise_weight_
     assert sqnr_db(reference, _run(mixed, x)) > 15.0
     with pytest.raises(ValueError, match="per_channel_min_gain_db"):
         QuantizePass(per_channel_min_gain_db=-1.0)
+
+
+def test_candidate_left_all_float_by_ort_is_dropped():
+    """ORT's QOperator writer cannot give an If branch the float value of an int8 Conv output it reads from outside;
+    the pass keeps that Conv float and runs it again, which leaves nothing int8: that candidate is dropped with its
+    reason instead of being timed as an 'int8' model."""
+    rng = np.random.default_rng(0)
+    shape = [1, 8, 8, 8]
+    then_branch = helper.make_graph([helper.make_node("Conv", ["y", "w2"], ["t"], pads=[1, 1, 1, 1], name="then_conv")],
+                                    "then", [], [helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, shape)])
+    else_branch = helper.make_graph([helper.make_node("Relu", ["y"], ["e"], name="else_relu")], "else", [],
+                                    [helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, shape)])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0, name="mean"),
+             helper.make_node("Greater", ["m", "zero"], ["c"], name="gt"),
+             helper.make_node("If", ["c"], ["out"], then_branch=then_branch, else_branch=else_branch, name="branch")]
+    inits = [numpy_helper.from_array((rng.normal(size=(8, 3, 3, 3)) * 0.3).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.normal(size=(8, 8, 3, 3)) * 0.3).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    data = {"x": rng.normal(size=(8, 3, 8, 8)).astype(np.float32)}
+    _, step = _quantize(model, calib=data, placement="auto")
+    qoperator = next(c for c in step.details["placement"]["candidates"] if c["label"] == "qoperator")
+    assert qoperator["rejected"] == "no node int8: nothing to gain over FP32"
+    assert any("left y without a value" in note and "conv kept float" in note for note in step.notes)

@@ -543,6 +543,9 @@ class QuantizePass(OnnxoptPass):
                 return
             finally:
                 build_seconds += time.perf_counter() - start
+            if not _quantized_nodes(model, setting[1]):  # ORT's writer left every node float (see _rewrite's retry)
+                candidates.append(pl.Candidate(label, None, rejected="no node int8: nothing to gain over FP32"))
+                return
             candidates.append(pl.Candidate(label, model))
             if derived:
                 derived_labels.append(label)
@@ -1079,15 +1082,29 @@ def _refuse_quantized(model: ir.Model) -> None:
 
 
 def _quantized_nodes(model: onnx.ModelProto, fmt: str) -> Counter[str]:
-    """Nodes that run on int8 data, by op type: consumers of DequantizeLinear (QDQ) or QLinear*/Integer ops."""
+    """Nodes that run on int8 data, by op type, subgraphs (If/Loop bodies) included: consumers of DequantizeLinear
+    (QDQ) or QLinear*/Integer ops."""
+    nodes = list(_all_nodes(model.graph))
     if fmt == "qoperator":
-        return Counter(n.op_type for n in model.graph.node
-                       if n.op_type.startswith("QLinear") or n.op_type.endswith("Integer"))
-    dequantized = {out for n in model.graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+        return Counter(n.op_type for n in nodes
+                       if n.op_type.startswith("QLinear") or n.op_type.endswith("Integer") or n.op_type == "QGemm")
+    dequantized = {out for n in nodes if n.op_type == "DequantizeLinear" for out in n.output}
     return Counter(
-        n.op_type for n in model.graph.node
+        n.op_type for n in nodes
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dequantized for i in n.input)
     )
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """``graph``'s nodes and those of every subgraph in them."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_nodes(sub)
 
 
 
