@@ -32,7 +32,11 @@ error. Columns: accuracy on the 400 held-out images, top-1 agreement and SQNR of
 Relu/Clip nodes the model still runs, and speed vs the normalized FP32 model (batch 1, 1 thread, every variant of a
 model interleaved round-robin by ``onnxopt.bench``, median of the per-run ratio of medians over 3 runs).
 
-Usage: nice -n 5 python benchmarks/activation_guard.py [--epochs 12] [--out reports/activation_guard.md]
+With ``--tf-python`` (a venv with tensorflow and tf2onnx), a seventh: a Keras causal transformer (MultiHeadAttention
+with ``use_causal_mask``, which masks with a finite fill through SelectV2), trained in TensorFlow on the same split
+and exported by tf2onnx.
+
+Usage: nice -n 5 python benchmarks/activation_guard.py [--epochs 12] [--tf-python PY] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -321,10 +325,51 @@ def render(payload: dict) -> str:
     return "\n".join(lines)
 
 
+#: Run in the TensorFlow venv (``--tf-python``): a Keras causal transformer trained on the digits split the main
+#: process wrote, exported by tf2onnx. Keras's MultiHeadAttention masks with a finite fill (SelectV2 -> Where).
+KERAS_SCRIPT = r"""
+import sys
+import numpy as np, tensorflow as tf, tf2onnx
+workdir, epochs = sys.argv[1], int(sys.argv[2])
+tf.keras.utils.set_random_seed(0)
+data = np.load(workdir + "/train.npz")
+inp = tf.keras.Input((3, 32, 32), batch_size=None, name="input")
+x = tf.keras.layers.Reshape((3, 8, 4, 8, 4))(inp)
+x = tf.keras.layers.Permute((2, 4, 1, 3, 5))(x)
+h = tf.keras.layers.Dense(64)(tf.keras.layers.Reshape((64, 48))(x))
+for _ in range(2):
+    a = tf.keras.layers.MultiHeadAttention(4, 16)(h, h, use_causal_mask=True)
+    h = tf.keras.layers.LayerNormalization()(h + a)
+    f = tf.keras.layers.Dense(128, activation="relu")(h)
+    h = tf.keras.layers.LayerNormalization()(h + tf.keras.layers.Dense(64)(f))
+out = tf.keras.layers.Dense(10)(h[:, -1])
+model = tf.keras.Model(inp, out)
+model.compile(tf.keras.optimizers.Adam(2e-3), tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+model.fit(data["x"], data["y"], batch_size=64, epochs=epochs, verbose=0)
+spec = (tf.TensorSpec((1, 3, 32, 32), tf.float32, name="input"),)
+tf2onnx.convert.from_keras(model, input_signature=spec, opset=17, output_path=workdir + "/keras_causal.onnx")
+"""
+
+
+def keras_model(tf_python: str, splits: dict, epochs: int, workdir: Path) -> Path:
+    import subprocess
+
+    x, y = splits["train"]
+    np.savez(workdir / "train.npz", x=x, y=y)
+    done = subprocess.run([tf_python, "-c", KERAS_SCRIPT, str(workdir), str(epochs)], capture_output=True, text=True,
+                          timeout=1800)
+    path = workdir / "keras_causal.onnx"
+    if done.returncode or not path.exists():
+        raise RuntimeError(f"the Keras model could not be made: {done.stderr.strip().splitlines()[-1:]}")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "activation_guard.md")
+    parser.add_argument("--tf-python", default=None,
+                        help="python of a venv with tensorflow and tf2onnx: adds a Keras causal transformer")
     args = parser.parse_args()
     from onnxopt.datasets.digits import build_splits
     from onnxopt.hostinfo import host_info
@@ -339,8 +384,13 @@ def main() -> None:
             path = train_and_export(name, net_class, splits, args.epochs, workdir)
             print(f"{name}: quantizing and timing", flush=True)
             results.append(measure_model(name, path, splits, workdir))
+        if args.tf_python:
+            print("keras_causal_transformer: training in TensorFlow", flush=True)
+            path = keras_model(args.tf_python, splits, args.epochs, workdir)
+            results.append(measure_model("keras_causal_transformer (tf2onnx)", path, splits, workdir))
     command = "nice -n 5 python benchmarks/activation_guard.py" + (
-        f" --epochs {args.epochs}" if args.epochs != 12 else "")
+        f" --epochs {args.epochs}" if args.epochs != 12 else "") + (
+        f" --tf-python {args.tf_python}" if args.tf_python else "")
     payload = {"command": command, "minutes": (time.perf_counter() - started) / 60, "host": host_info().describe(),
                "epochs": args.epochs, "results": results}
     write_report(args.out, payload, render)
