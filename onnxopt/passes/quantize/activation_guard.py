@@ -1,4 +1,4 @@
-"""Keep ONNX Runtime's quantizer from dropping a Relu/Clip whose clipping nothing else then does.
+"""Keep ONNX Runtime's quantizer from dropping a Relu/Clip's clipping, or rounding what a comparison decides on.
 
 Both of ORT's writers remove a Relu or Clip behind a quantized tensor and let int8 saturation clip instead: the
 tensor is quantized with the activation's output range. Three cases break that trade:
@@ -19,7 +19,11 @@ The QDQ writer checks the second and third itself (``try_replacing_upstream_outp
 output). :func:`guard_activation_removal` fixes the ranges or the node list ORT gets so that what it writes computes
 the same function: through a chain of Reshape-like ops that commute with clipping (:data:`PASS_THROUGH`), each
 tensor read once, the activation's range moves up to the chain's head; elsewhere the activation stays float
-(excluded from quantization, so ORT keeps it). ``benchmarks/activation_guard.py`` measures it.
+(excluded from quantization, so ORT keeps it).
+
+Apart from activations: the node that would round a comparison's input (Less, Greater, Equal...: a padding mask
+computed in the graph, a score threshold) stays float, since a step of int8 rounding turns into flipped decisions
+(:func:`_float_before_comparisons`). ``benchmarks/activation_guard.py`` measures all of it.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ _DROPPED_QOPERATOR = " (ORT's QOperator writer would drop its clipping)"
 @dataclass
 class Guard:
     """What :func:`guard_activation_removal` changed: ``ranges`` (a new mapping, or the one given when nothing
-    moved), the activations to leave float with the reason for each, and those whose range moved up a chain."""
+    moved), the nodes to leave float with the reason for each, and the activations whose range moved up a chain."""
 
     ranges: Mapping[str, Any]
     excluded: dict[str, str] = field(default_factory=dict)
@@ -93,10 +97,10 @@ def guard_activation_removal(model: onnx.ModelProto, ranges: Mapping[str, Any], 
                              exclude: Collection[str], fmt: str = "qoperator",
                              symmetric_activations: bool = False) -> Guard:
     """The ranges and extra exclusions under which ORT's ``fmt`` writer ("qdq" or "qoperator") keeps every
-    Relu/Clip's clipping.
+    Relu/Clip's clipping and every comparison's input unrounded.
 
     ``ranges``: tensor name -> calibrated range (values are moved, never read); ``op_types``/``exclude``: what ORT is
-    asked to quantize. With symmetric activations ORT keeps every Relu/Clip, and nothing changes."""
+    asked to quantize. With symmetric activations ORT keeps every Relu/Clip: only the comparisons are guarded."""
     guard = Guard(ranges)
     graph = model.graph
     skip = set(exclude)
