@@ -412,6 +412,18 @@ def without_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
     return skeleton
 
 
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """``graph``'s nodes and, after each, those of the subgraphs in its attributes (If/Loop/Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from all_nodes(sub)
+
+
 def copy_fields(target: Any, source: Any, *, skip: str) -> None:
     """Set every field of message ``target`` but ``skip`` to ``source``'s (cleared where ``source`` has none)."""
     for field in target.DESCRIPTOR.fields:

@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxopt.modelio import all_nodes
+
 #: Ops whose first output has the channels of their first input, whatever the other inputs (scalars) are.
 UNARY_SAME = frozenset({
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Elu", "Selu", "Celu", "Gelu",
@@ -185,7 +187,7 @@ class _Analysis:
         self.inits = {i.name: i for i in proto.graph.initializer}
         self.shapes = _shapes(proto)
         self.uses: dict[str, int] = defaultdict(int)
-        for node in _all_nodes(proto.graph):
+        for node in all_nodes(proto.graph):
             for name in node.input:
                 self.uses[name] += 1
         for out in proto.graph.output:
@@ -811,19 +813,11 @@ def _slice_bounds(node: onnx.NodeProto, const) -> tuple[list[int], list[int], li
     return starts, ends, axes, steps
 
 
-def _all_nodes(graph: onnx.GraphProto):  # noqa: ANN202 - generator of nodes
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                yield from _all_nodes(sub)
-
-
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     names: set[str] = set()
     for attr in node.attribute:
         for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for inner in _all_nodes(sub):
+            for inner in all_nodes(sub):
                 names.update(inner.input)
     return names
 

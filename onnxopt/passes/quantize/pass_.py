@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import BadInputError, DataError, RecipeError
 from onnxopt.irutil import adopt, is_quantized_op
-from onnxopt.modelio import input_specs, proto_tensor_bytes, to_proto
+from onnxopt.modelio import all_nodes, input_specs, proto_tensor_bytes, to_proto
 from onnxopt.passes import opset
 from onnxopt.passes.quantize.collect import (
     SOFTMAX_FILL_SPAN,
@@ -1084,7 +1084,7 @@ def _refuse_quantized(model: ir.Model) -> None:
 def _quantized_nodes(model: onnx.ModelProto, fmt: str) -> Counter[str]:
     """Nodes that run on int8 data, by op type, subgraphs (If/Loop bodies) included: consumers of DequantizeLinear
     (QDQ) or QLinear*/Integer ops."""
-    nodes = list(_all_nodes(model.graph))
+    nodes = list(all_nodes(model.graph))
     if fmt == "qoperator":
         return Counter(n.op_type for n in nodes
                        if n.op_type.startswith("QLinear") or n.op_type.endswith("Integer") or n.op_type == "QGemm")
@@ -1093,18 +1093,6 @@ def _quantized_nodes(model: onnx.ModelProto, fmt: str) -> Counter[str]:
         n.op_type for n in nodes
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dequantized for i in n.input)
     )
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """``graph``'s nodes and those of every subgraph in them."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_nodes(sub)
 
 
 
