@@ -50,7 +50,7 @@ def tensors_to_calibrate(model: onnx.ModelProto, op_types: Iterable[str], exclud
 def nodes_reading_or_writing(model: onnx.ModelProto, tensors: Iterable[str], op_types: Iterable[str],
                              exclude: Iterable[str] = ()) -> list[str]:
     """Names of the nodes of ``op_types`` (not in ``exclude``) that read or write one of ``tensors``: those that
-    must stay float when the tensors have no int8 range (they hold +-inf on the calibration data)."""
+    must stay float when the tensors have no int8 range (they hold +-inf, or an attention mask's fill)."""
     wanted, skipped, names = set(op_types), set(exclude), set(tensors)
     return [node.name for node in model.graph.node
             if node.op_type in wanted and node.name and node.name not in skipped
