@@ -52,16 +52,25 @@ class FidelityAccumulator:
         self._stats = [_OutputStats() for _ in self.output_names]
 
     def update(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> None:
+        """Fold one batch in. Where the reference itself is +-inf or NaN the candidate must give the same value
+        (it is left out of the error figures); anywhere else a non-finite candidate value is an infinite error."""
         for stats, ref, out, name in zip(self._stats, reference, candidate, self.output_names):
             ref64 = np.asarray(ref, dtype=np.float64)
             out64 = np.asarray(out, dtype=np.float64)
             if ref64.shape != out64.shape:
                 raise ValueError(f"output '{name}' changed shape: {ref64.shape} -> {out64.shape}")
-            diff = np.abs(ref64 - out64)
+            finite = np.isfinite(ref64)
+            if not finite.all():  # the reference's own +-inf/NaN (log(0), a masked score): matched exactly or not
+                same = (ref64 == out64) | (np.isnan(ref64) & np.isnan(out64))
+                if not np.all(same[~finite]):
+                    stats.max_abs_err = stats.noise = math.inf
+                    continue
+                ref64, out64 = ref64[finite], out64[finite]
             if not np.all(np.isfinite(out64)):
                 stats.max_abs_err = math.inf
                 stats.noise = math.inf
                 continue
+            diff = np.abs(ref64 - out64)
             stats.max_abs_err = max(stats.max_abs_err, float(diff.max(initial=0.0)))
             stats.max_abs_ref = max(stats.max_abs_ref, float(np.abs(ref64).max(initial=0.0)))
             stats.signal += float(np.sum(ref64 * ref64))

@@ -64,3 +64,21 @@ def test_nan_output_is_infinite_error_and_shape_change_is_refused():
     assert acc.result().max_abs_error == math.inf
     with pytest.raises(ValueError, match="changed shape"):
         FidelityAccumulator(["y"]).update([np.ones((2, 3))], [np.ones((2, 4))])
+
+
+def test_reference_infinities_must_be_matched_exactly():
+    """A model whose own outputs hold -inf/NaN on the data (log(0), a masked score): the same values in the
+    candidate agree and are left out of the figures; a different value there, or a new one elsewhere, is an
+    infinite error."""
+    ref = np.array([[-np.inf, 1.0, 2.0], [np.nan, 3.0, -1.0]], np.float32)
+    same = FidelityAccumulator(["y"])
+    same.update([ref], [ref.copy()])
+    assert same.result().max_abs_error == 0.0 and same.result().sqnr_db == math.inf
+    close = FidelityAccumulator(["y"])
+    close.update([ref], [np.array([[-np.inf, 1.5, 2.0], [np.nan, 3.0, -1.0]], np.float32)])
+    assert close.result().max_abs_error == pytest.approx(0.5)
+    for bad in ([[np.inf, 1.0, 2.0], [np.nan, 3.0, -1.0]], [[-np.inf, 1.0, 2.0], [0.0, 3.0, -1.0]],
+                [[-np.inf, np.inf, 2.0], [np.nan, 3.0, -1.0]]):
+        accumulator = FidelityAccumulator(["y"])
+        accumulator.update([ref], [np.array(bad, np.float32)])
+        assert accumulator.result().max_abs_error == math.inf

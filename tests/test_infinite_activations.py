@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.calib_data import open_data
-from onnxopt.errors import DataError
+from onnxopt.errors import DataError, OnnxoptError
 from onnxopt.passes.quantize import QuantizePass
 from onnxopt.passes.quantize.calibrators import Calibrator
 from onnxopt.passes.quantize.collect import nodes_reading_or_writing
@@ -146,3 +146,33 @@ def test_padding_mask_computed_in_the_graph(fmt):
     assert sqnr > 25.0
     record = step.details["infinite_activations"]
     assert {"fill", "key_mask"} <= set(record["tensors"]) and "pad_fill" in record["float_nodes"]
+
+
+def _log_matmul() -> onnx.ModelProto:
+    """y = log(x) @ w: log(0) is -inf, and so is the output where it meets the MatMul."""
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["l"], name="log"), helper.make_node("MatMul", ["l", "w"], ["y"], name="mm")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(np.ones((4, 4), np.float32), "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_model_whose_own_output_is_infinite_runs_through_the_pipeline(tmp_path):
+    """The validation after each pass compares the model with the one before: the same -inf is agreement (it
+    failed normalize with 'output has NaN/Inf after this pass' before); NaN computed on the data stays a refusal."""
+    from onnxopt.api import optimize
+
+    x = np.abs(np.random.default_rng(0).standard_normal((16, 4))).astype(np.float32) + 0.1
+    x[3, 1] = 0.0
+    path = tmp_path / "log.onnx"
+    onnx.save(_log_matmul(), path)
+    result = optimize(str(path), ["normalize", {"name": "quantize", "placement": "all"}], calib=x,
+                      measure_latency=False)
+    steps = result.report.to_dict()["steps"]
+    assert [(step["name"], step["status"]) for step in steps] == [("input", "ok"), ("normalize", "ok"),
+                                                                  ("quantize", "ok")]
+    assert any("hold +-inf on the calibration data" in note for note in steps[-1]["notes"])
+    x[5, 2] = -1.0  # log(-1) is NaN
+    with pytest.raises(OnnxoptError, match="the model computes NaN on the calibration data"):
+        optimize(str(path), ["normalize", {"name": "quantize", "placement": "all"}], calib=x, measure_latency=False)

@@ -63,6 +63,9 @@ class Calibrator:
             except InfiniteValuesError as exc:
                 self.infinite[name] = exc.count
                 self._stats.pop(name, None)
+            except DataError as exc:
+                raise DataError(f"the model computes NaN on the calibration data: {exc} (a log or sqrt of a "
+                                "negative value? check the data's range and preprocessing)") from None
 
     def merge(self, other: Calibrator) -> None:
         """Add the statistics of another calibrator with the same settings (exact)."""
