@@ -14,7 +14,7 @@ import numpy as np
 from onnxopt.errors import DataError, RecipeError
 from onnxopt.passes.quantize.qparams import QuantParams, TensorRange, quant_params
 from onnxopt.passes.quantize.range_methods import compute_range
-from onnxopt.passes.quantize.stats import InfiniteValuesError, TensorStats
+from onnxopt.passes.quantize.stats import InfiniteValuesError, NotFiniteError, TensorStats
 
 DEFAULT_BINS = 2048
 _MIN_BINS = 16
@@ -63,7 +63,7 @@ class Calibrator:
             except InfiniteValuesError as exc:
                 self.infinite[name] = exc.count
                 self._stats.pop(name, None)
-            except DataError as exc:
+            except NotFiniteError as exc:
                 raise DataError(f"the model computes NaN on the calibration data: {exc} (a log or sqrt of a "
                                 "negative value? check the data's range and preprocessing)") from None
 

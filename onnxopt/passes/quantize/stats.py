@@ -10,7 +10,11 @@ from onnxopt.errors import DataError
 from onnxopt.passes.quantize.histogram import GridHistogram
 
 
-class InfiniteValuesError(DataError):
+class NotFiniteError(DataError):
+    """A tensor holds NaN or +-inf."""
+
+
+class InfiniteValuesError(NotFiniteError):
     """A tensor holds +-inf (and no NaN): a masked attention score or log(0) in an intermediate activation, which
     no int8 range can hold; the caller may keep the nodes around it float instead of failing."""
 
@@ -81,7 +85,7 @@ class TensorStats:
             bad = int(np.count_nonzero(~np.isfinite(values)))
             message = f"tensor '{self.name}' has {bad} NaN/Inf value(s) in a batch of shape {tuple(shape)}"
             if math.isnan(lo) or math.isnan(hi):
-                raise DataError(message)
+                raise NotFiniteError(message)
             raise InfiniteValuesError(message, bad)
         return lo, hi
 
