@@ -208,6 +208,8 @@ class QuantizePass(OnnxoptPass):
         unknown = sorted(set(exclude) - {node.name for node in proto.graph.node})
         if unknown:
             raise RecipeError(f"quantize.exclude_nodes names node(s) not in the model: {', '.join(unknown)}")
+        fp32 = proto  # what the user gave (after shape inference): the reference for every accuracy and timing
+        proto = self._prepare_for_writers(fp32, op_types, exclude)
         tensors = tensors_to_calibrate(proto, op_types, exclude)
         if not tensors:
             half = tensors_to_calibrate(proto, op_types, exclude, elem_types=_HALF_TYPES)
@@ -218,12 +220,11 @@ class QuantizePass(OnnxoptPass):
             return self._unquantized(model, modified=normalized)
         self._check_sample_count()
         specs = input_specs(model)
-        fp32 = proto  # what the user gave (after shape inference): the reference for every accuracy and timing
         from onnxopt.passes.quantize import placement as pl
 
         if proto_tensor_bytes(fp32) >= pl.FILE_FROM_BYTES:  # its sessions read files: weights written once
             self._shared = self._files.enter_context(SharedWeights(fp32, sources))
-        if self.equalize or self.bias_correction or self.weight_method != "minmax":
+        if proto is fp32 and (self.equalize or self.bias_correction or self.weight_method != "minmax"):
             proto = onnx.ModelProto()
             proto.CopyFrom(fp32)
         self._prepare_weights(proto, op_types, exclude, reduce_range, specs)
@@ -318,6 +319,22 @@ class QuantizePass(OnnxoptPass):
             self.note("the model stays FP32 with its int8-stored weights (compress) as they were")
             modified = False
         return ir.passes.PassResult(model, modified=modified)
+
+    def _prepare_for_writers(self, fp32: onnx.ModelProto, op_types: list[str], exclude: list[str]
+                             ) -> onnx.ModelProto:
+        """:func:`~onnxopt.passes.quantize.writer_prep.prepare_for_writers` on ``fp32`` (a copy when it changes
+        anything); the nodes it must leave float join ``exclude``."""
+        from onnxopt.passes.quantize.writer_prep import prepare_for_writers
+
+        prep = prepare_for_writers(fp32, op_types, exclude)
+        for line in prep.notes:
+            self.note(line)
+        if prep.excluded:
+            exclude.extend(prep.excluded)
+            self.details["kept_float_for_writers"] = dict(prep.excluded)
+            self.note(f"{len(prep.excluded)} node(s) kept float: " + "; ".join(
+                f"{name}: {why}" for name, why in list(prep.excluded.items())[:3]))
+        return prep.model
 
     def _check_sample_count(self) -> None:
         """Fail before any work when the data is known to be too small for the method."""
@@ -852,6 +869,31 @@ class QuantizePass(OnnxoptPass):
         return {name: self._scales[key] for name, axis in axes.items()
                 if (key := (id(proto), name, axis, reduce_range)) in self._scales}
 
+    def _where_per_channel_breaks(self, proto: onnx.ModelProto, op_types: list[str], exclude: list[str], qdq: bool,
+                                  overrides: dict[str, list[dict[str, Any]]], reduce_range: bool) -> list[str]:
+        """Per-tensor scales (QDQ) or float nodes (QOperator) where ORT's per-channel weights fail
+        (:func:`~onnxopt.passes.quantize.writer_prep.per_channel_breaks`); ``exclude`` with those nodes."""
+        from onnxopt.passes.quantize.weights import weight_quant_params
+        from onnxopt.passes.quantize.writer_prep import per_channel_breaks
+
+        found = per_channel_breaks(proto, op_types, exclude, "qdq" if qdq else "qoperator")
+        if not found:
+            return exclude
+        if qdq:
+            inits = {init.name: init for init in proto.graph.initializer}
+            for name in found:
+                params = weight_quant_params(onnx.numpy_helper.to_array(inits[name]), reduce_range=reduce_range,
+                                             name=name)
+                overrides[name] = [{"scale": np.float32(np.reshape(params.scale, -1)[0]), "zero_point": np.int8(0)}]
+            line = (f"{len(found)} grouped ConvTranspose weight(s) per tensor ({', '.join(sorted(found.values()))}):"
+                    " ORT's QDQ writer cannot scale their bias per channel")
+        else:
+            line = (f"{len(found)} MatMul(s) with a weight of rank 3+ kept float ({', '.join(sorted(found))}): "
+                    "ORT's QLinearMatMul refuses per-channel zero points there (use per_channel=False for int8)")
+        if line not in self.notes:
+            self.note(line)
+        return exclude if qdq else [*exclude, *found]
+
     def _build(self, proto: onnx.ModelProto, ranges: dict[str, Any], reduce_range: bool, op_types: list[str],
                exclude: list[str], per_channel: bool | None = None, fmt: str | None = None, consume: bool = False
                ) -> tuple[onnx.ModelProto, bool]:
@@ -924,6 +966,8 @@ class QuantizePass(OnnxoptPass):
             if qdq and self.per_channel_min_gain_db > 0:
                 per_channel = False  # ORT takes a per-channel axis per weight as an override of a per-tensor run
             extra["TensorQuantOverrides"] = self._scale_overrides(proto, axes, reduce_range)
+            exclude = self._where_per_channel_breaks(proto, ops, exclude, qdq, extra["TensorQuantOverrides"],
+                                                     reduce_range)
         common = dict(per_channel=per_channel, reduce_range=reduce_range, weight_qType=QuantType.QInt8,
                       activation_qType=QuantType.QUInt8, tensors_range=tensors_range, nodes_to_quantize=[],
                       nodes_to_exclude=exclude, op_types_to_quantize=op_types, extra_options=extra)
