@@ -213,6 +213,8 @@ class _Editor:
         columns = self._columns(node) if bias is not None else None
         if columns is None or bias.shape == (columns,):
             return None
+        if bias.ndim > 2 or (bias.ndim and bias.shape[-1] not in (1, columns)):
+            return None  # not a shape Gemm's broadcasting allows: left to ORT as it is
         if bias.ndim < 2 or bias.shape[0] == 1:  # constant along M: the same bias for every row
             row = np.broadcast_to(bias.reshape(-1) if bias.ndim else bias, (columns,))
             self.private(node, 2, np.ascontiguousarray(row, dtype=bias.dtype))
@@ -277,13 +279,14 @@ class _Editor:
                 keep = None
             if all(key == keep for key in groups):
                 continue
-            values = numpy_helper.to_array(self.inits[name])
             for key, group in groups.items():
                 if key == keep:
                     continue
                 new = self.fresh(f"{name}_{group[0][0].name}")
-                self.graph.initializer.append(numpy_helper.from_array(values, new))
-                self.inits[new] = self.graph.initializer[-1]
+                copy = self.graph.initializer.add()
+                copy.CopyFrom(self.inits[name])
+                copy.name = new
+                self.inits[new] = copy
                 for node, slot in group:
                     node.input[slot] = new
             copied.append(name)
