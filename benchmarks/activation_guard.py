@@ -240,18 +240,27 @@ def sqnr_db(reference: np.ndarray, noisy: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * float(np.log10(np.sum(reference.astype(np.float64) ** 2) / noise))
 
 
-def measure_model(name: str, path: Path, splits: dict, workdir: Path) -> dict[str, Any]:
+def calibration_and_fp32(name: str, path: Path, splits: dict, workdir: Path) -> tuple[np.ndarray, Path, Path]:
+    """The calibration images (as an array and as an .npz file for onnxopt) and the normalized FP32 model's file."""
     import onnx
 
     import onnxopt
-    from onnxopt.bench import BenchConfig, benchmark
 
     calib_x = splits["calib"][0][:CALIB]
-    x_eval, y_eval = splits["eval"]
     calib_file = workdir / f"{name}_calib.npz"
     np.savez(calib_file, input=calib_x)
     fp32 = workdir / f"{name}_fp32.onnx"
     onnx.save(onnxopt.optimize(str(path), ["normalize"], measure_latency=False).model, str(fp32))
+    return calib_x, calib_file, fp32
+
+
+def measure_model(name: str, path: Path, splits: dict, workdir: Path) -> dict[str, Any]:
+    import onnx
+
+    from onnxopt.bench import BenchConfig, benchmark
+
+    calib_x, calib_file, fp32 = calibration_and_fp32(name, path, splits, workdir)
+    x_eval, y_eval = splits["eval"]
     files = {"FP32 (normalized)": fp32}
     extra: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
@@ -364,6 +373,17 @@ def keras_model(tf_python: str, splits: dict, epochs: int, workdir: Path) -> Pat
     return path
 
 
+def measure_trained_nets(nets: dict[str, Any], measure: Any, splits: dict, epochs: int, workdir: Path) -> list:
+    """``measure(name, exported_path, splits, workdir)`` for each of ``nets`` trained on the digits split."""
+    results = []
+    for name, net_class in nets.items():
+        print(f"{name}: training", flush=True)
+        path = train_and_export(name, net_class, splits, epochs, workdir)
+        print(f"{name}: quantizing", flush=True)
+        results.append(measure(name, path, splits, workdir))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=12)
@@ -376,14 +396,9 @@ def main() -> None:
 
     started = time.perf_counter()
     splits, _ = build_splits()
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for name, net_class in build_nets().items():
-            print(f"{name}: training", flush=True)
-            path = train_and_export(name, net_class, splits, args.epochs, workdir)
-            print(f"{name}: quantizing and timing", flush=True)
-            results.append(measure_model(name, path, splits, workdir))
+        results = measure_trained_nets(build_nets(), measure_model, splits, args.epochs, workdir)
         if args.tf_python:
             print("keras_causal_transformer: training in TensorFlow", flush=True)
             path = keras_model(args.tf_python, splits, args.epochs, workdir)

@@ -36,7 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from activation_guard import CALIB, logits, ort_quantize, sqnr_db, train_and_export  # noqa: E402 - beside this
+from activation_guard import (CALIB, calibration_and_fp32, logits, measure_trained_nets,  # noqa: E402 - beside
+                              ort_quantize, sqnr_db)
 from report_files import write_report  # noqa: E402 - beside this script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,16 +154,8 @@ def onnxopt_quantize(source: Path, target: Path, calib_file: Path, fmt: str, rew
 
 
 def measure_model(name: str, path: Path, splits: dict, workdir: Path) -> dict[str, Any]:
-    import onnx
-
-    import onnxopt
-
-    calib_x = splits["calib"][0][:CALIB]
+    calib_x, calib_file, fp32 = calibration_and_fp32(name, path, splits, workdir)
     x_eval, y_eval = splits["eval"]
-    calib_file = workdir / f"{name}_calib.npz"
-    np.savez(calib_file, input=calib_x)
-    fp32 = workdir / f"{name}_fp32.onnx"
-    onnx.save(onnxopt.optimize(str(path), ["normalize"], measure_latency=False).model, str(fp32))
     reference = logits(fp32, x_eval)
     rows: dict[str, dict[str, Any]] = {"FP32 (normalized)": _scores(reference, reference, y_eval, fp32, fp32)}
     for index, (label, (quantizer, fmt, rewrites)) in enumerate(VARIANTS.items()):
@@ -224,14 +217,8 @@ def main() -> None:
 
     started = time.perf_counter()
     splits, _ = build_splits()
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        for name, net_class in build_nets().items():
-            print(f"{name}: training", flush=True)
-            path = train_and_export(name, net_class, splits, args.epochs, workdir)
-            print(f"{name}: quantizing", flush=True)
-            results.append(measure_model(name, path, splits, workdir))
+        results = measure_trained_nets(build_nets(), measure_model, splits, args.epochs, Path(tmp))
     command = "nice -n 5 python benchmarks/writer_prep.py" + (f" --epochs {args.epochs}" if args.epochs != 12 else "")
     payload = {"command": command, "minutes": (time.perf_counter() - started) / 60, "host": host_info().describe(),
                "epochs": args.epochs, "results": results}

@@ -32,29 +32,26 @@ def _finish(b: GraphBuilder, out: str, in_shape: list[int]) -> onnx.ModelProto:
     return model
 
 
-def scaled_gemm() -> onnx.ModelProto:
-    b = GraphBuilder("scaled_gemm")
+def _gemm(name: str, bias: np.ndarray | tuple[int, ...], **attrs: float) -> onnx.ModelProto:
+    """x [4, 16] -> Gemm(x, W [10, 16], C, transB=1, **attrs)."""
+    b = GraphBuilder(name)
     b.weight("w", (10, 16))
-    b.weight("c", np.full(10, 2.0, np.float32))
-    b.node("Gemm", ["x", "w", "c"], ["out"], alpha=0.5, beta=3.0, transB=1)
+    b.weight("c", bias, scale=1.0)
+    b.node("Gemm", ["x", "w", "c"], ["out"], transB=1, **attrs)
     return _finish(b, "out", [4, 16])
+
+
+def scaled_gemm() -> onnx.ModelProto:
+    return _gemm("scaled_gemm", np.full(10, 2.0, np.float32), alpha=0.5, beta=3.0)
 
 
 def gemm_row_bias() -> onnx.ModelProto:
-    b = GraphBuilder("gemm_row_bias")
-    b.weight("w", (10, 16))
-    b.weight("c", (1, 10), scale=1.0)
-    b.node("Gemm", ["x", "w", "c"], ["out"], transB=1)
-    return _finish(b, "out", [4, 16])
+    return _gemm("gemm_row_bias", (1, 10))
 
 
 def gemm_full_bias() -> onnx.ModelProto:
     """C already broadcast to [M, N] with different rows: it cannot become a vector, so it moves to an Add."""
-    b = GraphBuilder("gemm_full_bias")
-    b.weight("w", (10, 16))
-    b.weight("c", (4, 10), scale=1.0)
-    b.node("Gemm", ["x", "w", "c"], ["out"], transB=1)
-    return _finish(b, "out", [4, 16])
+    return _gemm("gemm_full_bias", (4, 10))
 
 
 def shared_bias() -> onnx.ModelProto:
