@@ -49,6 +49,9 @@ COMPARISONS = frozenset({"Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Eq
 SHAPE_ONLY = PASS_THROUGH | {"Slice", "Gather", "Split", "Expand", "Identity", "Tile"}
 #: How far up a comparison's input the producer that rounds it is looked for.
 MAX_COMPARISON_WALK = 8
+#: A Concat whose inputs' ranges differ more than this many times stays float: one int8 scale for all of them
+#: leaves the narrowest input log2(ratio) bits fewer (a detector's boxes decoded in pixels beside its [0, 1] scores).
+CONCAT_RANGE_RATIO = 16.0
 _DROPPED = " (ORT's quantizer would drop its clipping)"
 _DROPPED_QOPERATOR = " (ORT's QOperator writer would drop its clipping)"
 
@@ -107,6 +110,8 @@ def guard_activation_removal(model: onnx.ModelProto, ranges: Mapping[str, Any], 
     inits = {init.name: init for init in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
     _float_before_comparisons(graph, producer, inits, op_types, skip, guard)
+    if fmt == "qoperator":
+        _float_wide_concats(graph, ranges, inits, op_types, skip, guard)
     if symmetric_activations:
         return guard
     readers: dict[str, int] = {}
@@ -171,6 +176,36 @@ def _float_before_comparisons(graph: onnx.GraphProto, producer: Mapping[str, onn
                 source = producer.get(activations[0])
 
 
+def _float_wide_concats(graph: onnx.GraphProto, ranges: Mapping[str, Any], inits: Mapping[str, onnx.TensorProto],
+                        op_types: Collection[str], skip: set[str], guard: Guard) -> None:
+    """QOperator: leave float each Concat whose inputs' ranges differ over :data:`CONCAT_RANGE_RATIO` times.
+    QLinearConcat requantizes every input to its output's one scale, that of the widest input, so the narrow input
+    keeps 255/ratio levels: a YOLO-style head that concatenates boxes decoded in pixels with scores in [0, 1] gets its
+    scores on a coarse grid, while the output's SQNR, dominated by the boxes, still looks fine. (ORT's QDQ form of the
+    same head keeps the scores: measured in ``benchmarks/activation_guard.py``.)"""
+    if "Concat" not in op_types:
+        return
+    for node in graph.node:
+        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx") or node.name in skip:
+            continue
+        spans = [span for name in node.input if (span := _span(name, ranges, inits)) is not None and span > 0]
+        if len(spans) > 1 and max(spans) > CONCAT_RANGE_RATIO * min(spans):
+            guard.keep_float(node, f"a Concat whose inputs' ranges differ over {CONCAT_RANGE_RATIO:g}x (one int8 "
+                             "scale would leave the narrowest input a few levels)")
+
+
+def _span(name: str, ranges: Mapping[str, Any], inits: Mapping[str, onnx.TensorProto]) -> float | None:
+    """The width of a tensor's int8 range: calibrated, or a small constant's own; None when unknown."""
+    if name in ranges:
+        rng = ranges[name]
+        return float(np.max(rng.high) - np.min(rng.low))
+    init = inits.get(name)
+    if init is None or init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+        return None
+    values = numpy_helper.to_array(init)
+    return float(values.max() - values.min()) if 0 < values.size <= 1 << 20 else None
+
+
 def _qoperator_chain(node: onnx.NodeProto, readers: Mapping[str, int], outputs: Collection[str],
                      producer: Mapping[str, onnx.NodeProto]) -> list[str] | str:
     """The tensors from the activation's input up to the first producer with a scale of its own, or why its range
@@ -207,5 +242,5 @@ def clip_bounds(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> 
     return float(low), float(high)
 
 
-__all__ = ["CLIPS", "COMPARISONS", "PASS_THROUGH", "REUSES_INPUT_SCALE", "SHAPE_ONLY", "Guard", "clip_bounds",
+__all__ = ["CLIPS", "COMPARISONS", "CONCAT_RANGE_RATIO", "PASS_THROUGH", "REUSES_INPUT_SCALE", "SHAPE_ONLY", "Guard", "clip_bounds",
            "guard_activation_removal"]
