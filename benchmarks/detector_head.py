@@ -6,8 +6,9 @@ and ten class scores, decoded in the graph as YOLOv5 exports do (Sigmoid, ``(2s 
 centre, ``(2s)^2 * anchor`` for the size) and concatenated into one ``[N, 64, 15]`` output: boxes in pixels (0-64)
 beside scores in [0, 1]. ONNX Runtime's QOperator ``QLinearConcat`` requantizes every input to the output's one
 scale, so the scores land on a grid of about 0.3: the output's SQNR, dominated by the boxes, is the same with the
-scores right or wrong, and the placement search's check (20 dB) let such a model through. ``onnxopt/passes/quantize/activation_guard.py``
-keeps a Concat whose inputs' ranges differ over 16x float in QOperator form.
+scores right or wrong, and the placement search's check (20 dB) let such a model through.
+``onnxopt/passes/quantize/activation_guard.py`` keeps a Concat whose inputs' ranges differ over 16x float in
+QOperator form.
 
 Variants: ORT's ``quantize_static`` (QDQ defaults on the export; QOperator per-channel uint8 on the normalized
 model); onnxopt's ``quantize`` in QOperator form with ``placement=all``, without the guard (the code before, in this
@@ -44,7 +45,8 @@ HIT_PX = 4.0
 #: label -> (quantizer, format, placement, guard)
 VARIANTS = {
     "ORT quantize_static QDQ (defaults, export as it is)": ("ort", "qdq", None, False),
-    "ORT quantize_static QOperator (normalized, per-channel, uint8 activations)": ("ort_best", "qoperator", None, False),
+    "ORT quantize_static QOperator (normalized, per-channel, uint8 activations)":
+        ("ort_best", "qoperator", None, False),
     "onnxopt quantize qoperator, placement=all, without the Concat guard (the code before)":
         ("onnxopt", "qoperator", "all", False),
     "onnxopt quantize qoperator, placement=all": ("onnxopt", "qoperator", "all", True),

@@ -23,7 +23,9 @@ tensor read once, the activation's range moves up to the chain's head; elsewhere
 
 Apart from activations: the node that would round a comparison's input (Less, Greater, Equal...: a padding mask
 computed in the graph, a score threshold) stays float, since a step of int8 rounding turns into flipped decisions
-(:func:`_float_before_comparisons`). ``benchmarks/activation_guard.py`` measures all of it.
+(:func:`_float_before_comparisons`). ``benchmarks/activation_guard.py`` measures all of it. And in QOperator form a
+Concat whose inputs' ranges differ over :data:`CONCAT_RANGE_RATIO` times stays float (:func:`_float_wide_concats`:
+a detector's scores beside its boxes in pixels, ``benchmarks/detector_head.py``).
 """
 
 from __future__ import annotations
@@ -242,5 +244,5 @@ def clip_bounds(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> 
     return float(low), float(high)
 
 
-__all__ = ["CLIPS", "COMPARISONS", "CONCAT_RANGE_RATIO", "PASS_THROUGH", "REUSES_INPUT_SCALE", "SHAPE_ONLY", "Guard", "clip_bounds",
-           "guard_activation_removal"]
+__all__ = ["CLIPS", "COMPARISONS", "CONCAT_RANGE_RATIO", "PASS_THROUGH", "REUSES_INPUT_SCALE", "SHAPE_ONLY", "Guard",
+           "clip_bounds", "guard_activation_removal"]
