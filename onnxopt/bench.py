@@ -3,7 +3,8 @@
 Timing model A for a minute and then model B lets frequency scaling, thermal state and noisy neighbours drift in
 between, and the ratio absorbs that drift. Here every setting (batch size x thread count) runs the models
 round-robin: one timed run of each model per round (the start model rotates each round), all fed the same seeded
-random inputs, so slow phases of the machine hit every model alike.
+random inputs, so slow phases of the machine hit every model alike. The sessions of such a run do not spin between
+runs (ORT's intra-op threads otherwise spin on the cores the next model needs: ``benchmarks/spinning.py``).
 
 ``import onnxopt.bench`` stays cheap: onnxruntime, onnx and the statistics are imported when a benchmark runs.
 """
@@ -275,8 +276,10 @@ def benchmark(
     results: dict[tuple[int, int | None, str], LatencyResult] = {}
     skipped: dict[tuple[str, int], str] = {}
     for threads in config.threads:
+        # interleaved sessions must not spin between runs (runtime.session_options); one model alone may
         sessions = [runtime.make_session(source, threads=threads, provider=config.provider,
-                                         optimization=config.optimization, what=f"model '{label}'")
+                                         optimization=config.optimization, what=f"model '{label}'",
+                                         spinning=len(sources) == 1)
                     for label, source in zip(names, sources)]
         for batch in config.batch_sizes:
             inputs = _InputFactory(config.seed, batch)

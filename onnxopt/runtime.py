@@ -51,8 +51,13 @@ PREPACK_SKIP_BYTES = 256 * 2**20
 FEW_SAMPLES = 256
 
 
-def session_options(threads: int | None = None, optimization: str = "all", prepack: bool = True
-                    ) -> ort.SessionOptions:
+def session_options(threads: int | None = None, optimization: str = "all", prepack: bool = True,
+                    spinning: bool = True) -> ort.SessionOptions:
+    """``spinning=False``: the intra-op threads sleep as soon as a run ends instead of spinning for the next one.
+    A model timed alone keeps ORT's default (spinning), as it runs in deployment; sessions timed interleaved with
+    other sessions of the same process turn it off (:func:`onnxopt.bench.benchmark`, the placement search): with
+    several sessions spinning, copies of one model file timed round-robin on 2 threads read several times apart
+    (``benchmarks/spinning.py`` -> reports/spinning.md)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = _LEVELS[optimization]
@@ -62,6 +67,8 @@ def session_options(threads: int | None = None, optimization: str = "all", prepa
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -94,11 +101,12 @@ def make_session(
     what: str = "model",
     samples: int | None = None,
     weight_bytes: int | None = None,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """Create an ORT session (from a path, a proto, serialized bytes or an ir model); failures become
     :class:`BadInputError` naming ``what``. ``samples``: how many samples the session will run, when the caller
     knows (a few on a large model: no weight prepacking, :func:`worth_prepacking`; ``weight_bytes``: the model's
-    weights, for a path).
+    weights, for a path). ``spinning``: see :func:`session_options`.
 
     Above the external-data threshold ORT gets a temporary file whose data it maps, reading only what it uses.
     Handing it the tensors from memory instead (``add_external_initializers``, which copies them) was tried on
@@ -107,7 +115,8 @@ def make_session(
     providers = [resolve_provider(provider)]
     if providers[0] != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
-    options = session_options(threads, optimization, prepack=worth_prepacking(model, samples, weight_bytes))
+    options = session_options(threads, optimization, prepack=worth_prepacking(model, samples, weight_bytes),
+                              spinning=spinning)
     try:
         if isinstance(model, (str, os.PathLike)):
             return ort.InferenceSession(str(model), options, providers=providers)

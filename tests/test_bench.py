@@ -105,6 +105,37 @@ def test_runs_are_interleaved_round_robin(run_log):
     assert timed[:3] != timed[3:6]  # the first model of a round rotates
 
 
+def test_interleaved_sessions_do_not_spin_and_a_model_alone_does(monkeypatch):
+    """Sessions timed round-robin turn ORT's intra-op spinning off (their threads would spin on the cores the next
+    session needs: benchmarks/spinning.py); one model timed alone keeps it, as it runs deployed."""
+    assert runtime.session_options(2, spinning=False).get_session_config_entry("session.intra_op.allow_spinning") \
+        == "0"
+    with pytest.raises(Exception):  # noqa: B017 - ORT's own error for an entry never set: spinning left as default
+        runtime.session_options(2).get_session_config_entry("session.intra_op.allow_spinning")
+    seen: list[bool] = []
+    original = runtime.make_session
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["spinning"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "make_session", spy)
+    config = BenchConfig(batch_sizes=(1,), threads=(1,), warmup=1, repeats=2)
+    benchmark([conv_relu(), gemm()], config)
+    assert seen == [False, False]
+    seen.clear()
+    benchmark([conv_relu()], config)
+    assert seen == [True]
+    from onnxopt.passes.quantize.placement import SessionPool  # the placement search times its candidates so too
+
+    pool = SessionPool()
+    try:
+        session = pool.get(conv_relu(), 1)
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    finally:
+        pool.close()
+
+
 def test_models_get_the_same_seeded_inputs(run_log):
     benchmark([conv_relu(), conv_relu(name="twin")], small(seed=7))
     first = [feeds["x"] for label, feeds in run_log if label == "model 'conv_relu'"]

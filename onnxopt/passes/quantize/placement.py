@@ -184,8 +184,9 @@ class SessionPool:
                 for other in [k for k in self._sessions if k[1:] != key[1:]]:
                     del self._sessions[other]
 
+            # timed round-robin with the other candidates: no spinning between runs (runtime.session_options)
             self._sessions[key] = (model, make_session(self._source(model), threads=threads, provider=provider,
-                                                       what="a placement candidate"))
+                                                       what="a placement candidate", spinning=False))
         return self._sessions[key][1]
 
     def _source(self, model: onnx.ModelProto) -> onnx.ModelProto | str:
