@@ -212,11 +212,11 @@ def test_excluded_readers_and_computed_operands():
 
 def test_per_channel_breaks_names_what_no_rewrite_fixes():
     deconv = grouped_conv_transpose()
-    assert per_channel_breaks(deconv, ALL_OPS, [], "qdq") == {"w": deconv.graph.node[0].name}
-    assert per_channel_breaks(deconv, ALL_OPS, [], "qoperator") == {}
+    assert per_channel_breaks(deconv, ALL_OPS, [], "qdq") == [(deconv.graph.node[0].name, "w")]
+    assert per_channel_breaks(deconv, ALL_OPS, [], "qoperator") == []
     batched = batched_matmul_weight()
-    assert per_channel_breaks(batched, ALL_OPS, [], "qoperator") == {batched.graph.node[0].name: "w"}
-    assert per_channel_breaks(batched, ALL_OPS, [], "qdq") == {}
+    assert per_channel_breaks(batched, ALL_OPS, [], "qoperator") == [(batched.graph.node[0].name, "w")]
+    assert per_channel_breaks(batched, ALL_OPS, [], "qdq") == []
 
 
 @pytest.mark.parametrize("build,fmt,message", [

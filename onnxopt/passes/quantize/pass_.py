@@ -873,26 +873,23 @@ class QuantizePass(OnnxoptPass):
                                   overrides: dict[str, list[dict[str, Any]]], reduce_range: bool) -> list[str]:
         """Per-tensor scales (QDQ) or float nodes (QOperator) where ORT's per-channel weights fail
         (:func:`~onnxopt.passes.quantize.writer_prep.per_channel_breaks`); ``exclude`` with those nodes."""
-        from onnxopt.passes.quantize.weights import weight_quant_params
+        from onnxopt.passes.quantize.weights_prep import per_tensor_scale_overrides
         from onnxopt.passes.quantize.writer_prep import per_channel_breaks
 
         found = per_channel_breaks(proto, op_types, exclude, "qdq" if qdq else "qoperator")
         if not found:
             return exclude
+        nodes = ", ".join(sorted(node for node, _ in found))
         if qdq:
-            inits = {init.name: init for init in proto.graph.initializer}
-            for name in found:
-                params = weight_quant_params(onnx.numpy_helper.to_array(inits[name]), reduce_range=reduce_range,
-                                             name=name)
-                overrides[name] = [{"scale": np.float32(np.reshape(params.scale, -1)[0]), "zero_point": np.int8(0)}]
-            line = (f"{len(found)} grouped ConvTranspose weight(s) per tensor ({', '.join(sorted(found.values()))}):"
-                    " ORT's QDQ writer cannot scale their bias per channel")
+            overrides.update(per_tensor_scale_overrides(proto, [weight for _, weight in found], reduce_range))
+            line = (f"{len(found)} grouped ConvTranspose weight(s) per tensor ({nodes}): ORT's QDQ writer cannot "
+                    "scale their bias per channel")
         else:
-            line = (f"{len(found)} MatMul(s) with a weight of rank 3+ kept float ({', '.join(sorted(found))}): "
-                    "ORT's QLinearMatMul refuses per-channel zero points there (use per_channel=False for int8)")
+            line = (f"{len(found)} MatMul(s) with a weight of rank 3+ kept float ({nodes}): ORT's QLinearMatMul "
+                    "refuses per-channel zero points there (use per_channel=False for int8)")
         if line not in self.notes:
             self.note(line)
-        return exclude if qdq else [*exclude, *found]
+        return exclude if qdq else [*exclude, *(node for node, _ in found)]
 
     def _build(self, proto: onnx.ModelProto, ranges: dict[str, Any], reduce_range: bool, op_types: list[str],
                exclude: list[str], per_channel: bool | None = None, fmt: str | None = None, consume: bool = False

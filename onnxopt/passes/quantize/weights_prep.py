@@ -118,10 +118,23 @@ def per_channel_scale_overrides(model: onnx.ModelProto, axes: dict[str, int],
     return overrides
 
 
+def per_tensor_scale_overrides(model: onnx.ModelProto, names: Sequence[str],
+                               reduce_range: bool) -> dict[str, list[dict[str, Any]]]:
+    """ORT ``TensorQuantOverrides`` that make the named weight initializers per tensor in a per-channel QDQ run:
+    one symmetric int8 scale each (ORT's own, as in :func:`per_channel_scale_overrides`)."""
+    inits = {init.name: init for init in model.graph.initializer}
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        params = weight_quant_params(numpy_helper.to_array(inits[name]), reduce_range=reduce_range, name=name)
+        overrides[name] = [{"scale": np.float32(np.reshape(params.scale, -1)[0]), "zero_point": np.int8(0)}]
+    return overrides
+
+
 def _sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     noise = float(np.sum(np.square(reference.astype(np.float64) - approx)))
     signal = float(np.sum(np.square(reference.astype(np.float64))))
     return float("inf") if noise == 0.0 else 10.0 * np.log10(max(signal, 1e-30) / noise)
 
 
-__all__ = ["clip_weights", "per_channel_scale_overrides", "per_channel_worth_it", "weight_axis", "weight_quantizer"]
+__all__ = ["clip_weights", "per_channel_scale_overrides", "per_channel_worth_it", "per_tensor_scale_overrides",
+           "weight_axis", "weight_quantizer"]

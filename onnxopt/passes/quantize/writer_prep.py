@@ -101,7 +101,9 @@ def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
 
 def _role(node: onnx.NodeProto, slot: int) -> tuple[object, ...]:
     """How ORT's writers use an initializer read by ``node`` at input ``slot``: readers with the same role can share
-    one quantized tensor, readers with different ones cannot."""
+    one quantized tensor, readers with different ones cannot (a bias is scaled for its own node alone)."""
+    if node.op_type in BIAS_OPS and slot == 2:
+        return ("bias", node.name)
     if node.op_type in ("Conv", "ConvTranspose") and slot == 1:
         return (node.op_type, "weight", int(_attr(node, "group", 1)))
     if node.op_type == "Gemm" and slot in (0, 1):
@@ -122,8 +124,7 @@ def _needs_work(model: onnx.ModelProto, wanted: set[str]) -> bool:
             if name in inits:
                 readers[name] += 1
                 if node.name in wanted:
-                    roles[name].add(("bias", node.name) if slot == 2 and node.op_type in BIAS_OPS
-                                    else _role(node, slot))
+                    roles[name].add(_role(node, slot))
         if node.op_type == "Gemm" and node.name in wanted:
             if _attr(node, "alpha", 1.0) != 1.0 or (_attr(node, "beta", 1.0) != 1.0 and len(node.input) > 2):
                 return True
@@ -264,11 +265,8 @@ class _Editor:
         for name, readers in uses.items():
             groups: dict[tuple[object, ...], list[tuple[onnx.NodeProto, int]]] = {}
             for node, slot in readers:
-                if node.name not in wanted:
-                    continue
-                is_bias = slot == 2 and node.op_type in BIAS_OPS
-                key = ("bias", node.name) if is_bias else _role(node, slot)
-                groups.setdefault(key, []).append((node, slot))
+                if node.name in wanted:
+                    groups.setdefault(_role(node, slot), []).append((node, slot))
             # The most-read weight use keeps the original; a bias keeps it only where nothing else reads it.
             uses_as_weight = [key for key in groups if key[0] != "bias"]
             if uses_as_weight:
@@ -294,24 +292,24 @@ class _Editor:
 
 
 def per_channel_breaks(model: onnx.ModelProto, op_types: Collection[str], exclude: Collection[str],
-                       fmt: str) -> dict[str, str]:
-    """Where ORT's per-channel weights fail and no rewrite helps: weight initializer -> its node, for the weights
-    that must be per tensor (QDQ: a grouped ConvTranspose, whose bias ORT scales with C_out/group weight scales:
-    "operands could not be broadcast"), or node -> its weight, for the nodes that must stay float (QOperator: a
-    MatMul weight of rank 3+, whose per-channel zero points ORT's QLinearMatMul kernel refuses at run time)."""
+                       fmt: str) -> list[tuple[str, str]]:
+    """Where ORT's per-channel weights fail and no rewrite helps, as (node, weight initializer) pairs: in QDQ a
+    grouped ConvTranspose, whose bias ORT scales with C_out/group weight scales ("operands could not be broadcast"):
+    its weight must be per tensor; in QOperator a MatMul weight of rank 3+, whose per-channel zero points ORT's
+    QLinearMatMul kernel refuses at run time: the node must stay float."""
     inits = {init.name: init for init in model.graph.initializer}
-    found: dict[str, str] = {}
+    found: list[tuple[str, str]] = []
     for node in model.graph.node:
         if node.op_type not in op_types or node.name in exclude or len(node.input) < 2:
             continue
         weight = inits.get(node.input[1])
         if weight is None:
             continue
-        if fmt == "qdq" and node.op_type == "ConvTranspose" and int(_attr(node, "group", 1)) > 1 \
-                and len(weight.dims) > 1 and weight.dims[1] > 1:
-            found[weight.name] = node.name
-        elif fmt == "qoperator" and node.op_type == "MatMul" and len(weight.dims) > 2:
-            found[node.name] = weight.name
+        grouped_transpose = (node.op_type == "ConvTranspose" and int(_attr(node, "group", 1)) > 1
+                             and len(weight.dims) > 1 and weight.dims[1] > 1)
+        if (fmt == "qdq" and grouped_transpose) or (fmt == "qoperator" and node.op_type == "MatMul"
+                                                    and len(weight.dims) > 2):
+            found.append((node.name, weight.name))
     return found
 
 
