@@ -9,7 +9,8 @@ A candidate beats FP32 when its median run or its fastest run does (:attr:`Candi
 burst of load inflates one model's median, never a fastest run (``benchmarks/placement_statistics.py`` scores both
 on recorded races). The confirmation (the winner timed again alone beside FP32) asks for a clear gain by either,
 or for a gain by one and no loss by the other (:func:`confirmed`). The checks that a winner is not slower
-elsewhere stay on the median.
+elsewhere (batch 8, one thread) take both, as the latency target does: since the timed sessions stopped spinning
+between runs (``benchmarks/spinning.py``), copies of one model read alike by either measure.
 
 The search is most of a MinMax quantization's wall time, so it is kept cheap without changing what it can choose:
 one ORT session per model serves the agreement check, the timing and the confirmation (:func:`sharing_sessions`);
