@@ -18,11 +18,13 @@ Usage: nice -n 5 python benchmarks/spinning.py [--runs 3] [--out FILE.md]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,24 +59,33 @@ def prepare(name: str, source: Path, workdir: Path) -> dict[str, Path]:
     return files
 
 
-def interleaved(files: dict[str, Path], batch: int, threads: int, spinning: bool, runs: int) -> list[list[float]]:
-    """Per run, each copy's ratio FP32 median / copy median (``COPIES[1:]``), timed by ``onnxopt.bench``."""
+@contextlib.contextmanager
+def spinning_sessions(on: bool = True) -> Iterator[None]:
+    """Within the block every ORT session spins between runs, as ``onnxopt.bench``'s did before it turned spinning
+    off for interleaved sessions (``on=False``: no change)."""
     from onnxopt import runtime
-    from onnxopt.bench import BenchConfig, benchmark
 
     original = runtime.session_options
-    if spinning:  # the code before: bench's sessions spin like any other
+    if on:
         runtime.session_options = lambda *args, **kw: original(*args, **{**kw, "spinning": True})
+    try:
+        yield
+    finally:
+        runtime.session_options = original
+
+
+def interleaved(files: dict[str, Path], batch: int, threads: int, spinning: bool, runs: int) -> list[list[float]]:
+    """Per run, each copy's ratio FP32 median / copy median (``COPIES[1:]``), timed by ``onnxopt.bench``."""
+    from onnxopt.bench import BenchConfig, benchmark
+
     labels = [f"{kind}_{i}" for i, kind in enumerate(COPIES)]
     config = BenchConfig(batch_sizes=(batch,), threads=(threads,), warmup=5, repeats=REPEATS)
     ratios = []
-    try:
+    with spinning_sessions(spinning):
         for _ in range(runs):
             report = benchmark([str(files[kind]) for kind in COPIES], config, labels=labels)
             base = report.result(labels[0], batch, threads).median_ms
             ratios.append([base / report.result(label, batch, threads).median_ms for label in labels[1:]])
-    finally:
-        runtime.session_options = original
     return ratios
 
 

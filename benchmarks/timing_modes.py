@@ -98,7 +98,10 @@ def render(payload: dict) -> str:
              f"per-channel), QDQ and QOperator. {runs} independent `onnxopt.bench` runs, each timing all three "
              f"models interleaved round-robin ({payload['repeats']} timed runs per model and setting). Speed-up = FP32 "
              "time / int8 time within one run, by median and by minimum; 'below' = runs whose speed-up is under "
-             f"{THRESHOLD}x, the quantization benchmark's latency threshold.", "",
+             f"{THRESHOLD}x, the quantization benchmark's latency threshold. Sessions: "
+             + ("ORT's intra-op threads spin between runs, as `onnxopt.bench`'s did before reports/spinning.md."
+                if payload.get("spinning") else "no intra-op spinning between runs, as `onnxopt.bench` times "
+                "several models (reports/spinning.md); `--spinning` gives the code before.") + "", "",
              "| setting | FP32 median (ms), range over runs | model | speed-up by median: range | runs below | "
              "speed-up by minimum: range | runs below |", "|---|---|---|---|---|---|---|"]
     for key, row in payload["summary"].items():
@@ -118,16 +121,21 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default=str(REPO / "reports" / "timing_modes.md"))
+    parser.add_argument("--spinning", action="store_true",
+                        help="sessions spin between runs, as onnxopt.bench's did before reports/spinning.md")
     args = parser.parse_args()
+    from spinning import spinning_sessions
+
     from onnxopt.hostinfo import host_info
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="onnxopt-timing-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="onnxopt-timing-") as tmp, spinning_sessions(args.spinning):
         paths = build(Path(tmp))
         records = measure(paths, args.runs, args.repeats)
-    command = "nice -n 5 python benchmarks/timing_modes.py" + (
-        f" --runs {args.runs}" if args.runs != 8 else "") + (f" --repeats {args.repeats}" if args.repeats != 50 else "")
-    payload = {"command": command, "minutes": (time.perf_counter() - started) / 60,
+    command = "nice -n 5 python benchmarks/timing_modes.py" + (f" --runs {args.runs}" if args.runs != 8 else "") + (
+        f" --repeats {args.repeats}" if args.repeats != 50 else "") + (
+        f" --spinning --out reports/{Path(args.out).name}" if args.spinning else "")
+    payload = {"command": command, "minutes": (time.perf_counter() - started) / 60, "spinning": args.spinning,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": host_info().describe(),
                "runs": args.runs, "repeats": args.repeats, "records": records, "summary": summarize(records)}
     write_report(Path(args.out), payload, render)
