@@ -483,9 +483,10 @@ def run_case(case: dict, workdir: Path, args: argparse.Namespace) -> dict:
     runnable = [(label, row) for label, row in rows.items() if "path" in row]
     config = BenchConfig(batch_sizes=(1,) if args.quick else (1, 8), threads=(1,) if args.quick else (1, 2),
                          warmup=5 if args.quick else 10, repeats=args.repeats, input_shapes=case["shapes"])
-    # Several independent round-robin runs: one run of a setting can swing far on this shared host
-    # (reports/timing_modes.md: batch 8 / 2 threads gave one int8 graph 0.73x-2.30x by minimum over 8 runs). Each
-    # run gives every row a ratio to FP32; the row's figure is the median over runs, the runs' ratios are kept.
+    # Several independent round-robin runs: one run of a setting could swing far while the timed sessions spun
+    # between runs (reports/timing_modes_spinning.md: 0.71x-4.79x by median at batch 8 / 2 threads over 8 runs;
+    # reports/timing_modes.md without spinning: 1.27x-1.58x). Each run gives every row a ratio to FP32; the row's
+    # figure is the median over runs, the runs' ratios are kept.
     loaded = [load_model(row["path"]) for _, row in runnable]
     reports = [benchmark(loaded, config, labels=[label for label, _ in runnable]) for _ in range(args.timing_runs)]
     for label, row in runnable:
