@@ -5,9 +5,9 @@ search times its candidates the same way. ORT's intra-op threads spin for a whil
 next one; with several sessions in turn, the threads of the session that just ran spin on the cores the next
 session needs. This script times, at batch 1 and 8 on 1 and 2 threads, an FP32 model beside three sessions of its
 int8 model and two more FP32 copies, round-robin as ``onnxopt.bench`` does, with ORT's default spinning (the code
-before) and without (``runtime.session_options(spinning=False)``, now), and as the reference each model alone in its
-own process with default spinning (how it runs deployed), alternating FP32 and int8 processes. Copies of one file
-should read the same ratio: their spread is the measurement's own noise.
+before) and without (``BenchConfig.spinning``: off for several models, now), and as the reference each model alone
+in its own process with default spinning (how it runs deployed), alternating FP32 and int8 processes. Copies of one
+file should read the same ratio: their spread is the measurement's own noise.
 
 Models: the digits example (MobileNetV2-style) and the zoo's MnasNet, FP32 normalized and int8 by onnxopt's
 ``quantize`` with ``placement=all`` (QDQ, per-channel), calibrated on 200 digits images.
@@ -18,13 +18,11 @@ Usage: nice -n 5 python benchmarks/spinning.py [--runs 3] [--out FILE.md]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,33 +57,18 @@ def prepare(name: str, source: Path, workdir: Path) -> dict[str, Path]:
     return files
 
 
-@contextlib.contextmanager
-def spinning_sessions(on: bool = True) -> Iterator[None]:
-    """Within the block every ORT session spins between runs, as ``onnxopt.bench``'s did before it turned spinning
-    off for interleaved sessions (``on=False``: no change)."""
-    from onnxopt import runtime
-
-    original = runtime.session_options
-    if on:
-        runtime.session_options = lambda *args, **kw: original(*args, **{**kw, "spinning": True})
-    try:
-        yield
-    finally:
-        runtime.session_options = original
-
-
 def interleaved(files: dict[str, Path], batch: int, threads: int, spinning: bool, runs: int) -> list[list[float]]:
-    """Per run, each copy's ratio FP32 median / copy median (``COPIES[1:]``), timed by ``onnxopt.bench``."""
+    """Per run, each copy's ratio FP32 median / copy median (``COPIES[1:]``), timed by ``onnxopt.bench`` with its
+    sessions spinning between runs (the code before) or not (its default for several models, now)."""
     from onnxopt.bench import BenchConfig, benchmark
 
     labels = [f"{kind}_{i}" for i, kind in enumerate(COPIES)]
-    config = BenchConfig(batch_sizes=(batch,), threads=(threads,), warmup=5, repeats=REPEATS)
+    config = BenchConfig(batch_sizes=(batch,), threads=(threads,), warmup=5, repeats=REPEATS, spinning=spinning)
     ratios = []
-    with spinning_sessions(spinning):
-        for _ in range(runs):
-            report = benchmark([str(files[kind]) for kind in COPIES], config, labels=labels)
-            base = report.result(labels[0], batch, threads).median_ms
-            ratios.append([base / report.result(label, batch, threads).median_ms for label in labels[1:]])
+    for _ in range(runs):
+        report = benchmark([str(files[kind]) for kind in COPIES], config, labels=labels)
+        base = report.result(labels[0], batch, threads).median_ms
+        ratios.append([base / report.result(label, batch, threads).median_ms for label in labels[1:]])
     return ratios
 
 

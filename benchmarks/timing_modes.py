@@ -52,13 +52,13 @@ def build(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def measure(paths: dict[str, Path], runs: int, repeats: int) -> list[dict]:
+def measure(paths: dict[str, Path], runs: int, repeats: int, spinning: bool = False) -> list[dict]:
     """One record per run: {setting: {label: (median_ms, min_ms)}}."""
     from onnxopt.bench import BenchConfig, benchmark
     from onnxopt.modelio import load_model
 
     models = [load_model(path) for path in paths.values()]
-    config = BenchConfig(batch_sizes=(1, 8), threads=(1, 2), warmup=10, repeats=repeats)
+    config = BenchConfig(batch_sizes=(1, 8), threads=(1, 2), warmup=10, repeats=repeats, spinning=spinning)
     records = []
     for run in range(runs):
         report = benchmark(models, config, labels=list(paths))
@@ -124,14 +124,12 @@ def main() -> None:
     parser.add_argument("--spinning", action="store_true",
                         help="sessions spin between runs, as onnxopt.bench's did before reports/spinning.md")
     args = parser.parse_args()
-    from spinning import spinning_sessions
-
     from onnxopt.hostinfo import host_info
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="onnxopt-timing-") as tmp, spinning_sessions(args.spinning):
+    with tempfile.TemporaryDirectory(prefix="onnxopt-timing-") as tmp:
         paths = build(Path(tmp))
-        records = measure(paths, args.runs, args.repeats)
+        records = measure(paths, args.runs, args.repeats, args.spinning)
     command = "nice -n 5 python benchmarks/timing_modes.py" + (f" --runs {args.runs}" if args.runs != 8 else "") + (
         f" --repeats {args.repeats}" if args.repeats != 50 else "") + (
         f" --spinning --out reports/{Path(args.out).name}" if args.spinning else "")

@@ -56,6 +56,9 @@ class BenchConfig:
     seed: int = 0
     #: ORT graph optimization level: disable, basic, extended, all.
     optimization: str = "all"
+    #: Intra-op threads spin between runs: None (auto) only when one model is timed; True/False force it
+    #: (interleaved spinning sessions slow each other down: benchmarks/spinning.py).
+    spinning: bool | None = None
 
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(self.batch_sizes)
@@ -277,9 +280,10 @@ def benchmark(
     skipped: dict[tuple[str, int], str] = {}
     for threads in config.threads:
         # interleaved sessions must not spin between runs (runtime.session_options); one model alone may
+        spinning = len(sources) == 1 if config.spinning is None else config.spinning
         sessions = [runtime.make_session(source, threads=threads, provider=config.provider,
                                          optimization=config.optimization, what=f"model '{label}'",
-                                         spinning=len(sources) == 1)
+                                         spinning=spinning)
                     for label, source in zip(names, sources)]
         for batch in config.batch_sizes:
             inputs = _InputFactory(config.seed, batch)

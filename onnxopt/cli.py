@@ -211,11 +211,15 @@ def _fmt(value: Any) -> str:
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
               help="Shape for inputs with dynamic dims other than the batch (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--spinning", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="ORT intra-op threads spin between runs; auto: only when one model is timed (interleaved "
+                   "spinning sessions slow each other down).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the JSON to this file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def bench(models: tuple[str, ...], batch_sizes: str, threads: str, warmup: int, repeats: int, provider: str,
-          input_shapes: tuple[str, ...], seed: int, as_json: bool, output: str | None, quiet: bool) -> None:
+          input_shapes: tuple[str, ...], seed: int, spinning: str, as_json: bool, output: str | None,
+          quiet: bool) -> None:
     """Measure ONNX Runtime latency of MODELS, interleaved round-robin so their ratios come from one run."""
     from onnxopt.bench import BenchConfig, benchmark
     from onnxopt.modelio import atomic_write_text, load_model
@@ -225,7 +229,8 @@ def bench(models: tuple[str, ...], batch_sizes: str, threads: str, warmup: int, 
     loaded = [load_model(path) for path in models]
     config = BenchConfig(batch_sizes=_int_list(batch_sizes, "--batch"), threads=_int_list(threads, "--threads"),
                          warmup=warmup, repeats=repeats, provider=provider,
-                         input_shapes=parse_input_shapes(input_shapes), seed=seed)
+                         input_shapes=parse_input_shapes(input_shapes), seed=seed,
+                         spinning={"auto": None, "on": True, "off": False}[spinning])
     labels = _unique_labels(models)
     result = benchmark(loaded, config, labels=labels, progress=not quiet)
     text = json.dumps(result.to_dict(), indent=2)

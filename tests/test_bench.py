@@ -126,6 +126,10 @@ def test_interleaved_sessions_do_not_spin_and_a_model_alone_does(monkeypatch):
     seen.clear()
     benchmark([conv_relu()], config)
     assert seen == [True]
+    seen.clear()  # forced either way (onnxopt bench --spinning on|off)
+    benchmark([conv_relu(), gemm()], BenchConfig(batch_sizes=(1,), threads=(1,), warmup=1, repeats=2, spinning=True))
+    benchmark([conv_relu()], BenchConfig(batch_sizes=(1,), threads=(1,), warmup=1, repeats=2, spinning=False))
+    assert seen == [True, True, False]
     from onnxopt.passes.quantize.placement import SessionPool  # the placement search times its candidates so too
 
     pool = SessionPool()
