@@ -183,8 +183,8 @@ def _float_wide_concats(graph: onnx.GraphProto, ranges: Mapping[str, Any], inits
     """QOperator: leave float each Concat whose inputs' ranges differ over :data:`CONCAT_RANGE_RATIO` times.
     QLinearConcat requantizes every input to its output's one scale, that of the widest input, so the narrow input
     keeps 255/ratio levels: a YOLO-style head that concatenates boxes decoded in pixels with scores in [0, 1] gets its
-    scores on a coarse grid, while the output's SQNR, dominated by the boxes, still looks fine. (ORT's QDQ form of the
-    same head keeps the scores: measured in ``benchmarks/activation_guard.py``.)"""
+    scores on a coarse grid, while the output's SQNR, dominated by the boxes, still looks fine. (The QDQ form the
+    pass writes keeps the scores: ``benchmarks/detector_head.py``.)"""
     if "Concat" not in op_types:
         return
     for node in graph.node:
