@@ -39,15 +39,18 @@ def _private_pass_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture
 def fake_time_models(monkeypatch: pytest.MonkeyPatch):
     """Installs a fake of ``placement.time_models`` written as (models, threads, shapes) -> {label: ms or Timing}:
-    a plain ms becomes the model's median and its fastest run alike (no real timing in tests)."""
-    from onnxopt.passes.quantize import placement
+    a plain ms becomes the model's median and its fastest run alike (no real timing in tests). ``profile``, a fake
+    of ``node_profile.profile_kernels`` ((model, shapes, threads) -> {ORT node name: microseconds}), defaults to an
+    empty profile: no profile-guided candidate."""
+    from onnxopt.passes.quantize import node_profile, placement
 
-    def install(fake):
+    def install(fake, profile=None):
         def timed(models, threads, shapes):
             return {label: ms if isinstance(ms, placement.Timing) else placement.Timing(ms, ms)
                     for label, ms in fake(models, threads, shapes).items()}
 
         monkeypatch.setattr(placement, "time_models", timed)
+        monkeypatch.setattr(node_profile, "profile_kernels", profile or (lambda model, shapes, threads: {}))
 
     return install
 

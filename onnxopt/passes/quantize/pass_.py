@@ -530,6 +530,7 @@ class QuantizePass(OnnxoptPass):
         derived_labels: list[str] = []  # built by float_nodes.keep_float, not by a run of ORT's quantizer
         from onnxopt.passes.quantize import placement as pl
         from onnxopt.passes.quantize.agreement import CHECK_NAMES
+        from onnxopt.passes.quantize.node_profile import fp32_nodes_by_profile
 
         candidates = [pl.Candidate("all", full)]
         settings: dict[str, tuple[bool, str]] = {"all": (self.per_channel, self.format)}
@@ -540,6 +541,8 @@ class QuantizePass(OnnxoptPass):
         requested = {(frozenset(op_types), frozenset(exclude), self.per_channel, self.format)}
 
         partial: set[str] = set()  # the candidates that keep a region FP32
+        ops_of: dict[str, list[str]] = {"all": op_types}  # the op types each candidate was asked to quantize
+        profiled: dict[str, Any] = {}  # the profile-guided candidate's record (built at most once)
 
         def add(label: str, ops: list[str], skip: list[str], per_channel: bool | None = None,
                 fmt: str | None = None, region: bool = False) -> None:
@@ -552,6 +555,7 @@ class QuantizePass(OnnxoptPass):
                 return
             requested.add(key)
             settings[label] = setting
+            ops_of[label] = ops
             start = time.perf_counter()
             try:
                 model, derived = self._build(proto, ranges, reduce_range, ops, skip, per_channel, fmt)
@@ -567,7 +571,43 @@ class QuantizePass(OnnxoptPass):
             if derived:
                 derived_labels.append(label)
 
+        def add_profiled(source: pl.Candidate) -> str | None:
+            """The candidate keeping FP32 the heavy nodes that ORT's profiler finds slower in ``source`` (a whole
+            int8 model) than in FP32 (:mod:`~onnxopt.passes.quantize.node_profile`); its label, or None."""
+            if profiled or source.model is None or source.label in partial or not heavy:
+                return None
+            profiled["source"] = source.label
+            if len(candidates) >= self.max_candidates:
+                profiled["skipped"] = f"max_candidates ({self.max_candidates}) reached"
+                return None
+            if proto_tensor_bytes(fp32) >= pl.FILE_FROM_BYTES:  # its sessions read files: no serialized copy here
+                profiled["skipped"] = "large model"
+                return None
+            start = time.perf_counter()
+            order = [n.name for n in proto.graph.node if n.op_type in heavy and n.name and n.name not in exclude]
+            profile_at = [(shapes, threads)] + [(s, t) for _, s, t in pl.other_settings(fp32, shapes, threads)]
+            try:
+                keep, gains = fp32_nodes_by_profile(fp32, source.model, order, profile_at)
+            except Exception as exc:  # noqa: BLE001 - a profile that fails leaves the other candidates
+                profiled["error"] = f"{type(exc).__name__}: {exc}"[:200]
+                return None
+            finally:
+                profiled["seconds"] = round(time.perf_counter() - start, 3)
+            profiled["fp32_nodes"] = keep
+            profiled["slower_in_int8"] = sum(1 for gain in gains.values() if gain < 0)
+            if not keep or len(keep) == len(order):
+                return None
+            per_channel, fmt = settings[source.label]
+            label = f"{source.label}_fp32_profiled"
+            before = len(candidates)
+            add(label, ops_of.get(source.label, op_types), sorted(set(exclude) | set(keep)), per_channel, fmt,
+                region=True)
+            return label if len(candidates) > before else None
+
         def add_regions() -> None:
+            whole = [c for c in candidates if c.model is not None and c.label not in partial]
+            if whole:  # the fastest whole model once timed, else "all"
+                add_profiled(max(whole, key=lambda c: c.gain if c.median_ms is not None else 0.0))
             if heavy and set(heavy) != set(op_types):
                 add("conv_gemm_matmul", heavy, exclude)
             if heavy and self.per_channel and self.format == "qdq":
@@ -639,8 +679,9 @@ class QuantizePass(OnnxoptPass):
                 chosen = trial.pick(candidates, fp32_ms)
         confirmations: list[dict[str, Any]] = []
         head_to_head: list[dict[str, Any]] = []
+        tries = pl.CONFIRMATIONS
         while chosen is not None:
-            if len(confirmations) >= pl.CONFIRMATIONS:
+            if len(confirmations) >= tries:
                 chosen = None  # the tries are spent: stay FP32 rather than trust an unconfirmed timing
                 break
             # A region kept FP32 must also beat the fastest whole int8 model that passes its checks, head to head:
@@ -668,14 +709,22 @@ class QuantizePass(OnnxoptPass):
                 if slower is None:
                     break
                 trial.reject(chosen, f"slower than FP32 at {slower}")
+                # Int8 pays here but not there: the nodes that lose there may be few (MnasNet at batch 8: the
+                # first conv and the early depthwise convs). A candidate keeping them FP32, timed with the rest,
+                # gets a try of its own.
+                if add_profiled(chosen) is not None:
+                    tries += 1
+                    fp32_ms = trial.time(candidates) or fp32_ms
             else:
                 trial.reject(chosen, f"not confirmed: {_speeds(ratio, best_run)} when timed again")
             chosen = trial.pick(candidates, fp32_ms)
 
+        profiled_text = ("; a whole model slower elsewhere led to the profile-guided split" if any(
+            c.label.endswith("_fp32_profiled") for c in candidates) else "")
         self.details["placement"] = {
             "fp32_ms": fp32_ms, "chosen": chosen.label if chosen else pl.FP32,
             "search": (f"staged: the whole-model candidates were {best:.2f}x FP32 (>= {pl.WHOLE_MODEL_ENOUGH}x), so "
-                       "no region was kept FP32" if staged else self.placement_search),
+                       f"no heuristic region was kept FP32{profiled_text}" if staged else self.placement_search),
             "candidates": [c.to_dict() for c in candidates], "agreement_samples": len(feeds),
             "agreement_checked": ("for the region candidates before their timing (the whole-model ones failed "
                                   "theirs), else " if checked_first else "") + "only for candidates fast enough to "
@@ -687,6 +736,8 @@ class QuantizePass(OnnxoptPass):
                         "measure": round(time.perf_counter() - started - build_seconds, 3)},
             "confirmations": confirmations, "head_to_head": head_to_head,
         }
+        if profiled:
+            self.details["placement"]["profiled"] = profiled
         if fallback is not None:
             self.details["placement"]["mixed_fallback"] = fallback
         parts = [f"fp32 {fp32_ms:.3f} ms" if fp32_ms else "fp32 not timed"]
@@ -703,7 +754,8 @@ class QuantizePass(OnnxoptPass):
                   f"faster by either counts; {check} with FP32 checked "
                   + ("for the regions before their timing (the whole-model candidates failed theirs), else " if
                      checked_first else "") + "only for a candidate fast enough to be chosen): " + "; ".join(parts)
-                  + (f" (staged search: regions not tried, whole model {best:.2f}x FP32)" if staged else ""))
+                  + (f" (staged search: regions not tried, whole model {best:.2f}x FP32{profiled_text})" if staged
+                     else ""))
         if chosen is None:
             gains = [c.gain for c in candidates if c.rejected is None and c.speedup is not None]
             if confirmations:

@@ -271,16 +271,27 @@ def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
     rng = np.random.default_rng(0)
     shared: dict[tuple[str, tuple[int, ...], str], np.ndarray] = {}
     for label, session in sessions.items():
-        feeds = {}
-        for spec in session.get_inputs():
-            shape = _timing_shape(spec.name, spec.shape, input_shapes)
-            key = (spec.name, shape, spec.type)
-            if key not in shared:
-                shared[key] = _random_input(rng, shape, np.dtype(_ORT_DTYPES.get(spec.type, np.float32)))
-            feeds[spec.name] = shared[key]
+        feeds = timing_feeds(session, input_shapes, rng, shared)
         runners[label] = (lambda s=session, f=feeds: s.run(None, f))
     times = race(runners, warmup=WARMUP, repeats=REPEATS, protected=FP32)
     return {label: Timing(float(np.median(ms)), float(min(ms))) for label, ms in times.items() if ms}
+
+
+def timing_feeds(session: ort.InferenceSession, input_shapes: Mapping[str, tuple[int, ...]],
+                 rng: np.random.Generator | None = None,
+                 shared: dict[tuple[str, tuple[int, ...], str], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Seeded random inputs for ``session`` (shapes from ``input_shapes``, else the static dims, batch 1); models
+    timed together pass one ``rng`` and ``shared`` so that inputs of the same name, shape and type are the same."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    shared = {} if shared is None else shared
+    feeds = {}
+    for spec in session.get_inputs():
+        shape = _timing_shape(spec.name, spec.shape, input_shapes)
+        key = (spec.name, shape, spec.type)
+        if key not in shared:
+            shared[key] = _random_input(rng, shape, np.dtype(_ORT_DTYPES.get(spec.type, np.float32)))
+        feeds[spec.name] = shared[key]
+    return feeds
 
 
 def ratio_between(reference_label: str, reference: onnx.ModelProto, label: str, model: onnx.ModelProto,
@@ -625,4 +636,4 @@ def choose(candidates: list[Candidate]) -> Candidate | None:
 
 __all__ = ["FP32", "HEAVY_OPS", "Candidate", "SessionPool", "Timing", "Trial", "at_batch", "choose",
            "first_outputs", "other_settings", "race", "ratio_between", "ratio_to_fp32", "ratios", "regions",
-           "class_axis", "output_sqnr_db", "sharing_sessions", "time_models", "top1_agreement"]
+           "class_axis", "output_sqnr_db", "sharing_sessions", "time_models", "timing_feeds", "top1_agreement"]

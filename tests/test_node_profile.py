@@ -1,0 +1,165 @@
+"""The profile-guided FP32/int8 split of the placement search (onnxopt.passes.quantize.node_profile)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt import examples
+from onnxopt.calib_data import open_data
+from onnxopt.modelio import load_model, to_proto
+from onnxopt.passes import NormalizePass
+from onnxopt.passes.quantize import QuantizePass, node_profile, placement
+from onnxopt.pipeline.context import PassContext
+
+
+def test_keep_fp32_keeps_a_losing_prefix_and_leaves_small_islands_int8():
+    order = ["c0", "c1", "c2", "c3", "c4", "c5"]
+    # c0-c1 lose in int8, c3 loses a little (less than the two switches an island would cost)
+    gains = {"c0": -5.0, "c1": -3.0, "c2": 3.0, "c3": -1.0, "c4": 4.0, "c5": 4.0}
+    assert node_profile.keep_fp32(order, gains, switch=1.0) == ["c0", "c1"]
+    # an island whose loss exceeds two switches goes FP32
+    gains["c3"] = -3.0
+    assert node_profile.keep_fp32(order, gains, switch=1.0) == ["c0", "c1", "c3"]
+    # a prefix that loses less than one switch stays int8: one precision throughout
+    assert node_profile.keep_fp32(order, {**gains, "c0": -0.5, "c1": -0.4, "c3": 1.0}, switch=1.0) == []
+    assert node_profile.keep_fp32(order, {name: 1.0 for name in order}, switch=0.0) == []
+    assert node_profile.keep_fp32([], {}, switch=1.0) == []
+
+
+def test_keep_fp32_matches_brute_force():
+    """The dynamic program finds the best assignment (checked against every one of 2^8)."""
+    rng = np.random.default_rng(0)
+    order = [f"n{i}" for i in range(8)]
+    for _ in range(30):
+        gains = dict(zip(order, rng.normal(0.0, 1.0, len(order)).tolist()))
+        switch = float(rng.uniform(0.0, 1.5))
+
+        def score(states: list[int]) -> float:
+            switches = sum(1 for a, b in zip(states, states[1:]) if a != b)
+            return sum(gains[n] for n, s in zip(order, states) if s == 0) - switch * switches
+
+        best = max(score([(mask >> i) & 1 for i in range(len(order))]) for mask in range(2 ** len(order)))
+        keep = set(node_profile.keep_fp32(order, gains, switch))
+        assert score([1 if n in keep else 0 for n in order]) == pytest.approx(best)
+
+
+def test_split_gains_takes_the_worst_setting_per_node():
+    order = ["a", "b"]
+    fp32 = [{"a": 10.0, "b": 10.0}, {"a": 50.0, "b": 50.0}]  # totals 20 and 100
+    int8 = [{"a": 5.0, "b": 12.0}, {"a": 60.0}]  # b missing from the second int8 profile: gains 0 there
+    gains, switch = node_profile.split_gains(order, fp32, int8)
+    assert gains["a"] == pytest.approx(min(5.0 / 20, -10.0 / 100))
+    assert gains["b"] == pytest.approx(min(-2.0 / 20, 0.0))
+    assert switch == pytest.approx(node_profile.SWITCH_FRACTION * 10.0 / 20)
+
+
+def _residual_net() -> onnx.ModelProto:
+    """conv -> relu -> conv -> add(residual) -> relu -> pool -> flatten -> gemm, named nodes, batch dim dynamic."""
+    rng = np.random.default_rng(0)
+
+    def init(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c1", "r0"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["r1"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["r1"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [init("w0", 16, 3, 3, 3), init("b0", 16), init("w1", 16, 16, 3, 3), init("b1", 16), init("wf", 10, 16),
+         init("bf", 10)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_attribute_events_maps_renamed_kernels_back_to_their_heavy_node():
+    model = _residual_net()
+    events = {
+        "r0_nchwc": 3.0,  # NCHWc conv named after the Relu output it fused
+        "s_nchwc": 4.0,  # conv1 fused with the Add: the input read only by the Add is conv1's
+        "conv0_token_5": 1.0,  # layout transformer suffix
+        "conv1_quant_token_2": 2.0,  # QOperator writer + layout transformer
+        "fc": 0.5,
+        "QuantizeLinear_12": 9.0, "ReorderOutput_token_3": 9.0, "pool": 9.0,  # not heavy: left out
+    }
+    assert node_profile.attribute_events(model, events) == {"conv0": 4.0, "conv1": 6.0, "fc": 0.5}
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_real_profiles_map_every_heavy_node(fmt, tmp_path):
+    """ORT's own kernel names, FP32 and int8, all map back (the search needs half of them per setting)."""
+    model = _residual_net()
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 3, 16, 16)).astype(np.float32))
+    step = QuantizePass(placement="all", format=fmt).bind(PassContext(calib=open_data(str(tmp_path / "calib.npz"))))
+    int8 = step.apply(model)
+    heavy = {"conv0", "conv1", "fc"}
+    for batch in (1, 4):
+        shapes = {"x": (batch, 3, 16, 16)}
+        for graph in (model, int8):
+            mapped = node_profile.attribute_events(model, node_profile.profile_kernels(graph, shapes, 1, runs=4))
+            assert set(mapped) == heavy and all(us > 0 for us in mapped.values())
+
+
+def _conv_names(model: onnx.ModelProto) -> list[str]:
+    return [node.name for node in model.graph.node if node.op_type in placement.HEAVY_OPS]
+
+
+def test_search_tries_the_profiled_split_when_the_whole_model_loses_at_batch_8(fake_time_models):
+    """int8 2x faster at batch 1 but slower at batch 8 (MnasNet's case): the profile shows the first conv losing in
+    int8, the candidate keeping it FP32 is timed, confirmed at every setting and kept."""
+    model = load_model(examples.default_model_path())
+    NormalizePass().apply(model)
+    proto = to_proto(model)
+    convs = _conv_names(proto)
+
+    def fake(models, threads, shapes):
+        big = any(shape[0] == placement.CONFIRM_BATCH for shape in shapes.values())
+        return {label: 2.0 if label == placement.FP32 else (1.5 if label.endswith("_fp32_profiled") else
+                                                            (3.0 if big else 1.0)) for label in models}
+
+    def profile(graph, shapes, threads):
+        int8 = any(node.op_type in ("QuantizeLinear", "QLinearConv") for node in graph.graph.node)
+        return {name: (40.0 if int8 and name == convs[0] else 5.0 if int8 else 10.0) for name in convs}
+
+    fake_time_models(fake, profile)
+    step = QuantizePass(placement="auto", calib_samples=32).bind(
+        PassContext(calib=open_data(str(examples.default_calib_path()))))
+    out = step.apply(proto)
+    info = step.details["placement"]
+    assert info["chosen"] == "all_fp32_profiled"
+    assert info["profiled"]["source"] == "all" and info["profiled"]["fp32_nodes"] == [convs[0]]
+    # the faster qoperator model is confirmed first and fails at batch 8 too; the profiled split gets its own try
+    assert [c["label"] for c in info["confirmations"]] == ["all", "qoperator", "all_fp32_profiled"]
+    assert "slower than FP32 at batch 8" in next(c for c in info["candidates"] if c["label"] == "all")["rejected"]
+    # the first conv reads its float weight, the others read int8 weights through DequantizeLinear
+    producers = {out_name: node.op_type for node in out.graph.node for out_name in node.output}
+    weights = {node.name: node.input[1] for node in out.graph.node if node.name in convs}
+    assert weights[convs[0]] in {init.name for init in out.graph.initializer}
+    assert all(producers.get(weights[name]) == "DequantizeLinear" for name in convs[1:])
+
+
+def test_no_profiled_candidate_when_the_profile_finds_nothing_slower(fake_time_models):
+    model = load_model(examples.default_model_path())
+    NormalizePass().apply(model)
+
+    def fake(models, threads, shapes):
+        big = any(shape[0] == placement.CONFIRM_BATCH for shape in shapes.values())
+        return {label: 2.0 if label == placement.FP32 else (3.0 if big else 1.0) for label in models}
+
+    fake_time_models(fake, lambda graph, shapes, threads: {name: 5.0 for name in _conv_names(to_proto(model))})
+    step = QuantizePass(placement="auto", calib_samples=32).bind(
+        PassContext(calib=open_data(str(examples.default_calib_path()))))
+    step.apply(to_proto(model))
+    info = step.details["placement"]
+    assert info["chosen"] == "fp32" and info["profiled"]["fp32_nodes"] == []
+    assert not any(c["label"].endswith("_fp32_profiled") for c in info["candidates"])
