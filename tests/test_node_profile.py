@@ -46,14 +46,14 @@ def test_keep_fp32_matches_brute_force():
         assert score([1 if n in keep else 0 for n in order]) == pytest.approx(best)
 
 
-def test_split_gains_takes_the_worst_setting_per_node():
+def test_split_gains_sums_the_settings_relative_to_fp32_totals():
     order = ["a", "b"]
     fp32 = [{"a": 10.0, "b": 10.0}, {"a": 50.0, "b": 50.0}]  # totals 20 and 100
     int8 = [{"a": 5.0, "b": 12.0}, {"a": 60.0}]  # b missing from the second int8 profile: gains 0 there
     gains, switch = node_profile.split_gains(order, fp32, int8)
-    assert gains["a"] == pytest.approx(min(5.0 / 20, -10.0 / 100))
-    assert gains["b"] == pytest.approx(min(-2.0 / 20, 0.0))
-    assert switch == pytest.approx(node_profile.SWITCH_FRACTION * 10.0 / 20)
+    assert gains["a"] == pytest.approx(5.0 / 20 - 10.0 / 100)
+    assert gains["b"] == pytest.approx(-2.0 / 20)
+    assert switch == pytest.approx(node_profile.SWITCH_FRACTION * (10.0 / 20 + 50.0 / 100))
 
 
 def _residual_net() -> onnx.ModelProto:
