@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import onnx
 
 #: Runs per profiled session; the first WARMUP are left out (allocation, prepacking).
-PROFILE_RUNS = 33
+PROFILE_RUNS = 15
 WARMUP = 3
 #: Ops that ORT fuses into the conv/gemm before them (the fused kernel carries their output's name).
 _FUSED_AFTER = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Add", "Sum", "Mul",

@@ -47,6 +47,8 @@ _HALF_TYPES = frozenset({onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
 _PER_CHANNEL_OPSET = 13
 _REDUCE_RANGE_CHOICES = ("auto", "on", "off")
 _PLACEMENT_CHOICES = ("auto", "all")
+#: The label suffix of the placement search's profile-guided split (node_profile.py).
+_PROFILED = "_fp32_profiled"
 #: Calibration samples a method needs at least: histogram methods estimate tails, which a handful cannot show.
 MIN_SAMPLES = {"minmax": 1, "percentile": 8, "entropy": 8, "mse": 8, "sqnr": 8}
 
@@ -76,9 +78,11 @@ class QuantizePass(OnnxoptPass):
         placement: auto (time candidates - everything quantized, only Conv/Gemm/MatMul, the latter per tensor -
             against the FP32 input in one round-robin run and keep the fastest only if it agrees with FP32 on top-1
             and is at least 2% faster; else the model stays FP32) or all (quantize every op of ``op_types``
-            without measuring). Besides the whole-model candidates, auto also tries regions left in FP32 (the first
-            conv, the depthwise convs, the classifier head, convs next to hard-swish), QOperator, and per-tensor
-            weights: at most ``max_candidates`` models, timed in one round-robin run.
+            without measuring). Besides the whole-model candidates (QDQ, QOperator), auto tries the
+            profile-guided split (the convs ORT's profiler finds slower in int8 kept FP32, node_profile.py) and,
+            in the region stage, regions left in FP32 (the first conv, the depthwise convs, the classifier head,
+            convs next to hard-swish) and per-tensor weights: at most ``max_candidates`` models, timed in one
+            round-robin run.
         placement_search: staged (default: the region candidates are built only when the whole-model ones are less
             than 1.10x faster than FP32; on CPUs where int8 pays, this skips most of the search) or full (always).
         weight_method: weight ranges: minmax (ORT's) or mse (per-channel MSE-optimal clipping, Lin et al. 2015; the
@@ -573,7 +577,8 @@ class QuantizePass(OnnxoptPass):
 
         def add_profiled(source: pl.Candidate) -> str | None:
             """The candidate keeping FP32 the heavy nodes that ORT's profiler finds slower in ``source`` (a whole
-            int8 model) than in FP32 (:mod:`~onnxopt.passes.quantize.node_profile`); its label, or None."""
+            int8 model) than in FP32 at the search's settings (:mod:`~onnxopt.passes.quantize.node_profile`); its
+            label, or None (the record says why)."""
             if profiled or source.model is None or source.label in partial or not heavy:
                 return None
             profiled["source"] = source.label
@@ -598,16 +603,13 @@ class QuantizePass(OnnxoptPass):
             if not keep or len(keep) == len(order):
                 return None
             per_channel, fmt = settings[source.label]
-            label = f"{source.label}_fp32_profiled"
+            label = f"{source.label}{_PROFILED}"
             before = len(candidates)
             add(label, ops_of.get(source.label, op_types), sorted(set(exclude) | set(keep)), per_channel, fmt,
                 region=True)
             return label if len(candidates) > before else None
 
         def add_regions() -> None:
-            whole = [c for c in candidates if c.model is not None and c.label not in partial]
-            if whole:  # the fastest whole model once timed, else "all"
-                add_profiled(max(whole, key=lambda c: c.gain if c.median_ms is not None else 0.0))
             if heavy and set(heavy) != set(op_types):
                 add("conv_gemm_matmul", heavy, exclude)
             if heavy and self.per_channel and self.format == "qdq":
@@ -640,6 +642,10 @@ class QuantizePass(OnnxoptPass):
         # the whole model on every benchmark net, and building each one costs ORT's quantizer a full run.
         if self.format == "qdq" and heavy:
             add("qoperator", op_types, exclude, fmt="qoperator")
+        # The profile-guided split goes with the whole models: on the example and MobileNetV2 it kept the first
+        # three convs FP32 and was ~1.1x the whole int8 model at every setting, on MnasNet it was the one placement
+        # not slower than FP32 at batch 8 (reports/profiled_split.md).
+        add_profiled(candidates[0])
         if self.placement_search == "full":
             add_regions()
         fp32_ms = trial.time(candidates)
@@ -679,7 +685,10 @@ class QuantizePass(OnnxoptPass):
                 chosen = trial.pick(candidates, fp32_ms)
         confirmations: list[dict[str, Any]] = []
         head_to_head: list[dict[str, Any]] = []
-        tries = pl.CONFIRMATIONS
+        # one more try where there is a profile-guided split: the whole models can fail at batch 8 (MnasNet) and
+        # use up the tries before the split that keeps their losing nodes FP32 gets one
+        tries = pl.CONFIRMATIONS + (1 if any(c.label in partial and c.label.endswith(_PROFILED)
+                                             for c in candidates) else 0)
         while chosen is not None:
             if len(confirmations) >= tries:
                 chosen = None  # the tries are spent: stay FP32 rather than trust an unconfirmed timing
@@ -709,18 +718,12 @@ class QuantizePass(OnnxoptPass):
                 if slower is None:
                     break
                 trial.reject(chosen, f"slower than FP32 at {slower}")
-                # Int8 pays here but not there: the nodes that lose there may be few (MnasNet at batch 8: the
-                # first conv and the early depthwise convs). A candidate keeping them FP32, timed with the rest,
-                # gets a try of its own.
-                if add_profiled(chosen) is not None:
-                    tries += 1
-                    fp32_ms = trial.time(candidates) or fp32_ms
             else:
                 trial.reject(chosen, f"not confirmed: {_speeds(ratio, best_run)} when timed again")
             chosen = trial.pick(candidates, fp32_ms)
 
-        profiled_text = ("; a whole model slower elsewhere led to the profile-guided split" if any(
-            c.label.endswith("_fp32_profiled") for c in candidates) else "")
+        profiled_text = (" but the profile-guided split" if any(c.label.endswith(_PROFILED) for c in candidates)
+                         else "")
         self.details["placement"] = {
             "fp32_ms": fp32_ms, "chosen": chosen.label if chosen else pl.FP32,
             "search": (f"staged: the whole-model candidates were {best:.2f}x FP32 (>= {pl.WHOLE_MODEL_ENOUGH}x), so "
