@@ -22,8 +22,12 @@ from onnxopt.runtime import make_full_session
 from onnxopt.shared_weights import SharedWeights
 
 _FLOAT = onnx.TensorProto.FLOAT
-#: Batch size for the calibration runs: large enough to amortize ORT's per-call cost, small enough for memory.
+#: Batch size of the calibration runs that fold histograms: each batch costs a numpy pass per tensor, so fewer,
+#: larger batches pay (batch 8 took 1.1-1.4x the time of 32 on the digits nets: reports/calibration_paths.md).
 CALIB_BATCH = 32
+#: Batch size of min-max calibration runs: small enough that a batch's activations stay in cache (the digits nets
+#: expose 0.3-3.2 MB per sample; batch 8 took 0.6-1.0x the time of 32 there: reports/calibration_paths.md).
+MINMAX_CALIB_BATCH = 8
 
 
 def tensors_to_calibrate(model: onnx.ModelProto, op_types: Iterable[str], exclude: Iterable[str] = (),
@@ -111,7 +115,7 @@ def collect_statistics(
     keep = set(tensors)
     calibrator = Calibrator(histograms=histograms)
     seen = 0
-    for batch in data.iter_samples(specs, samples, batch_size=CALIB_BATCH):
+    for batch in data.iter_samples(specs, samples, batch_size=CALIB_BATCH if histograms else MINMAX_CALIB_BATCH):
         outputs = session.run(output_names, batch.inputs)
         calibrator.update_activations({n: a for n, a in zip(output_names, outputs) if n in keep})
         # Graph inputs are not outputs of any node: fold them in directly.
