@@ -5,9 +5,9 @@
    move (relative).
 2. Histograms of float32 activations binned in float32 (used) vs in a float64 copy (before), on the example: wall
    time of the histogram statistics (fastest of 3) and whether the counts are equal.
-4. The calibration batch size: min-max statistics at batch 8 (used), 16 and 32 (before) on the example and the
-   zoo nets, and histogram statistics (entropy/percentile/mse) at 8 and 32 (used) on three of them: wall time
-   (fastest of 3).
+4. The calibration batch size: min-max statistics at batch 8, 32 (before) and the size ``collect.calibration_batch``
+   picks from the activations' bytes per sample (used), on the example and the zoo nets, and histogram statistics
+   (entropy/percentile/mse) at 8 and 32 (used) on three of them: wall time (fastest of 5).
 3. The int32-bias guard of ``compact``: an untrained MnasNet export (random weights, legacy exporter, opset 13, no
    normalize) quantized with ``placement=all`` on 16 random inputs, with the guard (used) and without it (the
    float bias of every Conv/Gemm left to ONNX Runtime to re-quantize at load): output SQNR against FP32.
@@ -120,19 +120,23 @@ def batch_sizes(calib: str) -> list[dict]:
     from onnxopt.passes.quantize import collect
 
     rows = []
+    rule = collect.calibration_batch
     for name in NETS:
         proto, specs, tensors = _prepared(name)
-        for histograms, sizes in ((False, (8, 16, 32)), (True, (8, 32))):
+        for histograms in (False, True):
             if histograms and name not in ("example", "mnasnet", "resnet"):
                 continue
+            used = rule(proto, tensors, histograms)
             seconds = {}
-            for size in sizes:
-                collect.CALIB_BATCH = collect.MINMAX_CALIB_BATCH = size
-                seconds[size], _ = _fastest(lambda: collect.collect_statistics(
-                    proto, tensors, open_data(calib), specs, samples=200, histograms=histograms))
-            rows.append({"model": name, "histograms": histograms, "seconds": seconds})
-            print(f"batch sizes {name} histograms={histograms}: {seconds}", flush=True)
-    collect.CALIB_BATCH, collect.MINMAX_CALIB_BATCH = 32, 8
+            for size in sorted({8, 32, used}):
+                collect.calibration_batch = lambda *a, size=size: size
+                try:
+                    seconds[size], _ = _fastest(lambda: collect.collect_statistics(
+                        proto, tensors, open_data(calib), specs, samples=200, histograms=histograms), repeats=5)
+                finally:
+                    collect.calibration_batch = rule
+            rows.append({"model": name, "histograms": histograms, "used": used, "seconds": seconds})
+            print(f"batch sizes {name} histograms={histograms}: used {used}, {seconds}", flush=True)
     return rows
 
 
@@ -187,15 +191,14 @@ def render(payload: dict) -> str:
               "| compact | output SQNR vs FP32 |", "|---|---|"]
     for label, sqnr in payload["int32_bias"].items():
         lines.append(f"| {label} | {sqnr:.1f} dB |")
-    lines += ["", "## 4. Calibration batch size (200 digits calibration images, fastest of 3)", "",
-              "| model | statistics | batch 8 | batch 16 | batch 32 | batch 8 / batch 32 |",
+    lines += ["", "## 4. Calibration batch size (200 digits calibration images, fastest of 5)", "",
+              "| model | statistics | batch 8 | batch 32 | the rule's batch (used) | used / batch 32 |",
               "|---|---|---|---|---|---|"]
     for row in payload.get("batch_sizes", []):
         t = {int(k): v for k, v in row["seconds"].items()}
-        used = 32 if row["histograms"] else 8
-        cells = " | ".join((f"{t[b]:.3f} s" + (" (used)" if b == used else "")) if b in t else "-" for b in (8, 16, 32))
-        lines.append(f"| {row['model']} | {'histograms' if row['histograms'] else 'min-max'} | {cells} | "
-                     f"{t[8] / t[32]:.2f}x |")
+        used = row["used"]
+        lines.append(f"| {row['model']} | {'histograms' if row['histograms'] else 'min-max'} | {t[8]:.3f} s | "
+                     f"{t[32]:.3f} s | {used}: {t[used]:.3f} s | {t[used] / t[32]:.2f}x |")
     lines.append("")
     return "\n".join(lines)
 

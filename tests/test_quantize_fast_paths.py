@@ -726,3 +726,27 @@ def test_a_region_candidate_must_beat_the_whole_int8_model_head_to_head(fake_tim
     assert faster["chosen"] == "conv_gemm_matmul_fp32_first" and faster["head_to_head"][0]["speedup"] == 2.0
     untimed, _ = run(None)
     assert untimed["chosen"] == "conv_gemm_matmul_fp32_first" and untimed["head_to_head"][0]["speedup"] is None
+
+
+def test_calibration_batch_follows_the_activation_bytes_per_sample():
+    """Min-max runs of large per-sample activations use small batches (cache), histograms always CALIB_BATCH."""
+    from onnxopt.passes.quantize import collect
+
+    TensorProto = onnx.TensorProto
+
+    def model(channels: int, spatial: int | str) -> onnx.ModelProto:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, spatial, spatial])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels, spatial, spatial])
+        mid = helper.make_tensor_value_info("m", TensorProto.FLOAT, ["N", channels, spatial, spatial])
+        nodes = [helper.make_node("Relu", ["x"], ["m"]), helper.make_node("Relu", ["m"], ["y"])]
+        return helper.make_model(helper.make_graph(nodes, "g", [x], [y], value_info=[mid]))
+
+    big = model(64, 64)  # 3 tensors x 1 MiB per sample: 16 MiB / 3 MiB -> the floor, 8
+    assert collect.calibration_batch(big, ["x", "m", "y"], histograms=False) == collect.MIN_CALIB_BATCH
+    assert collect.calibration_batch(big, ["x", "m", "y"], histograms=True) == collect.CALIB_BATCH
+    small = model(16, 8)  # 4 KiB per tensor and sample
+    assert collect.calibration_batch(small, ["x", "m", "y"], histograms=False) == collect.CALIB_BATCH
+    middle = model(64, 32)  # 256 KiB per tensor: 16 MiB / 768 KiB = 21
+    assert collect.calibration_batch(middle, ["x", "m", "y"], histograms=False) == 21
+    unknown = model(64, "H")  # shapes not known beyond the batch dim: the default
+    assert collect.calibration_batch(unknown, ["x", "m", "y"], histograms=False) == collect.CALIB_BATCH

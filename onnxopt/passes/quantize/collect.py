@@ -9,6 +9,7 @@ batch's outputs and peak at over a GB on small models (see notes/measured.md).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -22,12 +23,15 @@ from onnxopt.runtime import make_full_session
 from onnxopt.shared_weights import SharedWeights
 
 _FLOAT = onnx.TensorProto.FLOAT
-#: Batch size of the calibration runs that fold histograms: each batch costs a numpy pass per tensor, so fewer,
-#: larger batches pay (batch 8 took 1.1-1.4x the time of 32 on the digits nets: reports/calibration_paths.md).
+#: Batch size of the calibration runs: histogram statistics cost a numpy pass per tensor and batch, so fewer,
+#: larger batches pay (batch 8 took 1.1-1.3x the time of 32 on the digits nets: reports/calibration_paths.md).
 CALIB_BATCH = 32
-#: Batch size of min-max calibration runs: small enough that a batch's activations stay in cache (the digits nets
-#: expose 0.3-3.2 MB per sample; batch 8 took 0.6-1.0x the time of 32 there: reports/calibration_paths.md).
-MINMAX_CALIB_BATCH = 8
+#: Min-max runs of models whose exposed activations are large per sample go in smaller batches, down to
+#: MIN_CALIB_BATCH, so that a batch's activations stay near this many bytes: MnasNet (1.9 MB per sample) and the
+#: example (3.2 MB) calibrated in 0.8x the time at batch 8, while ShuffleNetV2 and VGG (0.4-0.6 MB) took up to
+#: 1.6x the time there (reports/calibration_paths.md).
+MINMAX_BATCH_BYTES = 16 << 20
+MIN_CALIB_BATCH = 8
 
 
 def tensors_to_calibrate(model: onnx.ModelProto, op_types: Iterable[str], exclude: Iterable[str] = (),
@@ -115,7 +119,7 @@ def collect_statistics(
     keep = set(tensors)
     calibrator = Calibrator(histograms=histograms)
     seen = 0
-    for batch in data.iter_samples(specs, samples, batch_size=CALIB_BATCH if histograms else MINMAX_CALIB_BATCH):
+    for batch in data.iter_samples(specs, samples, batch_size=calibration_batch(model, tensors, histograms)):
         outputs = session.run(output_names, batch.inputs)
         calibrator.update_activations({n: a for n, a in zip(output_names, outputs) if n in keep})
         # Graph inputs are not outputs of any node: fold them in directly.
@@ -127,6 +131,24 @@ def collect_statistics(
     if missing:
         raise DataError(f"calibration saw no values for {len(missing)} tensor(s), e.g. '{missing[0]}'")
     return calibrator, seen
+
+
+def calibration_batch(model: onnx.ModelProto, tensors: Sequence[str], histograms: bool) -> int:
+    """:data:`CALIB_BATCH`, or for min-max statistics of large activations fewer samples per run (see
+    :data:`MINMAX_BATCH_BYTES`); tensors whose shape is not fully known beyond the batch dim count nothing."""
+    if histograms:
+        return CALIB_BATCH
+    wanted = set(tensors)
+    per_sample = 0
+    for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        if value.name in wanted:
+            dims = [d.dim_value if d.HasField("dim_value") else 0 for d in value.type.tensor_type.shape.dim][1:]
+            if dims and all(d > 0 for d in dims):
+                per_sample += math.prod(dims) * 4
+            wanted.discard(value.name)
+    if per_sample == 0:
+        return CALIB_BATCH
+    return max(MIN_CALIB_BATCH, min(CALIB_BATCH, MINMAX_BATCH_BYTES // per_sample))
 
 
 def _with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
