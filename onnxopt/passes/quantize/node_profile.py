@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 
 import onnx
 
+from onnxopt.passes.quantize.placement import HEAVY_OPS
+
 #: Runs per profiled session; the first WARMUP are left out (allocation, prepacking).
 PROFILE_RUNS = 15
 WARMUP = 3
@@ -33,9 +35,8 @@ WARMUP = 3
 _FUSED_AFTER = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Add", "Sum", "Mul",
                 "BatchNormalization", "Identity"}
 _SUFFIX = re.compile(r"(_token_\d+|_nchwc|_quant)$")
-HEAVY = ("Conv", "Gemm", "MatMul")
-#: A precision switch costs this fraction of the median heavy node's FP32 time (Q + DQ + a layout transpose: on
-#: MnasNet at batch 8 a boundary cost about half a 1x1 conv).
+#: A precision switch costs this fraction of the median heavy node's FP32 time (a Q/DQ pair and, for convs, a layout
+#: transpose). A chosen value, not a measured one: the split is only a candidate, timed before it is kept.
 SWITCH_FRACTION = 0.5
 
 
@@ -122,7 +123,7 @@ def _heavy_source(node: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto], 
     """``node`` if heavy, else the heavy node it was fused into: walking back through fusable ops, to the input
     produced by a heavy node read by nothing else (the latest in graph order when several are)."""
     for _ in range(4):
-        if node.op_type in HEAVY:
+        if node.op_type in HEAVY_OPS:
             return node
         if node.op_type not in _FUSED_AFTER:
             return None
