@@ -163,3 +163,48 @@ def test_no_profiled_candidate_when_the_profile_finds_nothing_slower(fake_time_m
     info = step.details["placement"]
     assert info["chosen"] == "fp32" and info["profiled"]["fp32_nodes"] == []
     assert not any(c["label"].endswith("_fp32_profiled") for c in info["candidates"])
+
+
+def _search_with(fake_time_models, timing) -> dict:
+    """The default search on the normalized example with ``timing(label, batch8, threads)`` -> ms (FP32 2.0) and a
+    profile that makes the first conv slower in int8 (so the split exists)."""
+    model = load_model(examples.default_model_path())
+    NormalizePass().apply(model)
+    proto = to_proto(model)
+    convs = _conv_names(proto)
+
+    def fake(models, threads, shapes):
+        big = any(shape[0] == placement.CONFIRM_BATCH for shape in shapes.values())
+        return {label: 2.0 if label == placement.FP32 else timing(label, big, threads) for label in models}
+
+    def profile(graph, shapes, threads):
+        int8 = any(node.op_type in ("QuantizeLinear", "QLinearConv") for node in graph.graph.node)
+        return {name: (40.0 if int8 and name == convs[0] else 5.0 if int8 else 10.0) for name in convs}
+
+    fake_time_models(fake, profile)
+    step = QuantizePass(placement="auto", calib_samples=32).bind(
+        PassContext(calib=open_data(str(examples.default_calib_path()))))
+    step.apply(proto)
+    return step.details["placement"]
+
+
+def test_the_split_is_kept_when_its_slowest_setting_beats_the_whole_models(fake_time_models):
+    """The whole model wins the batch-1 race and passes at batch 8 by a hair (1.05x); the split, slower at batch 1
+    (1.33x), is 2x at batch 8: on its slowest setting it is the faster one, and it is kept."""
+    info = _search_with(fake_time_models, lambda label, big, threads: (
+        1.0 if big else 1.5) if label.endswith("_fp32_profiled") else (1.9 if big else 1.0))
+    assert info["chosen"] == "all_fp32_profiled"
+    assert info["worst_setting"]["winner"] == "all" and info["worst_setting"]["kept"] == "all_fp32_profiled"
+    worst = info["worst_setting"]["worst"]
+    assert worst == {"all": pytest.approx(2.0 / 1.9), "all_fp32_profiled": pytest.approx(4 / 3)}
+
+
+def test_the_whole_model_is_kept_when_the_split_is_not_clearly_faster_everywhere(fake_time_models):
+    info = _search_with(fake_time_models, lambda label, big, threads: (
+        1.5 if label.endswith("_fp32_profiled") else 1.52))
+    assert info["chosen"] == "all" and info["worst_setting"]["kept"] == "all"
+    # and the split winning the race meets the fastest whole model the same way
+    info = _search_with(fake_time_models, lambda label, big, threads: 0.9 if label.endswith("_fp32_profiled") else (
+        1.0 if not big else 1.1))
+    assert info["chosen"] == "all_fp32_profiled" and info["worst_setting"]["winner"] == "all_fp32_profiled"
+    assert info["worst_setting"]["other"] in ("all", "qoperator")
