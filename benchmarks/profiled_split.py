@@ -77,7 +77,8 @@ def default_searches(fp32: Any, calib: str, count: int) -> list[dict]:
         step.apply(fp32)
         info = step.details["placement"]
         out.append({"chosen": info["chosen"], "seconds": round(time.perf_counter() - started, 2),
-                    "profiled": info.get("profiled", {}), "verdict": info.get("verdict", "")})
+                    "profiled": info.get("profiled", {}), "verdict": info.get("verdict", ""),
+                    "worst_setting": info.get("worst_setting", {})})
     return out
 
 
@@ -172,7 +173,9 @@ def render(payload: dict) -> str:
         body += ["", "Default search (staged), one line per run: " + "; ".join(
             f"kept {d['chosen']} in {d['seconds']:.1f} s"
             + (f", profiled split {len(d['profiled'].get('fp32_nodes', []))} FP32 node(s)"
-               if d["profiled"].get("fp32_nodes") is not None else "") for d in row["defaults"]), ""]
+               if d["profiled"].get("fp32_nodes") is not None else "")
+            + (f" ({d['worst_setting']['why']})" if d.get("worst_setting", {}).get("why") else "")
+            for d in row["defaults"]), ""]
     return "\n".join(lines + summary + [""] + body)
 
 
