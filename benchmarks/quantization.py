@@ -124,7 +124,8 @@ def _run_onnxopt(spec: dict) -> Callable[[], dict]:
         search = result.report.to_dict()["steps"][-1].get("details", {}).get("placement", {})
         out: dict[str, Any] = {"search_seconds": search["seconds"]} if "seconds" in search else {}
         if search:
-            out["placement"] = {key: search.get(key) for key in ("chosen", "verdict", "head_to_head")}
+            out["placement"] = {key: search.get(key) for key in ("chosen", "verdict", "head_to_head",
+                                                                  "worst_setting")}
             out["placement"]["confirmed"] = [{k: c.get(k) for k in ("label", "speedup", "best_run_speedup",
                                                                     "elsewhere")}
                                              for c in search.get("confirmations", [])]
@@ -635,8 +636,8 @@ def _placement_lines(rows: dict[str, dict]) -> list[str]:
         for decision in decisions:
             text = decision.get("verdict") or f"kept {decision.get('chosen')}"
             confirmed = [c for c in decision.get("confirmed", []) if c.get("speedup") is not None]
-            if confirmed:
-                last = confirmed[-1]
+            if confirmed:  # the kept candidate's own confirmation where it has one
+                last = ([c for c in confirmed if c["label"] == decision.get("chosen")] or confirmed)[-1]
                 elsewhere = ", ".join(f"{k} {v:.2f}x" for k, v in (last.get("elsewhere") or {}).items()
                                       if v is not None)
                 best_run = last.get("best_run_speedup")
@@ -647,6 +648,8 @@ def _placement_lines(rows: dict[str, dict]) -> list[str]:
                 ratio = duel.get("speedup")
                 text += (f"; head to head {duel['label']} vs {duel['rival']}: "
                          + (f"{ratio:.2f}x" if ratio is not None else "not timed"))
+            if (decision.get("worst_setting") or {}).get("why"):
+                text += f"; {decision['worst_setting']['why']}"
             described.append(text)
         lines.append(f"- placement search of `{label}`, {len(decisions)} timed run(s), the last one's model "
                      "evaluated: " + " | ".join(f"run {i + 1}: {text}" for i, text in enumerate(described)))
