@@ -22,15 +22,20 @@ import os
 import re
 import statistics
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 
 import onnx
 
 from onnxopt.passes.quantize.placement import HEAVY_OPS
 
-#: Runs per profiled session; the first WARMUP are left out (allocation, prepacking).
+#: Runs per profiled session; the first WARMUP are left out (allocation, prepacking). After MIN_PROFILED of the
+#: others, a session stops once its runs took PROFILE_SECONDS: the PaddleOCR v4 models (320x320 inputs) spent
+#: 3-4 s of their search in 15 runs a session (reports/ocr_agreement.md, the run before this cap).
 PROFILE_RUNS = 15
 WARMUP = 3
+MIN_PROFILED = 5
+PROFILE_SECONDS = 0.1
 #: Ops that ORT fuses into the conv/gemm before them (the fused kernel carries their output's name).
 _FUSED_AFTER = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Add", "Sum", "Mul",
                 "BatchNormalization", "Identity"}
@@ -42,8 +47,9 @@ SWITCH_FRACTION = 0.5
 
 def profile_kernels(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]], threads: int | None,
                     runs: int = PROFILE_RUNS) -> dict[str, float]:
-    """Median kernel time (microseconds) of each node ORT ran, keyed by ORT's node name, over ``runs`` runs on the
-    placement search's seeded timing inputs (shapes from ``input_shapes``, else the static dims at batch 1)."""
+    """Median kernel time (microseconds) of each node ORT ran, keyed by ORT's node name, over up to ``runs`` runs
+    (see :data:`PROFILE_SECONDS`) on the placement search's seeded timing inputs (shapes from ``input_shapes``, else
+    the static dims at batch 1)."""
     import onnxruntime as ort
 
     from onnxopt.passes.quantize.placement import timing_feeds
@@ -55,7 +61,13 @@ def profile_kernels(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int
         options.profile_file_prefix = os.path.join(folder, "profile")
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         feeds = timing_feeds(session, input_shapes)
-        for _ in range(runs):
+        started = None
+        for index in range(runs):
+            if index == WARMUP:
+                started = time.perf_counter()
+            elif started is not None and index >= WARMUP + MIN_PROFILED and (
+                    time.perf_counter() - started > PROFILE_SECONDS):
+                break
             session.run(None, feeds)
         with open(session.end_profiling(), encoding="utf-8") as handle:
             events = json.load(handle)
