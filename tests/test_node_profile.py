@@ -114,9 +114,11 @@ def _conv_names(model: onnx.ModelProto) -> list[str]:
     return [node.name for node in model.graph.node if node.op_type in placement.HEAVY_OPS]
 
 
-def test_search_tries_the_profiled_split_when_the_whole_model_loses_at_batch_8(fake_time_models):
-    """int8 2x faster at batch 1 but slower at batch 8 (MnasNet's case): the profile shows the first conv losing in
-    int8, the candidate keeping it FP32 is timed, confirmed at every setting and kept."""
+def _search_with(fake_time_models, timing, slow_first_conv: bool = True
+                 ) -> tuple[dict, onnx.ModelProto, list[str]]:
+    """The default search on the normalized example with ``timing(label, batch8, threads)`` -> ms (FP32 2.0) and a
+    profile in which int8 is 2x faster on every conv but, with ``slow_first_conv``, the first (so the split keeps
+    it FP32); the placement details, the output model and the conv names."""
     model = load_model(examples.default_model_path())
     NormalizePass().apply(model)
     proto = to_proto(model)
@@ -124,18 +126,28 @@ def test_search_tries_the_profiled_split_when_the_whole_model_loses_at_batch_8(f
 
     def fake(models, threads, shapes):
         big = any(shape[0] == placement.CONFIRM_BATCH for shape in shapes.values())
-        return {label: 2.0 if label == placement.FP32 else (1.5 if label.endswith("_fp32_profiled") else
-                                                            (3.0 if big else 1.0)) for label in models}
+        return {label: 2.0 if label == placement.FP32 else timing(label, big, threads) for label in models}
 
     def profile(graph, shapes, threads):
         int8 = any(node.op_type in ("QuantizeLinear", "QLinearConv") for node in graph.graph.node)
-        return {name: (40.0 if int8 and name == convs[0] else 5.0 if int8 else 10.0) for name in convs}
+        return {name: (40.0 if int8 and slow_first_conv and name == convs[0] else 5.0 if int8 else 10.0)
+                for name in convs}
 
     fake_time_models(fake, profile)
     step = QuantizePass(placement="auto", calib_samples=32).bind(
         PassContext(calib=open_data(str(examples.default_calib_path()))))
     out = step.apply(proto)
-    info = step.details["placement"]
+    return step.details["placement"], out, convs
+
+
+def _whole_slower_at_batch_8(label: str, big: bool, threads) -> float:
+    return 1.5 if label.endswith("_fp32_profiled") else (3.0 if big else 1.0)
+
+
+def test_search_tries_the_profiled_split_when_the_whole_model_loses_at_batch_8(fake_time_models):
+    """int8 2x faster at batch 1 but slower at batch 8 (MnasNet's case): the profile shows the first conv losing in
+    int8, the candidate keeping it FP32 is timed, confirmed at every setting and kept."""
+    info, out, convs = _search_with(fake_time_models, _whole_slower_at_batch_8)
     assert info["chosen"] == "all_fp32_profiled"
     assert info["profiled"]["source"] == "all" and info["profiled"]["fp32_nodes"] == [convs[0]]
     # the faster qoperator model is confirmed first and fails at batch 8 too; the profiled split gets its own try
@@ -149,49 +161,15 @@ def test_search_tries_the_profiled_split_when_the_whole_model_loses_at_batch_8(f
 
 
 def test_no_profiled_candidate_when_the_profile_finds_nothing_slower(fake_time_models):
-    model = load_model(examples.default_model_path())
-    NormalizePass().apply(model)
-
-    def fake(models, threads, shapes):
-        big = any(shape[0] == placement.CONFIRM_BATCH for shape in shapes.values())
-        return {label: 2.0 if label == placement.FP32 else (3.0 if big else 1.0) for label in models}
-
-    fake_time_models(fake, lambda graph, shapes, threads: {name: 5.0 for name in _conv_names(to_proto(model))})
-    step = QuantizePass(placement="auto", calib_samples=32).bind(
-        PassContext(calib=open_data(str(examples.default_calib_path()))))
-    step.apply(to_proto(model))
-    info = step.details["placement"]
+    info, _, _ = _search_with(fake_time_models, _whole_slower_at_batch_8, slow_first_conv=False)
     assert info["chosen"] == "fp32" and info["profiled"]["fp32_nodes"] == []
     assert not any(c["label"].endswith("_fp32_profiled") for c in info["candidates"])
-
-
-def _search_with(fake_time_models, timing) -> dict:
-    """The default search on the normalized example with ``timing(label, batch8, threads)`` -> ms (FP32 2.0) and a
-    profile that makes the first conv slower in int8 (so the split exists)."""
-    model = load_model(examples.default_model_path())
-    NormalizePass().apply(model)
-    proto = to_proto(model)
-    convs = _conv_names(proto)
-
-    def fake(models, threads, shapes):
-        big = any(shape[0] == placement.CONFIRM_BATCH for shape in shapes.values())
-        return {label: 2.0 if label == placement.FP32 else timing(label, big, threads) for label in models}
-
-    def profile(graph, shapes, threads):
-        int8 = any(node.op_type in ("QuantizeLinear", "QLinearConv") for node in graph.graph.node)
-        return {name: (40.0 if int8 and name == convs[0] else 5.0 if int8 else 10.0) for name in convs}
-
-    fake_time_models(fake, profile)
-    step = QuantizePass(placement="auto", calib_samples=32).bind(
-        PassContext(calib=open_data(str(examples.default_calib_path()))))
-    step.apply(proto)
-    return step.details["placement"]
 
 
 def test_the_split_is_kept_when_its_slowest_setting_beats_the_whole_models(fake_time_models):
     """The whole model wins the batch-1 race and passes at batch 8 by a hair (1.05x); the split, slower at batch 1
     (1.33x), is 2x at batch 8: on its slowest setting it is the faster one, and it is kept."""
-    info = _search_with(fake_time_models, lambda label, big, threads: (
+    info, _, _ = _search_with(fake_time_models, lambda label, big, threads: (
         1.0 if big else 1.5) if label.endswith("_fp32_profiled") else (1.9 if big else 1.0))
     assert info["chosen"] == "all_fp32_profiled"
     assert info["worst_setting"]["winner"] == "all" and info["worst_setting"]["kept"] == "all_fp32_profiled"
@@ -200,11 +178,11 @@ def test_the_split_is_kept_when_its_slowest_setting_beats_the_whole_models(fake_
 
 
 def test_the_whole_model_is_kept_when_the_split_is_not_clearly_faster_everywhere(fake_time_models):
-    info = _search_with(fake_time_models, lambda label, big, threads: (
+    info, _, _ = _search_with(fake_time_models, lambda label, big, threads: (
         1.5 if label.endswith("_fp32_profiled") else 1.52))
     assert info["chosen"] == "all" and info["worst_setting"]["kept"] == "all"
     # and the split winning the race meets the fastest whole model the same way
-    info = _search_with(fake_time_models, lambda label, big, threads: 0.9 if label.endswith("_fp32_profiled") else (
-        1.0 if not big else 1.1))
+    info, _, _ = _search_with(fake_time_models, lambda label, big, threads: 0.9 if label.endswith(
+        "_fp32_profiled") else (1.0 if not big else 1.1))
     assert info["chosen"] == "all_fp32_profiled" and info["worst_setting"]["winner"] == "all_fp32_profiled"
     assert info["worst_setting"]["other"] in ("all", "qoperator")
