@@ -643,8 +643,8 @@ class QuantizePass(OnnxoptPass):
         if self.format == "qdq" and heavy:
             add("qoperator", op_types, exclude, fmt="qoperator")
         # The profile-guided split goes with the whole models: on the example and MobileNetV2 it kept the first
-        # three convs FP32 and was ~1.1x the whole int8 model at every setting, on MnasNet it was the one placement
-        # not slower than FP32 at batch 8 (reports/profiled_split.md).
+        # three convs FP32 and was 1.06x-1.11x the whole int8 models on their slowest settings, on MnasNet it was
+        # the one candidate not slower than FP32 at any setting (reports/profiled_split.md).
         add_profiled(candidates[0])
         if self.placement_search == "full":
             add_regions()
@@ -733,7 +733,7 @@ class QuantizePass(OnnxoptPass):
         if chosen is not None:
             chosen = self._faster_everywhere(chosen, candidates, partial, trial, confirm, confirmations, worst_setting)
 
-        profiled_text = (" but the profile-guided split" if any(c.label.endswith(_PROFILED) for c in candidates)
+        profiled_text = ("; the profile-guided split was tried" if any(c.label.endswith(_PROFILED) for c in candidates)
                          else "")
         self.details["placement"] = {
             "fp32_ms": fp32_ms, "chosen": chosen.label if chosen else pl.FP32,
@@ -892,8 +892,8 @@ class QuantizePass(OnnxoptPass):
         checks} when that one is confirmed too and, being the split, at least ``MIN_SPEEDUP`` faster than the whole
         model on its slowest setting (batch 1, batch 8, one thread; by median or by fastest run), or, being the whole
         model, not beaten so by the split. The race runs at batch 1, where a whole model can win and then lose at
-        batch 8 (MnasNet: whole int8 1.13x at batch 1 and 1.03x (fastest run 0.97x) at batch 8, the split 1.07x and
-        1.05x (1.01x): reports/profiled_split.md); the latency target is every setting."""
+        batch 8 (MnasNet in reports/profiled_split.md: the whole QOperator model 1.07x FP32 by median and 0.91x by
+        fastest run at its slowest setting, the split 1.10x and 0.99x); the latency target is every setting."""
         from onnxopt.passes.quantize import placement as pl
 
         if chosen.label.endswith(_PROFILED):
