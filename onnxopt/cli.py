@@ -305,10 +305,13 @@ def list_passes() -> None:
 @click.option("--mixed-fallback/--no-mixed-fallback", default=True, show_default=True,
               help="With placement auto: when every faster int8 candidate fails its check, keep the fewest most "
                    "sensitive layers FP32 that let one pass.")
+@click.option("--profile-split/--no-profile-split", default=True, show_default=True,
+              help="With placement auto: also time the convs ORT's profiler finds slower in int8 kept FP32.")
 @_run_options
 def quantize(model: str, output: str, calib: str, eval_: str | None, method: str, per_channel: bool, format_: str,
              reduce_range: str, calib_samples: int, weight_method: str, equalize: bool, bias_correction: bool,
-             placement: str, mixed_fallback: bool, preprocess: str | None, input_shapes: tuple[str, ...],
+             placement: str, mixed_fallback: bool, profile_split: bool, preprocess: str | None,
+             input_shapes: tuple[str, ...],
              budgets: tuple[str, ...], report: str | None, seed: int | None, threads: int | None, no_latency: bool,
              no_plot: bool,
              quiet: bool) -> None:
@@ -322,7 +325,7 @@ def quantize(model: str, output: str, calib: str, eval_: str | None, method: str
                             reduce_range=reduce_range, calib_samples=calib_samples,  # type: ignore[arg-type]
                             weight_method=weight_method, equalize=equalize,  # type: ignore[arg-type]
                             bias_correction=bias_correction, placement=placement,  # type: ignore[arg-type]
-                            mixed_fallback=mixed_fallback)
+                            mixed_fallback=mixed_fallback, profile_split=profile_split)
     except ValueError as exc:
         raise BadInputError(f"quantize: {exc}") from None
     result = run_optimize(

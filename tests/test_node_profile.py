@@ -114,7 +114,7 @@ def _conv_names(model: onnx.ModelProto) -> list[str]:
     return [node.name for node in model.graph.node if node.op_type in placement.HEAVY_OPS]
 
 
-def _search_with(fake_time_models, timing, slow_first_conv: bool = True
+def _search_with(fake_time_models, timing, slow_first_conv: bool = True, **params
                  ) -> tuple[dict, onnx.ModelProto, list[str]]:
     """The default search on the normalized example with ``timing(label, batch8, threads)`` -> ms (FP32 2.0) and a
     profile in which int8 is 2x faster on every conv but, with ``slow_first_conv``, the first (so the split keeps
@@ -134,7 +134,7 @@ def _search_with(fake_time_models, timing, slow_first_conv: bool = True
                 for name in convs}
 
     fake_time_models(fake, profile)
-    step = QuantizePass(placement="auto", calib_samples=32).bind(
+    step = QuantizePass(placement="auto", calib_samples=32, **params).bind(
         PassContext(calib=open_data(str(examples.default_calib_path()))))
     out = step.apply(proto)
     return step.details["placement"], out, convs
@@ -186,3 +186,9 @@ def test_the_whole_model_is_kept_when_the_split_is_not_clearly_faster_everywhere
         "_fp32_profiled") else (1.0 if not big else 1.1))
     assert info["chosen"] == "all_fp32_profiled" and info["worst_setting"]["winner"] == "all_fp32_profiled"
     assert info["worst_setting"]["other"] in ("all", "qoperator")
+
+
+def test_profile_split_false_builds_no_split(fake_time_models):
+    info, _, _ = _search_with(fake_time_models, _whole_slower_at_batch_8, profile_split=False)
+    assert info["chosen"] == "fp32" and "profiled" not in info
+    assert not any(c["label"].endswith("_fp32_profiled") for c in info["candidates"])

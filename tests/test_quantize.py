@@ -182,14 +182,16 @@ def test_cli_quantize(tmp_path, capsys, fake_time_models):
 
 
 def test_cli_quantize_placement_options(tmp_path):
-    """--placement all quantizes without timing (no search in the report); --no-mixed-fallback reaches the pass."""
+    """--placement all quantizes without timing (no search in the report); --no-mixed-fallback and
+    --no-profile-split reach the pass."""
     report = tmp_path / "run.json"
     code = main(["quantize", str(examples.default_model_path()), "-o", str(tmp_path / "q.onnx"), "--calib",
                  str(examples.default_calib_path()), "--calib-samples", "32", "--placement", "all",
-                 "--no-mixed-fallback", "--report", str(report), "--no-latency", "-q"])
+                 "--no-mixed-fallback", "--no-profile-split", "--report", str(report), "--no-latency", "-q"])
     assert code == 0
     last = json.loads(report.read_text())["steps"][-1]
     assert last["params"]["placement"] == "all" and last["params"]["mixed_fallback"] is False
+    assert last["params"]["profile_split"] is False
     assert "placement" not in last["details"]
     assert any("placement=all quantized without timing" in note for note in last["notes"])
     assert main(["quantize", str(examples.default_model_path()), "-o", str(tmp_path / "r.onnx"), "--calib",

@@ -103,6 +103,10 @@ class QuantizePass(OnnxoptPass):
             by simulated per-layer sensitivity, and below that count by the noise each adds in the all-int8 model;
             bisected on real int8 models, at most half of them) that let a Conv/Gemm/MatMul-only candidate pass,
             and time what both orders find against FP32 like the others.
+        profile_split: with placement=auto, also time the profile-guided split: the Conv/Gemm/MatMul nodes that
+            ORT's profiler finds slower in int8 than in FP32 (at batch 1, batch 8 and one thread) kept FP32
+            (node_profile.py); it is kept over the whole int8 model only when >= 2% faster on its slowest setting.
+            Off: no profile (0.1-0.4 s less search on small nets, ~1.5 s on the PaddleOCR v4 models).
         derive_candidates: build a model that keeps some nodes FP32 (placement regions, the budget search's
             steps) from the QDQ model ORT's quantizer built for fewer FP32 nodes, by putting those nodes' float
             weights and activations back (same outputs as ORT's own rewrite, in milliseconds instead of a run of
@@ -145,6 +149,7 @@ class QuantizePass(OnnxoptPass):
     normalize_first: bool = True
     derive_candidates: bool = True
     mixed_fallback: bool = True
+    profile_split: bool = True
     compact: bool = True
     half_constants: bool = True
 
@@ -579,7 +584,7 @@ class QuantizePass(OnnxoptPass):
             """The candidate keeping FP32 the heavy nodes that ORT's profiler finds slower in ``source`` (a whole
             int8 model) than in FP32 at the search's settings (:mod:`~onnxopt.passes.quantize.node_profile`); its
             label, or None (the record says why)."""
-            if profiled or source.model is None or source.label in partial or not heavy:
+            if not self.profile_split or profiled or source.model is None or source.label in partial or not heavy:
                 return None
             profiled["source"] = source.label
             if len(candidates) >= self.max_candidates:
