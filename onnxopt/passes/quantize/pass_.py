@@ -924,19 +924,25 @@ class QuantizePass(OnnxoptPass):
     @staticmethod
     def _slower_elsewhere(fp32: onnx.ModelProto, chosen: pl.Candidate, shapes: dict[str, tuple[int, ...]],
                           threads: int | None, record: dict[str, Any]) -> str | None:
-        """Time the winner against FP32 at the other settings; the first where it is slower by its median or by its
-        fastest run, as the latency target is judged ("batch 8: 1.03x (fastest run 0.93x)"), or None. Ratios go to
+        """Time the winner against FP32 at the other settings, ``ELSEWHERE_RACES`` races each; the first setting
+        where it is slower in one of them by its median or by its fastest run, as the latency target is judged
+        ("batch 8: 1.03x (fastest run 0.93x)"), or None. The lower ratios of the races go to
         ``record['elsewhere']`` (medians) and ``record['elsewhere_fastest_run']``."""
         from onnxopt.passes.quantize import placement as pl
 
         assert chosen.model is not None
         record["elsewhere"], record["elsewhere_fastest_run"] = {}, {}
         for label, other_shapes, other_threads in pl.other_settings(fp32, shapes, threads):
-            _, timings = pl.ratio_to_fp32(fp32, chosen.label, chosen.model, other_threads, other_shapes)
-            ratio, best_run = pl.ratios(timings.get(pl.FP32), timings.get(chosen.label))
-            record["elsewhere"][label], record["elsewhere_fastest_run"][label] = ratio, best_run
-            if min(ratio, best_run) < pl.MIN_RATIO_OTHER:
-                return f"{label}: {_speeds(ratio, best_run)}"
+            lowest = (float("inf"), float("inf"))
+            for _ in range(pl.ELSEWHERE_RACES):
+                _, timings = pl.ratio_to_fp32(fp32, chosen.label, chosen.model, other_threads, other_shapes)
+                ratio, best_run = pl.ratios(timings.get(pl.FP32), timings.get(chosen.label))
+                lowest = (min(lowest[0], ratio), min(lowest[1], best_run))
+                if min(lowest) < pl.MIN_RATIO_OTHER:
+                    break
+            record["elsewhere"][label], record["elsewhere_fastest_run"][label] = lowest
+            if min(lowest) < pl.MIN_RATIO_OTHER:
+                return f"{label}: {_speeds(*lowest)}"
         return None
 
     def _per_channel_axes(self, proto: onnx.ModelProto, op_types: list[str], exclude: list[str],
