@@ -550,8 +550,7 @@ class QuantizePass(OnnxoptPass):
         requested = {(frozenset(op_types), frozenset(exclude), self.per_channel, self.format)}
 
         partial: set[str] = set()  # the candidates that keep a region FP32
-        ops_of: dict[str, list[str]] = {"all": op_types}  # the op types each candidate was asked to quantize
-        profiled: dict[str, Any] = {}  # the profile-guided candidate's record (built at most once)
+        profiled: dict[str, Any] = {}  # the profile-guided candidate's record
 
         def add(label: str, ops: list[str], skip: list[str], per_channel: bool | None = None,
                 fmt: str | None = None, region: bool = False) -> None:
@@ -564,7 +563,6 @@ class QuantizePass(OnnxoptPass):
                 return
             requested.add(key)
             settings[label] = setting
-            ops_of[label] = ops
             start = time.perf_counter()
             try:
                 model, derived = self._build(proto, ranges, reduce_range, ops, skip, per_channel, fmt)
@@ -580,19 +578,20 @@ class QuantizePass(OnnxoptPass):
             if derived:
                 derived_labels.append(label)
 
-        def add_profiled(source: pl.Candidate) -> str | None:
-            """The candidate keeping FP32 the heavy nodes that ORT's profiler finds slower in ``source`` (a whole
-            int8 model) than in FP32 at the search's settings (:mod:`~onnxopt.passes.quantize.node_profile`); its
-            label, or None (the record says why)."""
-            if not self.profile_split or profiled or source.model is None or source.label in partial or not heavy:
-                return None
+        def add_profiled() -> None:
+            """The candidate keeping FP32 the heavy nodes that ORT's profiler finds slower in the whole int8 model
+            ("all") than in FP32 at the search's settings (:mod:`~onnxopt.passes.quantize.node_profile`); the
+            record (``profiled``) says what was found, or why nothing was built."""
+            source = candidates[0]
+            if not self.profile_split or source.model is None or not heavy:
+                return
             profiled["source"] = source.label
             if len(candidates) >= self.max_candidates:
                 profiled["skipped"] = f"max_candidates ({self.max_candidates}) reached"
-                return None
+                return
             if proto_tensor_bytes(fp32) >= pl.FILE_FROM_BYTES:  # its sessions read files: no serialized copy here
                 profiled["skipped"] = "large model"
-                return None
+                return
             start = time.perf_counter()
             order = [n.name for n in proto.graph.node if n.op_type in heavy and n.name and n.name not in exclude]
             profile_at = [(shapes, threads)] + [(s, t) for _, s, t in pl.other_settings(fp32, shapes, threads)]
@@ -600,19 +599,15 @@ class QuantizePass(OnnxoptPass):
                 keep, gains = fp32_nodes_by_profile(fp32, source.model, order, profile_at)
             except Exception as exc:  # noqa: BLE001 - a profile that fails leaves the other candidates
                 profiled["error"] = f"{type(exc).__name__}: {exc}"[:200]
-                return None
+                return
             finally:
                 profiled["seconds"] = round(time.perf_counter() - start, 3)
             profiled["fp32_nodes"] = keep
             profiled["slower_in_int8"] = sum(1 for gain in gains.values() if gain < 0)
-            if not keep or len(keep) == len(order):
-                return None
-            per_channel, fmt = settings[source.label]
-            label = f"{source.label}{_PROFILED}"
-            before = len(candidates)
-            add(label, ops_of.get(source.label, op_types), sorted(set(exclude) | set(keep)), per_channel, fmt,
-                region=True)
-            return label if len(candidates) > before else None
+            if keep and len(keep) < len(order):
+                per_channel, fmt = settings[source.label]
+                add(f"{source.label}{_PROFILED}", op_types, sorted(set(exclude) | set(keep)), per_channel, fmt,
+                    region=True)
 
         def add_regions() -> None:
             if heavy and set(heavy) != set(op_types):
@@ -650,7 +645,7 @@ class QuantizePass(OnnxoptPass):
         # The profile-guided split goes with the whole models: on the example and MobileNetV2 it kept the first
         # three convs FP32 and was 1.06x-1.11x the whole int8 models on their slowest settings, on MnasNet it was
         # the one candidate not slower than FP32 at any setting (reports/profiled_split.md).
-        add_profiled(candidates[0])
+        add_profiled()
         if self.placement_search == "full":
             add_regions()
         fp32_ms = trial.time(candidates)
@@ -711,8 +706,7 @@ class QuantizePass(OnnxoptPass):
 
         # one more try where there is a profile-guided split: the whole models can fail at batch 8 (MnasNet) and
         # use up the tries before the split that keeps their losing nodes FP32 gets one
-        tries = pl.CONFIRMATIONS + (1 if any(c.label in partial and c.label.endswith(_PROFILED)
-                                             for c in candidates) else 0)
+        tries = pl.CONFIRMATIONS + (1 if any(c.label.endswith(_PROFILED) for c in candidates) else 0)
         while chosen is not None:
             if len(confirmations) >= tries:
                 chosen = None  # the tries are spent: stay FP32 rather than trust an unconfirmed timing
