@@ -40,8 +40,8 @@ def _private_pass_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 def fake_time_models(monkeypatch: pytest.MonkeyPatch):
     """Installs a fake of ``placement.time_models`` written as (models, threads, shapes) -> {label: ms or Timing}:
     a plain ms becomes the model's median and its fastest run alike (no real timing in tests). ``profile``, a fake
-    of ``node_profile.profile_kernels`` ((model, shapes, threads) -> {ORT node name: microseconds}), defaults to an
-    empty profile: no profile-guided candidate."""
+    of one model's ``node_profile.profile_kernels`` ((model, shapes, threads) -> {ORT node name: microseconds}; it
+    stands for each model of ``profile_together``), defaults to an empty profile: no profile-guided candidate."""
     from onnxopt.passes.quantize import node_profile, placement
 
     def install(fake, profile=None):
@@ -50,7 +50,9 @@ def fake_time_models(monkeypatch: pytest.MonkeyPatch):
                     for label, ms in fake(models, threads, shapes).items()}
 
         monkeypatch.setattr(placement, "time_models", timed)
-        monkeypatch.setattr(node_profile, "profile_kernels", profile or (lambda model, shapes, threads: {}))
+        one = profile or (lambda model, shapes, threads: {})
+        monkeypatch.setattr(node_profile, "profile_together",
+                            lambda models, shapes, threads: [one(model, shapes, threads) for model in models])
 
     return install
 

@@ -425,7 +425,10 @@ def test_placement_judges_each_output_by_its_own_measure(head, check, fake_time_
     monkeypatch.setattr(placement, "output_sqnr_db", lambda ref, out: bar - 1)
     model, step = _quantize(as_ir_model(_head_net(head)), calib={"x": x}, placement="auto", calib_samples=32)
     assert step.details["placement"]["chosen"] == placement.FP32
-    assert all("SQNR" in c["rejected"] for c in step.details["placement"]["candidates"])
+    # (a candidate can fail its agreement bar first: per-tensor weights gave 0.979 per position here)
+    rejected = [c["rejected"] for c in step.details["placement"]["candidates"]]
+    assert all(why and ("SQNR" in why or "agreement" in why) for why in rejected)
+    assert any("SQNR" in why for why in rejected)
     verdict = step.details["placement"]["verdict"]  # names the fastest candidate dropped and why
     assert "(fastest: " in verdict and f"dB < {bar:g} dB" in verdict
 

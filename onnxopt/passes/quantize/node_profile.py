@@ -3,11 +3,11 @@
 A whole-model int8 candidate can be faster than FP32 at batch 1 and slower at batch 8 (MnasNet on the digits data:
 the 1x1 convs ran ~2x faster in int8 while the first conv and the early depthwise convs, with 16-120 channels, ran
 0.3-0.6x), and the heuristic regions of the placement search (first conv, head, every depthwise conv) keep the wrong
-nodes FP32 or pay for too many precision boundaries. Here both models are profiled once per setting, each heavy node
-(Conv/Gemm/MatMul) gets its kernel time in each precision, and a two-state dynamic program over the heavy nodes in
-graph order picks which to keep FP32: the int8 gain of the nodes kept int8 minus a cost per precision switch
-(a boundary costs a QuantizeLinear/DequantizeLinear pair and, for convs, ORT's NHWC<->NCHW transposes). The result is
-only a candidate: the search times it against FP32 like any other before keeping it.
+nodes FP32 or pay for too many precision boundaries. Here both models are profiled together at each setting (their
+runs interleaved, :func:`profile_together`), each heavy node (Conv/Gemm/MatMul) gets its kernel time in each
+precision, and a two-state dynamic program over the heavy nodes in graph order picks which to keep FP32: the int8 gain
+of the nodes kept int8 minus a cost per precision switch (a boundary costs a QuantizeLinear/DequantizeLinear pair
+and, for convs, ORT's NHWC<->NCHW transposes). The result is only a candidate: the search times it against FP32 like any other before keeping it.
 
 ORT renames nodes when it optimizes a graph: the NCHWc transformer names a conv after its output tensor plus
 ``_nchwc`` (the output of the activation or Add it fused), the layout transformer appends ``_token_N`` and the
@@ -47,30 +47,48 @@ SWITCH_FRACTION = 0.5
 
 def profile_kernels(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]], threads: int | None,
                     runs: int = PROFILE_RUNS) -> dict[str, float]:
-    """Median kernel time (microseconds) of each node ORT ran, keyed by ORT's node name, over up to ``runs`` runs
-    (see :data:`PROFILE_SECONDS`) on the placement search's seeded timing inputs (shapes from ``input_shapes``, else
-    the static dims at batch 1)."""
+    """Median kernel time (microseconds) of each node ORT ran in ``model`` (:func:`profile_together` alone)."""
+    return profile_together([model], input_shapes, threads, runs)[0]
+
+
+def profile_together(models: Sequence[onnx.ModelProto], input_shapes: Mapping[str, tuple[int, ...]],
+                     threads: int | None, runs: int = PROFILE_RUNS) -> list[dict[str, float]]:
+    """Per model, the median kernel time (microseconds) of each node ORT ran, keyed by ORT's node name, over up to
+    ``runs`` runs (see :data:`PROFILE_SECONDS`, per model) on the placement search's seeded timing inputs (shapes from
+    ``input_shapes``, else the static dims at batch 1).
+
+    The models run in turn, one run each per round: a burst of load on a shared machine then slows them alike. Profiled
+    one after the other, a whole session could land in a loaded spell, and every node of one model looked slower:
+    five profiles of MnasNet's FP32 and int8 models kept 15, 26, 0 and 26 of 26 convs FP32 (ad hoc)."""
     import onnxruntime as ort
 
     from onnxopt.passes.quantize.placement import timing_feeds
     from onnxopt.runtime import session_options
 
-    options = session_options(threads, spinning=False)
-    options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="onnxopt-profile-") as folder:
-        options.profile_file_prefix = os.path.join(folder, "profile")
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        feeds = timing_feeds(session, input_shapes)
+        sessions, feeds = [], []
+        for index, model in enumerate(models):
+            options = session_options(threads, spinning=False)
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(folder, f"profile{index}")
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            sessions.append(session)
+            feeds.append(timing_feeds(session, input_shapes))
         started = None
         for index in range(runs):
             if index == WARMUP:
                 started = time.perf_counter()
             elif started is not None and index >= WARMUP + MIN_PROFILED and (
-                    time.perf_counter() - started > PROFILE_SECONDS):
+                    time.perf_counter() - started > PROFILE_SECONDS * len(models)):
                 break
-            session.run(None, feeds)
-        with open(session.end_profiling(), encoding="utf-8") as handle:
-            events = json.load(handle)
+            for session, feed in zip(sessions, feeds):
+                session.run(None, feed)
+        return [_kernel_medians(session.end_profiling()) for session in sessions]
+
+
+def _kernel_medians(profile_path: str) -> dict[str, float]:
+    with open(profile_path, encoding="utf-8") as handle:
+        events = json.load(handle)
     times: dict[str, list[float]] = {}
     for event in events:
         name = event.get("name", "")
@@ -87,8 +105,7 @@ def fp32_nodes_by_profile(fp32: onnx.ModelProto, int8: onnx.ModelProto, order: S
     fewer than half the heavy nodes could be mapped in either profile is left out (nothing to go on)."""
     fp32_times, int8_times = [], []
     for shapes, threads in settings:
-        f = attribute_events(fp32, profile_kernels(fp32, shapes, threads))
-        i = attribute_events(fp32, profile_kernels(int8, shapes, threads))
+        f, i = (attribute_events(fp32, times) for times in profile_together([fp32, int8], shapes, threads))
         if min(len(set(f) & set(order)), len(set(i) & set(order))) * 2 >= len(order):
             fp32_times.append(f)
             int8_times.append(i)
