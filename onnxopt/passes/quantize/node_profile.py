@@ -7,7 +7,8 @@ nodes FP32 or pay for too many precision boundaries. Here both models are profil
 runs interleaved, :func:`profile_together`), each heavy node (Conv/Gemm/MatMul) gets its kernel time in each
 precision, and a two-state dynamic program over the heavy nodes in graph order picks which to keep FP32: the int8 gain
 of the nodes kept int8 minus a cost per precision switch (a boundary costs a QuantizeLinear/DequantizeLinear pair
-and, for convs, ORT's NHWC<->NCHW transposes). The result is only a candidate: the search times it against FP32 like any other before keeping it.
+and, for convs, ORT's NHWC<->NCHW transposes). The result is only a candidate: the search times it against FP32 like
+any other before keeping it.
 
 ORT renames nodes when it optimizes a graph: the NCHWc transformer names a conv after its output tensor plus
 ``_nchwc`` (the output of the activation or Add it fused), the layout transformer appends ``_token_N`` and the
