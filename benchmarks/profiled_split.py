@@ -13,7 +13,14 @@ target of issue 3, by both measures.
 The default search (staged) is also run ``--searches`` times per net, its choice recorded: which candidate it keeps
 and whether the profiled split was built.
 
+Two checks of the split itself: its stability, the FP32 set the profile picks in ``--profiles`` profiles of the same two
+models (the FP32 model and the whole QDQ int8 model ``all``), profiled together with their runs interleaved (as the
+search does) and one after the other (as it did before); and single-cut splits (``cut_k``: the first k heavy nodes in
+graph order FP32, the rest int8, at a quarter, half and three quarters of the heavy nodes), timed in the same races as
+the other candidates, to see whether the split sits where a cut would be best.
+
 Usage: nice -n 5 python benchmarks/profiled_split.py [--nets example,mnasnet,...] [--rounds 3] [--searches 3]
+       [--profiles 5]
 """
 
 from __future__ import annotations
@@ -104,18 +111,63 @@ def time_all(fp32: Any, models: dict[str, Any], rounds: int) -> dict[str, dict[s
                     for setting, cell in by_setting.items()} for label, by_setting in ratios.items()}
 
 
-def measure(name: str, calib: str, rounds: int, searches: int) -> dict:
+def single_cuts(fp32: Any, calib: str, order: list[str]) -> dict[str, Any]:
+    """``cut_k`` -> the model with the first k heavy nodes of ``order`` FP32 and the rest int8 (QDQ, defaults)."""
+    import onnx_ir as ir
+
+    from onnxopt.calib_data import open_data
+    from onnxopt.passes.quantize import QuantizePass
+    from onnxopt.pipeline.context import PassContext
+
+    out = {}
+    for k in sorted({round(len(order) * f) for f in (0.25, 0.5, 0.75)} - {0, len(order)}):
+        step = QuantizePass(placement="all", exclude_nodes=order[:k]).bind(PassContext(calib=open_data(calib)))
+        model = step.apply(fp32)
+        out[f"cut_{k}"] = model if not isinstance(model, ir.Model) else ir.to_proto(model)
+    return out
+
+
+def split_stability(fp32: Any, int8: Any, order: list[str], count: int) -> dict[str, list[str]]:
+    """The FP32 set (as a row of 'F' and '.' over ``order``) of ``count`` profiles of the same two models at the
+    search's settings, profiled together ("interleaved") and one after the other ("sequential")."""
+    from onnxopt.passes.quantize import node_profile as npf
+    from onnxopt.passes.quantize import placement as pl
+
+    name = fp32.graph.input[0].name
+    shape = tuple(d.dim_value or 1 for d in fp32.graph.input[0].type.tensor_type.shape.dim)
+    shapes = {name: (1, *shape[1:])}
+    settings = [(shapes, None)] + [(s, t) for _, s, t in pl.other_settings(fp32, shapes, None)]
+    together = npf.profile_together
+
+    def one_by_one(models, input_shapes, threads):
+        return [together([model], input_shapes, threads)[0] for model in models]
+
+    out: dict[str, list[str]] = {}
+    try:
+        for mode, profiler in (("interleaved", together), ("sequential", one_by_one)):
+            npf.profile_together = profiler
+            out[mode] = ["".join("F" if n in keep else "." for n in order) for keep in (
+                set(npf.fp32_nodes_by_profile(fp32, int8, order, settings)[0]) for _ in range(count))]
+    finally:
+        npf.profile_together = together
+    return out
+
+
+def measure(name: str, calib: str, rounds: int, searches: int, profiles: int) -> dict:
     import onnxopt
 
     fp32 = onnxopt.optimize(str(net_path(name)), ["normalize"], measure_latency=False).model
     print(f"{name}: full search", flush=True)
     built, details = full_search_candidates(fp32, calib)
-    heavy = sum(1 for node in fp32.graph.node if node.op_type in ("Conv", "Gemm", "MatMul"))
+    order = [node.name for node in fp32.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
+    print(f"{name}: split stability over {profiles} profiles", flush=True)
+    stability = split_stability(fp32, built["all"], order, profiles) if profiles and "all" in built else {}
+    built.update(single_cuts(fp32, calib, order))
     print(f"{name}: timing {len(built)} candidates", flush=True)
     speeds = time_all(fp32, built, rounds)
     print(f"{name}: default searches", flush=True)
-    return {"name": name, "heavy_nodes": heavy, "profiled": details.get("profiled", {}), "speeds": speeds,
-            "defaults": default_searches(fp32, calib, searches),
+    return {"name": name, "heavy_nodes": len(order), "profiled": details.get("profiled", {}), "speeds": speeds,
+            "defaults": default_searches(fp32, calib, searches), "stability": stability,
             "int8_nodes": {label: int8_heavy_nodes(model) for label, model in built.items()}}
 
 
@@ -141,8 +193,8 @@ def render(payload: dict) -> str:
              "nodes (Conv/Gemm/MatMul) computed in int8. Candidates are those the quantize pass's full placement "
              "search builds; see the script's docstring.", ""]
     summary = ["## Summary", "", "| net | whole int8 worst setting (best of all/qoperator) | profiled split worst "
-               "setting | profiled >= 0.98 at every setting | best candidate >= 0.98 everywhere | default search "
-               "kept |", "|---|---|---|---|---|---|"]
+               "setting | best single cut worst setting | profiled >= 0.98 at every setting | best candidate >= 0.98 "
+               "everywhere | default search kept |", "|---|---|---|---|---|---|---|"]
     body = []
     for row in payload["rows"]:
         speeds = row["speeds"]
@@ -153,11 +205,14 @@ def render(payload: dict) -> str:
         passing = sorted(((min(worst(cells)), label) for label, cells in speeds.items()
                           if cells and min(worst(cells)) >= TARGET), reverse=True)
         kept = ", ".join(d["chosen"] for d in row["defaults"])
+        cuts = {label: worst(cells) for label, cells in speeds.items() if label.startswith("cut_") and cells}
+        best_cut = max(cuts.items(), key=lambda item: min(item[1]), default=None)
         summary.append(
             f"| {row['name']} | {best_whole[0]}: {best_whole[1][0]:.2f}x ({best_whole[1][1]:.2f}x) | "
             + (f"{prof_worst[0]:.2f}x ({prof_worst[1]:.2f}x), {len(row['profiled'].get('fp32_nodes', []))} of "
                f"{row['heavy_nodes']} float" if prof_worst else "not built: "
                + (row["profiled"].get("skipped") or row["profiled"].get("error") or "the profile kept no node FP32"))
+            + (f" | {best_cut[0]}: {best_cut[1][0]:.2f}x ({best_cut[1][1]:.2f}x)" if best_cut else " | -")
             + f" | {'yes' if prof_worst and min(prof_worst) >= TARGET else 'no'} | "
             + (f"{passing[0][1]} ({passing[0][0]:.2f}x)" if passing else "none") + f" | {kept} |")
         body += [f"## {row['name']}", "", "| candidate | int8 heavy | "
@@ -176,6 +231,13 @@ def render(payload: dict) -> str:
                if d["profiled"].get("fp32_nodes") is not None else "")
             + (f" ({d['worst_setting']['why']})" if d.get("worst_setting", {}).get("why") else "")
             for d in row["defaults"]), ""]
+        if row.get("stability"):
+            body += [f"FP32 set of the split in {len(row['stability']['interleaved'])} profiles of the same models "
+                     "(heavy nodes in graph order, F = kept FP32):", ""]
+            for mode, sets in row["stability"].items():
+                body += [f"- {mode}: {len(set(sets))} distinct set(s), FP32 counts "
+                         f"{', '.join(str(s.count('F')) for s in sets)}"] + [f"  - `{s}`" for s in sets]
+            body.append("")
     return "\n".join(lines + summary + [""] + body)
 
 
@@ -184,6 +246,7 @@ def main() -> None:
     parser.add_argument("--nets", default=",".join(NETS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--searches", type=int, default=3)
+    parser.add_argument("--profiles", type=int, default=5, help="profiles per net for the split's stability")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "profiled_split.md")
     args = parser.parse_args()
     import numpy as np
@@ -198,9 +261,10 @@ def main() -> None:
         data = np.load(examples.default_calib_path())
         np.savez(calib, input=data["input"][:200])
         for name in args.nets.split(","):
-            rows.append(measure(name, calib, args.rounds, args.searches))
+            rows.append(measure(name, calib, args.rounds, args.searches, args.profiles))
     command = "nice -n 5 python benchmarks/profiled_split.py" + "".join(
-        f" --{k} {v}" for k, v in (("nets", args.nets), ("rounds", args.rounds), ("searches", args.searches))
+        f" --{k} {v}" for k, v in (("nets", args.nets), ("rounds", args.rounds), ("searches", args.searches),
+                                   ("profiles", args.profiles))
         if str(v) != str(parser.get_default(k)))
     payload = {"command": command, "minutes": (time.perf_counter() - started) / 60, "host": host_info().describe(),
                "rounds": args.rounds, "rows": rows}
