@@ -750,3 +750,26 @@ def test_calibration_batch_follows_the_activation_bytes_per_sample():
     assert collect.calibration_batch(middle, ["x", "m", "y"], histograms=False) == 21
     unknown = model(64, "H")  # shapes not known beyond the batch dim: the default
     assert collect.calibration_batch(unknown, ["x", "m", "y"], histograms=False) == collect.CALIB_BATCH
+
+
+@pytest.mark.parametrize("head_to_head_ms, kept", [(1.0, "all"), (0.5, "qoperator")])
+def test_another_whole_model_must_beat_the_every_op_model_head_to_head(fake_time_models, head_to_head_ms, kept):
+    """The QOperator model wins the race; head to head against the every-op QDQ model ("all") a tie goes to "all",
+    and a clear win keeps it (near-ties among whole models went to the noise on ResNet)."""
+    def fake_time(models, threads, shapes):
+        if placement.FP32 not in models:  # the head-to-head run
+            return {label: (head_to_head_ms if label == "qoperator" else 1.0) for label in models}
+        return {label: {placement.FP32: 2.0, "qoperator": 0.8}.get(label, 1.0) for label in models}
+
+    fake_time_models(fake_time)
+    model = load_model(examples.default_model_path())
+    NormalizePass().apply(model)
+    step = QuantizePass(calib_samples=16)
+    step.bind(PassContext(calib=open_data(str(examples.default_calib_path()))))
+    step.apply(to_proto(model))
+    search = step.details["placement"]
+    assert search["head_to_head"][0] == {"label": "qoperator", "rival": "all", "speedup": 1.0 / head_to_head_ms}
+    assert search["chosen"] == kept
+    if kept == "all":
+        rejected = {c["label"]: c["rejected"] for c in search["candidates"]}["qoperator"]
+        assert rejected == "not faster than all head to head (1.00x)"

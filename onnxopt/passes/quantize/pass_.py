@@ -715,8 +715,10 @@ class QuantizePass(OnnxoptPass):
             # a near-tie in the race goes to fewer FP32 nodes (on ResNet a first+head-FP32 candidate won a race by
             # noise, and the benchmark measured it slower than the whole int8 model at every setting).
             # (the profile-guided split meets its whole rival after the loop, on its slowest setting: it is chosen
-            # for being faster everywhere, not at batch 1 alone)
-            rival = None if chosen.label.endswith(_PROFILED) else trial.whole_rival(chosen, candidates, partial)
+            # for being faster everywhere, not at batch 1 alone). A whole model other than the every-op one ("all")
+            # must beat that one so, too (Trial.reference_rival).
+            rival = None if chosen.label.endswith(_PROFILED) else (trial.whole_rival(chosen, candidates, partial)
+                                                                   or trial.reference_rival(chosen, candidates))
             if rival is not None:
                 ratio, medians = pl.ratio_between(rival.label, rival.model, chosen.label, chosen.model, threads,
                                                   shapes)

@@ -623,6 +623,18 @@ class Trial:
                         key=lambda c: c.median_ms or float("inf"))
         return next((c for c in rivals if self.vet(c)), None)
 
+    def reference_rival(self, chosen: Candidate, candidates: Sequence[Candidate]) -> Candidate | None:
+        """For a whole-model ``chosen`` other than the first candidate (every op int8 in the pass's own format), that
+        first one when it is at least ``MIN_SPEEDUP`` faster than FP32 and passes its checks (run now); else None.
+        Near-ties in a race of several whole models go to the noise: on ResNet (AVX2, batch 1, 2 threads) the race
+        kept the Conv/Gemm/MatMul-only model, 0.88x-0.99x the every-op model in five pair races (ad hoc), and the
+        benchmark read it at 0.94x FP32 where the every-op model read 1.10x-1.19x."""
+        reference = candidates[0] if candidates else None
+        if (reference is None or reference is chosen or reference.rejected is not None or reference.model is None
+                or reference.median_ms is None or not reference.faster):
+            return None
+        return reference if self.vet(reference) else None
+
     def pick(self, candidates: list[Candidate], fp32_ms: float | None) -> Candidate | None:
         """The fastest candidate faster than FP32 (:attr:`Candidate.faster`) that passes its checks (run now)."""
         while fp32_ms:
