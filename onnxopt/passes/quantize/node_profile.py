@@ -60,7 +60,8 @@ def profile_together(models: Sequence[onnx.ModelProto], input_shapes: Mapping[st
 
     The models run in turn, one run each per round: a burst of load on a shared machine then slows them alike. Profiled
     one after the other, a whole session could land in a loaded spell, and every node of one model looked slower:
-    five profiles of MnasNet's FP32 and int8 models kept 15, 26, 0 and 26 of 26 convs FP32 (ad hoc)."""
+    five profiles of MnasNet's FP32 and int8 models kept 11, 15, 2, 15 and 15 of 26 convs FP32 one after the other,
+    15 each time interleaved (reports/profiled_split.md)."""
     import onnxruntime as ort
 
     from onnxopt.passes.quantize.placement import timing_feeds
