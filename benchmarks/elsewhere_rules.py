@@ -1,0 +1,202 @@
+"""Which rule for the placement search's checks at its other settings tells an int8 model that is not slower than FP32
+from one that is, on this host.
+
+A winner of the search's race (batch 1) is also timed against FP32 at batch 8 and on one thread
+(``placement.other_settings``), in ``placement.ELSEWHERE_RACES`` pair races per setting, and must not be slower
+(>= ``placement.MIN_RATIO_OTHER``) by its median or by its fastest run in any of them. This script records many such
+pair races of the same models, exactly as the search runs them (``placement.time_models``), and scores each rule
+against the reference of the same model and setting: the median over every recorded race of FP32 time / int8 time,
+by median run and by fastest run, the way the quantization benchmark reads its runs. A candidate whose reference is
+>= ``CLEARLY_NOT_SLOWER`` by both is one the rule should pass (a rejection is a miss); one below ``MIN_RATIO_OTHER``
+by either is one it should reject (a pass is a false pass); the rest are near-ties, where no error is counted. Each
+rule is replayed on consecutive, disjoint groups of the recorded races.
+
+Models: the digits example and the zoo's MnasNet and ResNet, each as FP32 (normalized), onnxopt's whole-model int8
+QDQ and QOperator (``placement=all``, MinMax, per-channel) and the profile-guided split (``node_profile``: the heavy
+nodes its profile keeps FP32, the rest QDQ int8), when the profile keeps some node FP32.
+
+Usage: nice -n 5 python benchmarks/elsewhere_rules.py [--races 30] [--nets example,mnasnet,resnet]
+       [--out reports/elsewhere_rules.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report_files import write_report  # noqa: E402 - beside this script
+
+REPO = Path(__file__).resolve().parents[1]
+NOT_SLOWER = 0.98  # placement.MIN_RATIO_OTHER
+CLEARLY_NOT_SLOWER = 1.02  # placement.MIN_SPEEDUP
+
+Race = tuple[float, float]  # (ratio by median run, ratio by fastest run) of one pair race
+
+
+def _each(group: Sequence[Race]) -> bool:
+    return all(min(race) >= NOT_SLOWER for race in group)
+
+
+def _means(group: Sequence[Race]) -> bool:
+    return min(statistics.fmean(r[0] for r in group), statistics.fmean(r[1] for r in group)) >= NOT_SLOWER
+
+
+#: name -> (races per decision, rule on those races' (median ratio, fastest-run ratio) -> passes)
+RULES: dict[str, tuple[int, Callable[[Sequence[Race]], bool]]] = {
+    "1 race, median and fastest run >= 0.98": (1, _each),
+    "2 races, each median and fastest run >= 0.98 (placement.ELSEWHERE_RACES)": (2, _each),
+    "2 races, their mean median and mean fastest-run ratios >= 0.98": (2, _means),
+    "3 races, each median and fastest run >= 0.98": (3, _each),
+    "3 races, their mean median and mean fastest-run ratios >= 0.98": (3, _means),
+}
+
+
+def net_path(name: str) -> Path:
+    from onnxopt import examples, zoo
+
+    return examples.default_model_path() if name == "example" else zoo.model_path(name)
+
+
+def build(name: str, calib: str) -> tuple[Any, dict[str, Any], list[str]]:
+    """FP32 (normalized), the candidates (label -> proto) and the split's FP32 nodes."""
+    import onnx_ir as ir
+
+    import onnxopt
+    from onnxopt.calib_data import open_data
+    from onnxopt.passes.quantize import QuantizePass, node_profile
+    from onnxopt.passes.quantize import placement as pl
+    from onnxopt.pipeline.context import PassContext
+
+    fp32 = onnxopt.optimize(str(net_path(name)), ["normalize"], measure_latency=False).model
+
+    def quantize(**params: Any) -> Any:
+        model = QuantizePass(placement="all", **params).bind(PassContext(calib=open_data(calib))).apply(fp32)
+        return ir.to_proto(model) if isinstance(model, ir.Model) else model
+
+    models = {"int8 QDQ": quantize(), "int8 QOperator": quantize(format="qoperator")}
+    order = [n.name for n in fp32.graph.node if n.op_type in pl.HEAVY_OPS]
+    shapes = _shapes(fp32, 1)
+    settings = [(shapes, None)] + [(s, t) for _, s, t in pl.other_settings(fp32, shapes, None)]
+    keep, _ = node_profile.fp32_nodes_by_profile(fp32, models["int8 QDQ"], order, settings)
+    if keep and len(keep) < len(order):
+        models["profiled split"] = quantize(exclude_nodes=keep)
+    return fp32, models, keep
+
+
+def _shapes(model: Any, batch: int) -> dict[str, tuple[int, ...]]:
+    value = model.graph.input[0]
+    return {value.name: (batch, *(d.dim_value or 1 for d in value.type.tensor_type.shape.dim[1:]))}
+
+
+def record(fp32: Any, models: dict[str, Any], races: int) -> dict[str, dict[str, list[Race]]]:
+    """setting -> label -> ``races`` pair races against FP32, the candidates taking turns race by race."""
+    from onnxopt.passes.quantize import placement as pl
+
+    settings = {"batch 8": (_shapes(fp32, 8), None), "1 thread": (_shapes(fp32, 1), 1)}
+    out: dict[str, dict[str, list[Race]]] = {setting: {label: [] for label in models} for setting in settings}
+    for _ in range(races):
+        for setting, (shapes, threads) in settings.items():
+            for label, model in models.items():
+                timings = pl.time_models({pl.FP32: fp32, label: model}, threads, shapes)
+                out[setting][label].append(pl.ratios(timings.get(pl.FP32), timings.get(label)))
+    return out
+
+
+def score(recorded: list[Race]) -> dict[str, Any]:
+    reference = (statistics.median(r[0] for r in recorded), statistics.median(r[1] for r in recorded))
+    expect = ("pass" if min(reference) >= CLEARLY_NOT_SLOWER else "reject" if min(reference) < NOT_SLOWER
+              else "either")
+    rules = {}
+    for name, (size, rule) in RULES.items():
+        groups = [recorded[i:i + size] for i in range(0, len(recorded) - size + 1, size)]
+        passes = sum(rule(group) for group in groups)
+        errors = (len(groups) - passes if expect == "pass" else passes if expect == "reject" else None)
+        rules[name] = {"passes": passes, "decisions": len(groups), "errors": errors}
+    return {"reference": reference, "expect": expect, "range": (min(min(r) for r in recorded),
+                                                                 max(min(r) for r in recorded)), "rules": rules}
+
+
+def render(payload: dict) -> str:
+    lines = ["# Placement search: which rule for the checks at batch 8 and on one thread", "",
+             f"Generated by `{payload['command']}` in {payload['minutes']:.1f} min. Do not edit by hand.", "",
+             f"Host: {payload['host']}.", "",
+             f"Each candidate raced against FP32 {payload['races']} times per setting, as the search's checks time "
+             "it (pair races of 30 rounds, ORT's default threads at batch 8, one thread at batch 1); reference = the "
+             "median over those races of FP32 time / candidate time, by median run; by fastest run. 'pass' = both "
+             f">= {CLEARLY_NOT_SLOWER}: a rejection is a miss; 'reject' = either < {NOT_SLOWER}: a pass is a false "
+             "pass; 'either' = a near-tie, no error counted. Each rule decides on consecutive, disjoint groups of "
+             "the recorded races. See the script's docstring.", ""]
+    totals = {name: {"misses": 0, "false": 0, "decisions_pass": 0, "decisions_reject": 0} for name in RULES}
+    rows = ["| net | candidate | setting | reference | expect | smaller ratio, range over races | "
+            + " | ".join(f"{name}: passes" for name in RULES) + " |", "|---|---|---|---|---|---|"
+            + "---|" * len(RULES)]
+    for net in payload["nets"]:
+        for setting, by_label in net["scores"].items():
+            for label, cell in by_label.items():
+                ref = cell["reference"]
+                rows.append(f"| {net['name']} | {label} | {setting} | {ref[0]:.2f}x; {ref[1]:.2f}x | {cell['expect']} "
+                            f"| {cell['range'][0]:.2f}-{cell['range'][1]:.2f}x | "
+                            + " | ".join(f"{r['passes']}/{r['decisions']}" for r in cell["rules"].values()) + " |")
+                for name, r in cell["rules"].items():
+                    if cell["expect"] == "pass":
+                        totals[name]["misses"] += r["errors"]
+                        totals[name]["decisions_pass"] += r["decisions"]
+                    elif cell["expect"] == "reject":
+                        totals[name]["false"] += r["errors"]
+                        totals[name]["decisions_reject"] += r["decisions"]
+    summary = ["## Summary", "", "| rule | races per decision | misses (candidate not slower, rejected) | false "
+               "passes (candidate slower, passed) |", "|---|---|---|---|"]
+    for name, t in totals.items():
+        summary.append(f"| {name} | {RULES[name][0]} | {t['misses']}/{t['decisions_pass']} | "
+                       f"{t['false']}/{t['decisions_reject']} |")
+    splits = [f"{net['name']}: {len(net['split_fp32'])} of {net['heavy']} heavy nodes FP32" for net in payload["nets"]]
+    return "\n".join(lines + summary + ["", "Profile-guided split: " + "; ".join(splits) + ".", "",
+                                        "## Every candidate and setting", ""] + rows) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--races", type=int, default=30)
+    parser.add_argument("--nets", default="example,mnasnet,resnet")
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "elsewhere_rules.md")
+    args = parser.parse_args()
+    import tempfile
+
+    import numpy as np
+
+    from onnxopt import examples
+    from onnxopt.hostinfo import host_info
+
+    started = time.perf_counter()
+    nets = []
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = str(Path(tmp) / "calib.npz")
+        data = np.load(examples.default_calib_path())
+        np.savez(calib, input=data["input"][:200])
+        for name in args.nets.split(","):
+            print(f"{name}: building", flush=True)
+            fp32, models, keep = build(name, calib)
+            print(f"{name}: {args.races} races of {len(models)} candidates at 2 settings", flush=True)
+            recorded = record(fp32, models, args.races)
+            nets.append({"name": name, "split_fp32": keep,
+                         "heavy": sum(1 for n in fp32.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")),
+                         "recorded": recorded,
+                         "scores": {setting: {label: score(races) for label, races in by_label.items()}
+                                    for setting, by_label in recorded.items()}})
+    command = "nice -n 5 python benchmarks/elsewhere_rules.py" + "".join(
+        f" --{k} {v}" for k, v in (("races", args.races), ("nets", args.nets))
+        if str(v) != str(parser.get_default(k)))
+    payload = {"command": command, "minutes": (time.perf_counter() - started) / 60, "host": host_info().describe(),
+               "races": args.races, "nets": nets}
+    write_report(args.out, payload, render)
+
+
+if __name__ == "__main__":
+    main()
