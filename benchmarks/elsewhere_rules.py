@@ -31,7 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report_files import write_report  # noqa: E402 - beside this script
+from profiled_split import digits_calib, net_path  # noqa: E402 - beside this script
+from report_files import command_line, write_report  # noqa: E402 - beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_SLOWER = 0.98  # placement.MIN_RATIO_OTHER
@@ -56,12 +57,6 @@ RULES: dict[str, tuple[int, Callable[[Sequence[Race]], bool]]] = {
     "3 races, each median and fastest run >= 0.98": (3, _each),
     "3 races, their mean median and mean fastest-run ratios >= 0.98": (3, _means),
 }
-
-
-def net_path(name: str) -> Path:
-    from onnxopt import examples, zoo
-
-    return examples.default_model_path() if name == "example" else zoo.model_path(name)
 
 
 def build(name: str, calib: str) -> tuple[Any, dict[str, Any], list[str]]:
@@ -169,17 +164,12 @@ def main() -> None:
     args = parser.parse_args()
     import tempfile
 
-    import numpy as np
-
-    from onnxopt import examples
     from onnxopt.hostinfo import host_info
 
     started = time.perf_counter()
     nets = []
     with tempfile.TemporaryDirectory() as tmp:
-        calib = str(Path(tmp) / "calib.npz")
-        data = np.load(examples.default_calib_path())
-        np.savez(calib, input=data["input"][:200])
+        calib = digits_calib(tmp)
         for name in args.nets.split(","):
             print(f"{name}: building", flush=True)
             fp32, models, keep = build(name, calib)
@@ -190,10 +180,8 @@ def main() -> None:
                          "recorded": recorded,
                          "scores": {setting: {label: score(races) for label, races in by_label.items()}
                                     for setting, by_label in recorded.items()}})
-    command = "nice -n 5 python benchmarks/elsewhere_rules.py" + "".join(
-        f" --{k} {v}" for k, v in (("races", args.races), ("nets", args.nets))
-        if str(v) != str(parser.get_default(k)))
-    payload = {"command": command, "minutes": (time.perf_counter() - started) / 60, "host": host_info().describe(),
+    payload = {"command": command_line("elsewhere_rules.py", parser, args, ("races", "nets")),
+               "minutes": (time.perf_counter() - started) / 60, "host": host_info().describe(),
                "races": args.races, "nets": nets}
     write_report(args.out, payload, render)
 

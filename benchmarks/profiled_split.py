@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report_files import write_report  # noqa: E402 - beside this script
+from report_files import command_line, write_report  # noqa: E402 - beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 NETS = ("example", "mobilenetv2", "shufflenetv2", "mnasnet", "resnet")
@@ -47,6 +47,18 @@ def net_path(name: str) -> Path:
     from onnxopt import examples, zoo
 
     return examples.default_model_path() if name == "example" else zoo.model_path(name)
+
+
+def digits_calib(folder: str) -> str:
+    """The first 200 of the example's calibration images as an .npz in ``folder`` (the quantization benchmark's
+    calibration set for the digits nets)."""
+    import numpy as np
+
+    from onnxopt import examples
+
+    calib = str(Path(folder) / "calib.npz")
+    np.savez(calib, input=np.load(examples.default_calib_path())["input"][:200])
+    return calib
 
 
 def full_search_candidates(fp32: Any, calib: str) -> tuple[dict[str, Any], dict]:
@@ -249,23 +261,15 @@ def main() -> None:
     parser.add_argument("--profiles", type=int, default=5, help="profiles per net for the split's stability")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "profiled_split.md")
     args = parser.parse_args()
-    import numpy as np
-
-    from onnxopt import examples
     from onnxopt.hostinfo import host_info
 
     started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        calib = str(Path(tmp) / "calib.npz")
-        data = np.load(examples.default_calib_path())
-        np.savez(calib, input=data["input"][:200])
+        calib = digits_calib(tmp)
         for name in args.nets.split(","):
             rows.append(measure(name, calib, args.rounds, args.searches, args.profiles))
-    command = "nice -n 5 python benchmarks/profiled_split.py" + "".join(
-        f" --{k} {v}" for k, v in (("nets", args.nets), ("rounds", args.rounds), ("searches", args.searches),
-                                   ("profiles", args.profiles))
-        if str(v) != str(parser.get_default(k)))
+    command = command_line("profiled_split.py", parser, args, ("nets", "rounds", "searches", "profiles"))
     payload = {"command": command, "minutes": (time.perf_counter() - started) / 60, "host": host_info().describe(),
                "rounds": args.rounds, "rows": rows}
     write_report(args.out, payload, render)
