@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from profiled_split import digits_calib, net_path  # noqa: E402 - beside this script
+from profiled_split import digits_calib, input_shapes, net_path, quantize_all  # noqa: E402 - beside this script
 from report_files import command_line, write_report  # noqa: E402 - beside this script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,42 +59,27 @@ RULES: dict[str, tuple[int, Callable[[Sequence[Race]], bool]]] = {
 }
 
 
-def build(name: str, calib: str) -> tuple[Any, dict[str, Any], list[str]]:
-    """FP32 (normalized), the candidates (label -> proto) and the split's FP32 nodes."""
-    import onnx_ir as ir
-
+def build(name: str, calib: str) -> tuple[Any, dict[str, Any], list[str], int]:
+    """FP32 (normalized), the candidates (label -> proto), the split's FP32 nodes and the number of heavy nodes."""
     import onnxopt
-    from onnxopt.calib_data import open_data
-    from onnxopt.passes.quantize import QuantizePass, node_profile
+    from onnxopt.passes.quantize import node_profile
     from onnxopt.passes.quantize import placement as pl
-    from onnxopt.pipeline.context import PassContext
 
     fp32 = onnxopt.optimize(str(net_path(name)), ["normalize"], measure_latency=False).model
-
-    def quantize(**params: Any) -> Any:
-        model = QuantizePass(placement="all", **params).bind(PassContext(calib=open_data(calib))).apply(fp32)
-        return ir.to_proto(model) if isinstance(model, ir.Model) else model
-
-    models = {"int8 QDQ": quantize(), "int8 QOperator": quantize(format="qoperator")}
+    models = {"int8 QDQ": quantize_all(fp32, calib), "int8 QOperator": quantize_all(fp32, calib, format="qoperator")}
     order = [n.name for n in fp32.graph.node if n.op_type in pl.HEAVY_OPS]
-    shapes = _shapes(fp32, 1)
-    settings = [(shapes, None)] + [(s, t) for _, s, t in pl.other_settings(fp32, shapes, None)]
+    settings = pl.search_settings(fp32, input_shapes(fp32, 1), None)
     keep, _ = node_profile.fp32_nodes_by_profile(fp32, models["int8 QDQ"], order, settings)
     if keep and len(keep) < len(order):
-        models["profiled split"] = quantize(exclude_nodes=keep)
-    return fp32, models, keep
-
-
-def _shapes(model: Any, batch: int) -> dict[str, tuple[int, ...]]:
-    value = model.graph.input[0]
-    return {value.name: (batch, *(d.dim_value or 1 for d in value.type.tensor_type.shape.dim[1:]))}
+        models["profiled split"] = quantize_all(fp32, calib, exclude_nodes=keep)
+    return fp32, models, keep, len(order)
 
 
 def record(fp32: Any, models: dict[str, Any], races: int) -> dict[str, dict[str, list[Race]]]:
     """setting -> label -> ``races`` pair races against FP32, the candidates taking turns race by race."""
     from onnxopt.passes.quantize import placement as pl
 
-    settings = {"batch 8": (_shapes(fp32, 8), None), "1 thread": (_shapes(fp32, 1), 1)}
+    settings = {"batch 8": (input_shapes(fp32, 8), None), "1 thread": (input_shapes(fp32, 1), 1)}
     out: dict[str, dict[str, list[Race]]] = {setting: {label: [] for label in models} for setting in settings}
     for _ in range(races):
         for setting, (shapes, threads) in settings.items():
@@ -172,12 +157,10 @@ def main() -> None:
         calib = digits_calib(tmp)
         for name in args.nets.split(","):
             print(f"{name}: building", flush=True)
-            fp32, models, keep = build(name, calib)
+            fp32, models, keep, heavy = build(name, calib)
             print(f"{name}: {args.races} races of {len(models)} candidates at 2 settings", flush=True)
             recorded = record(fp32, models, args.races)
-            nets.append({"name": name, "split_fp32": keep,
-                         "heavy": sum(1 for n in fp32.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")),
-                         "recorded": recorded,
+            nets.append({"name": name, "split_fp32": keep, "heavy": heavy, "recorded": recorded,
                          "scores": {setting: {label: score(races) for label, races in by_label.items()}
                                     for setting, by_label in recorded.items()}})
     payload = {"command": command_line("elsewhere_rules.py", parser, args, ("races", "nets")),

@@ -61,6 +61,24 @@ def digits_calib(folder: str) -> str:
     return calib
 
 
+def input_shapes(model: Any, batch: int) -> dict[str, tuple[int, ...]]:
+    """The first graph input's static dims with ``batch`` leading (a dynamic dim as 1)."""
+    value = model.graph.input[0]
+    return {value.name: (batch, *(d.dim_value or 1 for d in value.type.tensor_type.shape.dim[1:]))}
+
+
+def quantize_all(fp32: Any, calib: str, **params: Any) -> Any:
+    """``fp32`` through the quantize pass with ``placement=all`` and ``params``, as a proto."""
+    import onnx_ir as ir
+
+    from onnxopt.calib_data import open_data
+    from onnxopt.passes.quantize import QuantizePass
+    from onnxopt.pipeline.context import PassContext
+
+    model = QuantizePass(placement="all", **params).bind(PassContext(calib=open_data(calib))).apply(fp32)
+    return ir.to_proto(model) if isinstance(model, ir.Model) else model
+
+
 def full_search_candidates(fp32: Any, calib: str) -> tuple[dict[str, Any], dict]:
     """Every candidate model the full search builds (label -> proto), captured from its races, and its details."""
     from onnxopt.calib_data import open_data
@@ -105,12 +123,10 @@ def time_all(fp32: Any, models: dict[str, Any], rounds: int) -> dict[str, dict[s
     """label -> setting -> {"median": ratio, "fastest": ratio}, each the median over ``rounds`` races."""
     from onnxopt.passes.quantize import placement as pl
 
-    shape = tuple(d.dim_value or 1 for d in fp32.graph.input[0].type.tensor_type.shape.dim)
-    name = fp32.graph.input[0].name
     ratios: dict[str, dict[str, dict[str, list[float]]]] = {label: {} for label in models}
     for setting, batch, threads in SETTINGS:
         for _ in range(rounds):
-            timings = pl.time_models({pl.FP32: fp32, **models}, threads, {name: (batch, *shape[1:])})
+            timings = pl.time_models({pl.FP32: fp32, **models}, threads, input_shapes(fp32, batch))
             ref = timings[pl.FP32]
             for label in models:
                 mine = timings.get(label)
@@ -125,18 +141,8 @@ def time_all(fp32: Any, models: dict[str, Any], rounds: int) -> dict[str, dict[s
 
 def single_cuts(fp32: Any, calib: str, order: list[str]) -> dict[str, Any]:
     """``cut_k`` -> the model with the first k heavy nodes of ``order`` FP32 and the rest int8 (QDQ, defaults)."""
-    import onnx_ir as ir
-
-    from onnxopt.calib_data import open_data
-    from onnxopt.passes.quantize import QuantizePass
-    from onnxopt.pipeline.context import PassContext
-
-    out = {}
-    for k in sorted({round(len(order) * f) for f in (0.25, 0.5, 0.75)} - {0, len(order)}):
-        step = QuantizePass(placement="all", exclude_nodes=order[:k]).bind(PassContext(calib=open_data(calib)))
-        model = step.apply(fp32)
-        out[f"cut_{k}"] = model if not isinstance(model, ir.Model) else ir.to_proto(model)
-    return out
+    return {f"cut_{k}": quantize_all(fp32, calib, exclude_nodes=order[:k])
+            for k in sorted({round(len(order) * f) for f in (0.25, 0.5, 0.75)} - {0, len(order)})}
 
 
 def split_stability(fp32: Any, int8: Any, order: list[str], count: int) -> dict[str, list[str]]:
@@ -145,14 +151,11 @@ def split_stability(fp32: Any, int8: Any, order: list[str], count: int) -> dict[
     from onnxopt.passes.quantize import node_profile as npf
     from onnxopt.passes.quantize import placement as pl
 
-    name = fp32.graph.input[0].name
-    shape = tuple(d.dim_value or 1 for d in fp32.graph.input[0].type.tensor_type.shape.dim)
-    shapes = {name: (1, *shape[1:])}
-    settings = [(shapes, None)] + [(s, t) for _, s, t in pl.other_settings(fp32, shapes, None)]
+    settings = pl.search_settings(fp32, input_shapes(fp32, 1), None)
     together = npf.profile_together
 
-    def one_by_one(models, input_shapes, threads):
-        return [together([model], input_shapes, threads)[0] for model in models]
+    def one_by_one(models, shapes, threads):
+        return [together([model], shapes, threads)[0] for model in models]
 
     out: dict[str, list[str]] = {}
     try:

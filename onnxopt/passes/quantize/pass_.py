@@ -594,7 +594,7 @@ class QuantizePass(OnnxoptPass):
                 return
             start = time.perf_counter()
             order = [n.name for n in proto.graph.node if n.op_type in heavy and n.name and n.name not in exclude]
-            profile_at = [(shapes, threads)] + [(s, t) for _, s, t in pl.other_settings(fp32, shapes, threads)]
+            profile_at = pl.search_settings(fp32, shapes, threads)
             try:
                 keep, gains = fp32_nodes_by_profile(fp32, source.model, order, profile_at)
             except Exception as exc:  # noqa: BLE001 - a profile that fails leaves the other candidates

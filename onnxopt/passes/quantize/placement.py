@@ -347,6 +347,12 @@ def other_settings(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]
     return settings
 
 
+def search_settings(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]],
+                    threads: int | None) -> list[tuple[dict[str, tuple[int, ...]], int | None]]:
+    """(input shapes, threads) of every setting the search checks: the searched one, then :func:`other_settings`."""
+    return [(dict(shapes), threads)] + [(s, t) for _, s, t in other_settings(model, shapes, threads)]
+
+
 def _random_input(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """Seeded timing data: normal floats; integers in [0, 8) like ``onnxopt.bench`` (valid ids and indices)."""
     if dtype.kind == "f":
@@ -654,4 +660,5 @@ def choose(candidates: list[Candidate]) -> Candidate | None:
 
 __all__ = ["FP32", "HEAVY_OPS", "Candidate", "SessionPool", "Timing", "Trial", "at_batch", "choose",
            "first_outputs", "other_settings", "race", "ratio_between", "ratio_to_fp32", "ratios", "regions",
-           "class_axis", "output_sqnr_db", "sharing_sessions", "time_models", "timing_feeds", "top1_agreement"]
+           "search_settings", "class_axis", "output_sqnr_db", "sharing_sessions", "time_models", "timing_feeds",
+           "top1_agreement"]
