@@ -74,7 +74,9 @@ ELSEWHERE_RACES = 2
 #: Races at another setting whose two ratios disagree (one says faster by MIN_SPEEDUP, the other slower than
 #: MIN_RATIO_OTHER: :func:`race_verdict`) that may be run again instead of rejecting the winner, per setting. ResNet's
 #: int8 model (1.16x-1.40x FP32 at batch 8 in the benchmark) read 1.10x by median and 0.93x by fastest run in one
-#: search's race and was kept FP32. Replayed on reports/elsewhere_rules.md's recorded races.
+#: search's race and was kept FP32. Replayed on recorded races (AVX2 host): reports/elsewhere_rules_earlier.md, 0 of
+#: 178 decisions on candidates not slower missed (two races alone: 3 of 180), 5 of 94 passed on slower ones (3 of
+#: 60); reports/elsewhere_rules.md, 18 of 209 missed (22 of 210), no slower candidate there.
 ELSEWHERE_RETRIES = 1
 #: A whole-model int8 candidate this many times faster than FP32 ends a staged search (no region candidates).
 WHOLE_MODEL_ENOUGH = 1.10
