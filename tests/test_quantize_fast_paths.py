@@ -358,6 +358,27 @@ def test_time_models_returns_a_median_and_fastest_run_per_model(prepared):
         placement._timing_shape("x", ["N", "H"], {})
 
 
+@pytest.mark.parametrize(("run_ms", "loops"), [({"a": 0.25, "b": 0.5}, 8), ({"a": 5.0}, 1), ({"a": 0.001}, 64),
+                                               ({"a": 1.5, "b": 3.0}, 2)])
+def test_loops_per_run_makes_the_fastest_models_runs_last_min_run_ms(run_ms, loops):
+    """Sub-millisecond models run several times within each timed run, all models of a race alike, at most
+    MAX_LOOPS times; a model as slow as MIN_RUN_MS runs once."""
+    now = [0]
+    calls = {label: 0 for label in run_ms}
+
+    def runner(label):
+        def run():
+            calls[label] += 1
+            now[0] += int(run_ms[label] * 1e6)
+        return run
+
+    got = placement.loops_per_run({label: runner(label) for label in run_ms}, clock=lambda: now[0])
+    assert got == loops and all(n == 2 for n in calls.values())  # one untimed run and one timed, each
+    repeated = placement._repeated(runner("a"), got)
+    repeated()
+    assert calls["a"] == 2 + got
+
+
 def test_placement_builds_identical_candidates_once(fake_time_models):
     """With a single conv, 'first' and 'head' name the same node: the second candidate is not built again."""
     rng = np.random.default_rng(5)

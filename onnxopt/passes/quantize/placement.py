@@ -24,6 +24,7 @@ candidate is clearly faster than FP32.
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -83,6 +84,13 @@ WHOLE_MODEL_ENOUGH = 1.10
 #: Untimed runs per model first: the first runs after session creation allocate and are slow.
 WARMUP = 3
 REPEATS = 30
+#: A timed run of a race is this long at least: a model faster than that runs several times within each timed run
+#: (as timeit's autorange does; every model of the race the same number of times, at most MAX_LOOPS). A race of
+#: ResNet's 0.25 ms runs lasted ~15 ms, within one spell of the shared host, and its int8 model read 0.93x-1.09x FP32
+#: by median in ten races of one spell and 1.20x-1.36x in ten of the next; sixteen inferences per timed run read
+#: 1.10x-1.25x and 1.04x-1.25x (ad hoc); the searches' confirmations had read it at 0.96x and 1.03x.
+MIN_RUN_MS = 2.0
+MAX_LOOPS = 64
 #: Rounds every model is timed before any candidate may stop early.
 SCREEN_ROUNDS = 6
 #: A candidate stops being timed when even its fastest run is this many times another model's median.
@@ -306,8 +314,9 @@ def _session(model: onnx.ModelProto, threads: int | None, provider: str = "cpu")
 
 def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
                 input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Timing]:
-    """Median and fastest run (ms) of each model at batch 1, all timed in one interleaved :func:`race` (tests
-    monkeypatch this).
+    """Median and fastest run (ms per inference) of each model at batch 1, all timed in one interleaved
+    :func:`race` (tests monkeypatch this); models faster than ``MIN_RUN_MS`` run :func:`loops_per_run` times within
+    each timed run.
 
     Every model gets the same seeded random inputs (shapes from ``input_shapes``, else the static dims, batch 1).
     """
@@ -318,8 +327,33 @@ def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
     for label, session in sessions.items():
         feeds = timing_feeds(session, input_shapes, rng, shared)
         runners[label] = (lambda s=session, f=feeds: s.run(None, f))
+    loops = loops_per_run(runners)
+    if loops > 1:
+        runners = {label: _repeated(run, loops) for label, run in runners.items()}
     times = race(runners, warmup=WARMUP, repeats=REPEATS, protected=FP32)
-    return {label: Timing(float(np.median(ms)), float(min(ms))) for label, ms in times.items() if ms}
+    return {label: Timing(float(np.median(ms)) / loops, float(min(ms)) / loops) for label, ms in times.items() if ms}
+
+
+def loops_per_run(runners: Mapping[str, Callable[[], object]], min_run_ms: float = MIN_RUN_MS,
+                  max_loops: int = MAX_LOOPS, clock: Callable[[], int] = time.perf_counter_ns) -> int:
+    """Inferences per timed run so that the fastest model's run lasts ``min_run_ms`` (1 for models that slow): each
+    runner once untimed (the first run allocates), then once timed."""
+    fastest = float("inf")
+    for run in runners.values():
+        run()
+        began = clock()
+        run()
+        fastest = min(fastest, (clock() - began) / 1e6)
+    if fastest >= min_run_ms:
+        return 1
+    return max(1, min(max_loops, math.ceil(min_run_ms / max(fastest, 1e-6))))
+
+
+def _repeated(run: Callable[[], object], loops: int) -> Callable[[], None]:
+    def repeated() -> None:
+        for _ in range(loops):
+            run()
+    return repeated
 
 
 def timing_feeds(session: ort.InferenceSession, input_shapes: Mapping[str, tuple[int, ...]],
