@@ -731,6 +731,7 @@ class QuantizePass(OnnxoptPass):
             if confirm(chosen):
                 break
             chosen = trial.pick(candidates, fp32_ms)
+
         def slowest_settings(cands: list[pl.Candidate]) -> dict[str, float]:
             """Each candidate's slowest speed-up over FP32 across the search's settings (by median or by fastest
             run), from one race per setting of FP32 and all of them together: load on a shared machine then slows

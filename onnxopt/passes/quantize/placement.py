@@ -70,14 +70,15 @@ MIN_RATIO_OTHER = 0.98
 #: the confirmation), and one race at batch 8 passed MnasNet's int8 models at 1.08x-1.19x that the benchmark then
 #: read at 0.95x-1.01x by median (six pair races of its QOperator model at batch 8 / 2 threads, ad hoc: 0.96x-1.18x
 #: by median, 0.89x-0.98x by fastest run). Replayed on 30 recorded pair races per model and setting
-#: (reports/elsewhere_rules.md, AVX2 host): one race passed 20 of 120 slower cases, two 3 of 60 (3 misses of 180).
+#: (reports/elsewhere_rules_earlier.md, AVX2 host): one race passed 20 of 120 slower cases, two 3 of 60 (3 misses of
+#: 180).
 ELSEWHERE_RACES = 2
 #: Races at another setting whose two ratios disagree (one says faster by MIN_SPEEDUP, the other slower than
 #: MIN_RATIO_OTHER: :func:`race_verdict`) that may be run again instead of rejecting the winner, per setting. ResNet's
 #: int8 model (1.16x-1.40x FP32 at batch 8 in the benchmark) read 1.10x by median and 0.93x by fastest run in one
 #: search's race and was kept FP32. Replayed on recorded races (AVX2 host): reports/elsewhere_rules_earlier.md, 0 of
 #: 178 decisions on candidates not slower missed (two races alone: 3 of 180), 5 of 94 passed on slower ones (3 of
-#: 60); reports/elsewhere_rules.md, 18 of 209 missed (22 of 210), no slower candidate there.
+#: 60); reports/elsewhere_rules.md (timed runs of MIN_RUN_MS), 0 of 178 missed (4 of 180), 2 of 94 passed (1 of 60).
 ELSEWHERE_RETRIES = 1
 #: A whole-model int8 candidate this many times faster than FP32 ends a staged search (no region candidates).
 WHOLE_MODEL_ENOUGH = 1.10
