@@ -373,10 +373,10 @@ def test_loops_per_run_makes_the_fastest_models_runs_last_min_run_ms(run_ms, loo
         return run
 
     got = placement.loops_per_run({label: runner(label) for label in run_ms}, clock=lambda: now[0])
-    assert got == loops and all(n == 2 for n in calls.values())  # one untimed run and one timed, each
+    assert got == loops and all(n == placement.WARMUP for n in calls.values())  # the warm-up runs, the last timed
     repeated = placement._repeated(runner("a"), got)
     repeated()
-    assert calls["a"] == 2 + got
+    assert calls["a"] == placement.WARMUP + got
 
 
 def test_placement_builds_identical_candidates_once(fake_time_models):
