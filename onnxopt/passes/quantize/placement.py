@@ -78,7 +78,7 @@ ELSEWHERE_RACES = 2
 #: int8 model (1.16x-1.40x FP32 at batch 8 in the benchmark) read 1.10x by median and 0.93x by fastest run in one
 #: search's race and was kept FP32. Replayed on recorded races (AVX2 host): reports/elsewhere_rules_earlier.md, 0 of
 #: 178 decisions on candidates not slower missed (two races alone: 3 of 180), 5 of 94 passed on slower ones (3 of
-#: 60); reports/elsewhere_rules.md (timed runs of MIN_RUN_MS), 0 of 178 missed (4 of 180), 2 of 94 passed (1 of 60).
+#: 60); reports/elsewhere_rules.md (timed runs of MIN_RUN_MS), 0 of 177 missed (3 of 180), 2 of 98 passed (1 of 60).
 ELSEWHERE_RETRIES = 1
 #: A whole-model int8 candidate this many times faster than FP32 ends a staged search (no region candidates).
 WHOLE_MODEL_ENOUGH = 1.10
