@@ -264,15 +264,14 @@ def digits_data(workdir: Path, n_calib: int, n_eval: int) -> tuple[Path, Path]:
     Calibrating on held-out images (200 of the calib file, as before) left 400 images to evaluate on, where the
     quantizers' accuracies differed by one or two images; every held-out image scores them on 700.
     """
-    from onnxopt import examples
     from onnxopt.datasets.digits import digits_splits
 
-    x_train, y_train = digits_splits()["train"]
+    splits = digits_splits()  # its calib and eval splits are the shipped files, bit for bit (tests/test_zoo.py)
+    x_train, y_train = splits["train"]
     pick = np.sort(np.random.default_rng(0).choice(len(y_train), n_calib, replace=False))
     calib = write_npz(workdir / "digits_calib.npz", x_train[pick], y_train[pick], "input")
-    held_out = [np.load(path) for path in (examples.default_calib_path(), examples.default_eval_path())]
-    x_eval = np.concatenate([data["input"] for data in held_out])[:n_eval]
-    y_eval = np.concatenate([data["y"] for data in held_out])[:n_eval]
+    x_eval = np.concatenate([splits["calib"][0], splits["eval"][0]])[:n_eval]
+    y_eval = np.concatenate([splits["calib"][1], splits["eval"][1]])[:n_eval]
     return calib, write_npz(workdir / "digits_eval.npz", x_eval, y_eval, "input")
 
 
