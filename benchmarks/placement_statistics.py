@@ -16,7 +16,8 @@ candidate whose two references disagree is 'either': no error counted). For a ca
 >= ``FASTER``) a race that does not show >= 1.02x is a miss; for one clearly not faster (reference <=
 ``NOT_FASTER``) a race that shows >= 1.02x is a false pick. 'race + confirmation' pairs each race with the next one
 (both must show >= 1.02x), as the search does. It also replays each race with two early-stop rules, to see how many
-rounds each would save and whether a decision would change.
+rounds each would save and whether a decision would change, and replays the search's confirmation
+(``placement.confirmation``) with and without an inconclusive confirmation run again, as the search consumes races.
 
 Models: the digits example and the zoo nets of the quantization benchmark, each as FP32 (normalized) and as
 onnxopt's whole-model int8 QDQ and QOperator (``placement=all``, MinMax, per-channel).
@@ -283,6 +284,63 @@ def _confirmation_lines(results: dict) -> list[str]:
                 for name, rule in CONFIRMATIONS.items():
                     confirms = [rule(m, n) for m, n in zip(medians, minimums)]
                     kept = [a and b for a, b in zip(raced[::2], confirms[1::2])]
+                    for key in ((condition, name), ("all", name)):
+                        total = totals.setdefault(key, {"faster": [0, 0], "not faster": [0, 0], "either": [0, 0]})
+                        total[record["expect"]][0] += sum(kept)
+                        total[record["expect"]][1] += len(kept)
+    for (condition, name), total in sorted(totals.items(), key=lambda item: item[0][0] == "all"):
+        kept_fast, fast = total["faster"]
+        lines.append(f"| {condition} | {name} | {fast - kept_fast}/{fast} | {total['not faster'][0]}/"
+                     f"{total['not faster'][1]} | {total['either'][0]}/{total['either'][1]} |")
+    return lines + _rerun_lines(results)
+
+
+def replay_search(ratios: list[tuple[float, float]], retries: int) -> list[bool]:
+    """The search's decisions replayed on consecutive races: a race decides (the larger of its ratios >=
+    THRESHOLD), and a race that shows int8 faster is confirmed by the next ones as ``placement.confirmation`` takes
+    them (one, or with ``retries`` an inconclusive one run again); each decision starts at the next unused race, and
+    one that would need more races than were recorded is dropped."""
+    from onnxopt.passes.quantize import placement as pl
+
+    kept, at = [], 0
+    while at < len(ratios):
+        if max(ratios[at]) < THRESHOLD:
+            kept.append(False)
+            at += 1
+            continue
+        queue = iter(ratios[at + 1:])
+        try:
+            verdict, _, skipped = pl.confirmation(lambda: next(queue), retries)
+        except StopIteration:
+            break
+        kept.append(verdict)
+        at += 2 + len(skipped)
+    return kept
+
+
+def _rerun_lines(results: dict) -> list[str]:
+    """placement.confirmation with and without its inconclusive confirmation run again, replayed as the search
+    consumes races (:func:`replay_search`)."""
+    from onnxopt.passes.quantize import placement as pl
+
+    rules = {"placement.confirmed, no race run again": 0,
+             f"placement.confirmation: {pl.CONFIRM_RETRIES} inconclusive confirmation run again":
+                 pl.CONFIRM_RETRIES}
+    lines = ["", "## An inconclusive confirmation run again, replayed as the search consumes races", "",
+             f"Each candidate's recorded races in order: a race decides (larger of its ratios >= {THRESHOLD}x); one "
+             "that shows int8 faster is confirmed by the next race (`placement.confirmed`), or, where that one is "
+             "inconclusive (one ratio >= 1.02x, the other < 0.98x: `placement.race_verdict`) and a race may be run "
+             "again, by the race after it; the next decision starts at the next unused race. Columns as above, per "
+             "decision.", "",
+             "| condition | rule | misses | false picks | either: int8 kept |", "|---|---|---|---|---|"]
+    totals: dict[tuple[str, str], dict[str, list[int]]] = {}
+    for per_candidate in results.values():
+        for row in per_candidate.values():
+            for condition, record in row.items():
+                ratios = list(zip(record["statistics"]["median"]["ratios"],
+                                  record["statistics"]["minimum"]["ratios"]))
+                for name, retries in rules.items():
+                    kept = replay_search(ratios, retries)
                     for key in ((condition, name), ("all", name)):
                         total = totals.setdefault(key, {"faster": [0, 0], "not faster": [0, 0], "either": [0, 0]})
                         total[record["expect"]][0] += sum(kept)

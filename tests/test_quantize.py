@@ -485,6 +485,64 @@ def test_placement_winner_must_be_confirmed(normalized, fake_time_models):
     assert not any(node.op_type == "QuantizeLinear" for node in model.graph.node)
 
 
+@pytest.mark.parametrize(("races", "passed", "used", "skipped"), [
+    ([(1.1, 1.0)], True, 1, 0),
+    ([(1.2, 0.9)], True, 1, 0),  # clearly faster by one of the two (CLEARLY_SLOWER): confirmed as it is
+    ([(1.1, 0.95), (1.1, 1.0)], True, 2, 1),  # faster by median, slower by fastest run: run again
+    ([(0.95, 1.05), (1.05, 1.0)], True, 2, 1),  # ... or the other way round
+    ([(1.1, 0.95), (1.1, 0.95), (1.2, 1.2)], False, 2, 1),  # one run again, not two
+    ([(1.0, 1.0), (1.2, 1.2)], False, 1, 0),  # faster by neither: not inconclusive
+])
+def test_confirmation_runs_one_inconclusive_race_again(races, passed, used, skipped):
+    """At the main setting as at the others: a confirmation whose ratios disagree is timed once more, and the
+    next one decides."""
+    queue = list(races)
+    verdict, deciding, again = placement.confirmation(lambda: queue.pop(0))
+    assert verdict is passed and len(races) - len(queue) == used and len(again) == skipped
+    assert deciding == races[used - 1] and again == races[:skipped]
+
+
+def test_placement_times_an_inconclusive_confirmation_again(normalized, fake_time_models):
+    """A winner whose confirmation reads faster by median and slower by fastest run (MnasNet's split, ~1.1x FP32,
+    failed one such confirmation in three) is timed again once, and kept when that run confirms it."""
+    confirmations: list[int] = []
+
+    def fake(models, threads, input_shapes):
+        big = any(shape[0] == placement.CONFIRM_BATCH for shape in input_shapes.values())
+        if len(models) == 2 and not big and threads is None:
+            confirmations.append(1)
+        first = len(confirmations) == 1 and len(models) == 2 and not big
+        return {label: placement.Timing(2.0, 1.8) if label == placement.FP32 else (
+            placement.Timing(1.8, 1.94) if first else placement.Timing(1.0, 0.9)) for label in models}
+
+    fake_time_models(fake)
+    model, step = _quantize(normalized, placement="auto", calib_samples=32, max_candidates=2)
+    info = step.details["placement"]
+    assert info["chosen"] != "fp32" and len(info["confirmations"]) == 1
+    assert info["confirmations"][0]["inconclusive"] == [pytest.approx((2.0 / 1.8, 1.8 / 1.94))]
+    assert info["confirmations"][0]["speedup"] == pytest.approx(2.0)
+    verdict = next(note for note in step.notes if note.startswith("verdict"))
+    assert "when timed again [inconclusive race run again: 1.11x (fastest run 0.93x)]" in verdict
+
+
+def test_placement_rejects_a_confirmation_inconclusive_twice(normalized, fake_time_models):
+    """Two inconclusive confirmations in a row reject the winner, and the reason names both."""
+    def fake(models, threads, input_shapes):
+        big = any(shape[0] == placement.CONFIRM_BATCH for shape in input_shapes.values())
+        near = len(models) == 2 and not big
+        return {label: placement.Timing(2.0, 1.8) if label == placement.FP32 else (
+            placement.Timing(1.8, 1.94) if near else placement.Timing(1.0, 0.9)) for label in models}
+
+    fake_time_models(fake)
+    model, step = _quantize(normalized, placement="auto", calib_samples=32, max_candidates=2)
+    info = step.details["placement"]
+    assert info["chosen"] == "fp32"
+    assert all(len(c["inconclusive"]) == placement.CONFIRM_RETRIES for c in info["confirmations"])
+    dropped = [c["rejected"] for c in info["candidates"] if c.get("rejected", "").startswith("not confirmed")]
+    assert dropped and all("[inconclusive race run again: 1.11x (fastest run 0.93x)]" in r for r in dropped)
+    assert "[inconclusive race run again" in info["verdict"]
+
+
 def test_placement_rejects_a_winner_that_is_slower_at_batch_8(normalized, fake_time_models):
     """int8 2x faster at batch 1 but slower at batch 8: the model stays FP32 and the verdict says why."""
     calls: list[dict] = []

@@ -690,14 +690,23 @@ class QuantizePass(OnnxoptPass):
         def confirm(cand: pl.Candidate) -> bool:
             """A second, two-model run against FP32 (one burst of load on a shared machine cannot pick a winner),
             then the other settings; False, with ``cand`` rejected, when it fails either."""
-            again = pl.time_models({pl.FP32: fp32, cand.label: cand.model}, threads, shapes)
-            fp32_again, cand_again = again.get(pl.FP32), again.get(cand.label)
-            ratio, best_run = pl.ratios(fp32_again, cand_again)
+            timed: dict[str, pl.Timing | None] = {}
+
+            def next_race() -> pl.Ratios:
+                again = pl.time_models({pl.FP32: fp32, cand.label: cand.model}, threads, shapes)
+                timed.update(fp32=again.get(pl.FP32), cand=again.get(cand.label))
+                return pl.ratios(timed["fp32"], timed["cand"])
+
+            passed, (ratio, best_run), skipped = pl.confirmation(next_race)
+            fp32_again, cand_again = timed["fp32"], timed["cand"]
             confirmations.append({"label": cand.label, "fp32_ms": fp32_again and fp32_again.median_ms,
                                   "median_ms": cand_again and cand_again.median_ms, "speedup": ratio,
                                   "best_run_speedup": best_run})
-            if not pl.confirmed(ratio, best_run):
-                trial.reject(cand, f"not confirmed: {_speeds(ratio, best_run)} when timed again")
+            if skipped:
+                confirmations[-1]["inconclusive"] = skipped
+            if not passed:
+                trial.reject(cand, f"not confirmed: {_speeds(ratio, best_run)} when timed again"
+                             + _run_again(confirmations[-1]))
                 return False
             slower = self._slower_elsewhere(fp32, cand, shapes, threads, confirmations[-1])
             if slower is not None:
@@ -792,8 +801,8 @@ class QuantizePass(OnnxoptPass):
             gains = [c.gain for c in candidates if c.rejected is None and c.speedup is not None]
             if confirmations:
                 why = (f"no int8 candidate stayed faster than FP32 when timed again ("
-                       + ", ".join(f"{c['label']} {_speeds(c['speedup'], c.get('best_run_speedup'))}" + _elsewhere(c)
-                                   for c in confirmations) + ")")
+                       + ", ".join(f"{c['label']} {_speeds(c['speedup'], c.get('best_run_speedup'))}" + _run_again(c)
+                                   + _elsewhere(c) for c in confirmations) + ")")
             elif gains:
                 why = f"int8 is slower than FP32 on this CPU (best candidate {max(gains):.2f}x)"
             else:
@@ -810,7 +819,7 @@ class QuantizePass(OnnxoptPass):
         last = mine[-1] if mine else {"speedup": chosen.speedup, "best_run_speedup": chosen.best_run_speedup}
         self.note(f"verdict: kept {chosen.label} ({_speeds(chosen.speedup, chosen.best_run_speedup)} FP32, "
                   f"{_speeds(last['speedup'], last['best_run_speedup'])} when timed again"
-                  + (_elsewhere(last) if mine else "") + ")"
+                  + (_run_again(last) + _elsewhere(last) if mine else "") + ")"
                   + (f"; {worst_setting['why']}" if worst_setting.get("why") else ""))
         self.details["placement"]["verdict"] = f"kept {chosen.label}"
         assert chosen.model is not None
@@ -1175,6 +1184,12 @@ def _speeds(by_median: float | None, by_best_run: float | None) -> str:
     """"1.35x (fastest run 1.40x)": a speed-up over FP32 by median and by fastest run."""
     text = f"{by_median or 0.0:.2f}x"
     return text + (f" (fastest run {by_best_run:.2f}x)" if by_best_run is not None else "")
+
+
+def _run_again(confirmation: dict[str, Any]) -> str:
+    """" [inconclusive race run again: 1.10x (fastest run 0.93x)]" for a confirmation at the main setting that was
+    timed again ("" when none was)."""
+    return "".join(f" [inconclusive race run again: {_speeds(*race)}]" for race in confirmation.get("inconclusive", []))
 
 
 def _elsewhere(confirmation: dict[str, Any]) -> str:

@@ -8,9 +8,10 @@ FP32 on calibration samples is high enough (checked for the fastest first, the n
 A candidate beats FP32 when its median run or its fastest run does (:attr:`Candidate.gain`): on a shared machine a
 burst of load inflates one model's median, never a fastest run (``benchmarks/placement_statistics.py`` scores both
 on recorded races). The confirmation (the winner timed again alone beside FP32) asks for a clear gain by either,
-or for a gain by one and no loss by the other (:func:`confirmed`). The checks that a winner is not slower
-elsewhere (batch 8, one thread) take both, as the latency target does: since the timed sessions stopped spinning
-between runs (``benchmarks/spinning.py``), copies of one model read alike by either measure.
+or for a gain by one and no loss by the other (:func:`confirmed`); one whose two ratios disagree is run again
+once (:func:`confirmation`). The checks that a winner is not slower elsewhere (batch 8, one thread) take both, as
+the latency target does: since the timed sessions stopped spinning between runs (``benchmarks/spinning.py``),
+copies of one model read alike by either measure.
 
 The search is most of a MinMax quantization's wall time, so it is kept cheap without changing what it can choose:
 one ORT session per model serves the agreement check, the timing and the confirmation (:func:`sharing_sessions`);
@@ -62,6 +63,14 @@ MIN_SPEEDUP = 1.02
 AGREEMENT_SAMPLES = 64
 #: Second timing runs (the winner alone against FP32) before a winner is accepted; each failure tries the next.
 CONFIRMATIONS = 2
+#: Confirmations whose two ratios disagree (:func:`race_verdict` "inconclusive") that may be run again instead of
+#: rejecting the winner, per candidate: the rule the other settings have had (``ELSEWHERE_RETRIES``), at the main
+#: setting too, where MnasNet's split (~1.1x FP32) failed one confirmation in three in one benchmark run. Replayed on
+#: three recordings of races (benchmarks/placement_statistics.py, its last table): clearly faster candidates missed
+#: 9, 6 and 11 times instead of 15, 9 and 33 (of ~750, ~600, ~840 decisions), candidates not faster kept 9, 3 and 6
+#: times instead of 8, 2 and 6 (reports/placement_statistics.md, placement_statistics_earlier.md,
+#: placement_statistics_no_spinning.md).
+CONFIRM_RETRIES = 1
 #: A confirmed winner is also timed at these other settings (:func:`other_settings`) and must not be slower than
 #: FP32 there (ratio >= MIN_RATIO_OTHER): int8 that pays at batch 1 can lose at batch 8 or on one thread.
 CONFIRM_BATCH = 8
@@ -113,10 +122,11 @@ def confirmed(speedup: float, best_run_speedup: float) -> bool:
     fastest run (``CLEARLY_SLOWER``, the race's own margin), or faster by one (``MIN_SPEEDUP``) and slower by neither
     (``MIN_RATIO_OTHER``, the latency target's condition). The race alone takes the larger of the two (a burst of
     load inflates a median, never a fastest run). Replayed on the recorded races of
-    ``reports/placement_statistics.md`` ("Confirmation rules"): false picks 2 of 300 pairs instead of 7 with the
-    larger alone, MnasNet's int8 (1.08x FP32 by median, 0.95x by fastest run) kept in 115 of 300 instead of 213, 9
-    of 600 clearly faster pairs missed instead of 6; asking for both always had 0 false picks but 35 misses, and
-    missed two ResNet exports of the corpus (1.20x by median, 0.95x by fastest run when timed again)."""
+    ``reports/placement_statistics_earlier.md`` ("Confirmation rules"): false picks 2 of 300 pairs instead of 7 with
+    the larger alone, MnasNet's int8 (1.08x FP32 by median, 0.95x by fastest run) kept in 115 of 300 instead of 213,
+    9 of 600 clearly faster pairs missed instead of 6; asking for both always had 0 false picks but 35 misses, and
+    missed two ResNet exports of the corpus (1.20x by median, 0.95x by fastest run when timed again). An
+    inconclusive confirmation may be run again (:func:`confirmation`)."""
     larger, smaller = max(speedup, best_run_speedup), min(speedup, best_run_speedup)
     return larger >= CLEARLY_SLOWER or (larger >= MIN_SPEEDUP and smaller >= MIN_RATIO_OTHER)
 
@@ -131,6 +141,21 @@ def race_verdict(ratio: float, best_run: float) -> str:
 
 
 Ratios = tuple[float, float]  # (by median run, by fastest run) of one race against FP32
+
+
+def confirmation(next_race: Callable[[], Ratios], retries: int = CONFIRM_RETRIES) -> tuple[bool, Ratios, list[Ratios]]:
+    """The confirmation at the main setting: races (``next_race`` runs one and returns its (median, fastest-run)
+    ratios) until one is :func:`confirmed` (True) or is not and is no inconclusive race that may be run again (at
+    most ``retries`` are). Returns the verdict, the ratios of the race that decided and those run again. A pure
+    function of the races, so benchmarks/placement_statistics.py replays it on recorded ones."""
+    skipped: list[Ratios] = []
+    while True:
+        ratio, best_run = next_race()
+        if confirmed(ratio, best_run):
+            return True, (ratio, best_run), skipped
+        if race_verdict(ratio, best_run) != "inconclusive" or len(skipped) >= retries:
+            return False, (ratio, best_run), skipped
+        skipped.append((ratio, best_run))
 
 
 def not_slower_elsewhere(next_race: Callable[[], Ratios], races: int = ELSEWHERE_RACES,
