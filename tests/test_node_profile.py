@@ -114,10 +114,10 @@ def _conv_names(model: onnx.ModelProto) -> list[str]:
     return [node.name for node in model.graph.node if node.op_type in placement.HEAVY_OPS]
 
 
-def _search_with(fake_time_models, timing, slow_first_conv: bool = True, **params
+def _search_with(fake_time_models, timing, slow_first_conv: bool = True, sees_race: bool = False, **params
                  ) -> tuple[dict, onnx.ModelProto, list[str]]:
-    """The default search on the normalized example with ``timing(label, batch8, threads)`` -> ms (FP32 2.0; a
-    ``timing`` of four arguments also gets the labels timed in the same race) and a
+    """The default search on the normalized example with ``timing(label, batch8, threads)`` -> ms (FP32 2.0; with
+    ``sees_race``, ``timing(label, batch8, threads, raced)`` also gets the labels timed in the same race) and a
     profile in which int8 is 2x faster on every conv but, with ``slow_first_conv``, the first (so the split keeps
     it FP32); the placement details, the output model and the conv names."""
     model = load_model(examples.default_model_path())
@@ -129,7 +129,7 @@ def _search_with(fake_time_models, timing, slow_first_conv: bool = True, **param
         big = any(shape[0] == placement.CONFIRM_BATCH for shape in shapes.values())
         raced = sorted(models)
         return {label: 2.0 if label == placement.FP32 else (
-            timing(label, big, threads, raced) if timing.__code__.co_argcount == 4 else timing(label, big, threads))
+            timing(label, big, threads, raced) if sees_race else timing(label, big, threads))
             for label in models}
 
     def profile(graph, shapes, threads):
@@ -203,7 +203,7 @@ def test_split_and_whole_model_are_compared_in_races_of_their_own(fake_time_mode
             return 1.9  # its own races (confirmation, other settings), in a spell of load: 1.05x
         return 2.0 / 1.3 if split else 2.0 / (1.15 if big else 2.0)
 
-    info, _, _ = _search_with(fake_time_models, timing)
+    info, _, _ = _search_with(fake_time_models, timing, sees_race=True)
     record = info["worst_setting"]
     split_label = next(label for label in record["worst"] if label.endswith("_fp32_profiled"))
     whole_label = next(label for label in record["worst"] if label != split_label)
