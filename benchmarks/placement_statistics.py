@@ -48,6 +48,7 @@ CANDIDATES = {"int8 QDQ": {"placement": "all"}, "int8 QOperator": {"placement": 
 ZOO = ("resnet", "shufflenetv2", "mnasnet")
 THRESHOLD = 1.02  # placement.MIN_SPEEDUP
 FASTER, NOT_FASTER = 1.05, 0.98
+Ratios = tuple[float, float]  # one race's (median, minimum) ratio of FP32 time to the candidate's
 
 
 def _paired(fp32: np.ndarray, other: np.ndarray) -> float:
@@ -274,28 +275,18 @@ def _confirmation_lines(results: dict) -> list[str]:
              "the median and minimum references disagree (MnasNet: faster by median, slower by minimum). Computed "
              "from the ratios of the run's JSON (`--render`, so a run recorded before this table has it too).", "",
              "| condition | confirmation rule | misses | false picks | either: int8 kept |", "|---|---|---|---|---|"]
-    totals: dict[tuple[str, str], dict[str, list[int]]] = {}
-    for per_candidate in results.values():
-        for row in per_candidate.values():
-            for condition, record in row.items():
-                medians = record["statistics"]["median"]["ratios"]
-                minimums = record["statistics"]["minimum"]["ratios"]
-                raced = [max(m, n) >= THRESHOLD for m, n in zip(medians, minimums)]
-                for name, rule in CONFIRMATIONS.items():
-                    confirms = [rule(m, n) for m, n in zip(medians, minimums)]
-                    kept = [a and b for a, b in zip(raced[::2], confirms[1::2])]
-                    for key in ((condition, name), ("all", name)):
-                        total = totals.setdefault(key, {"faster": [0, 0], "not faster": [0, 0], "either": [0, 0]})
-                        total[record["expect"]][0] += sum(kept)
-                        total[record["expect"]][1] += len(kept)
-    for (condition, name), total in sorted(totals.items(), key=lambda item: item[0][0] == "all"):
-        kept_fast, fast = total["faster"]
-        lines.append(f"| {condition} | {name} | {fast - kept_fast}/{fast} | {total['not faster'][0]}/"
-                     f"{total['not faster'][1]} | {total['either'][0]}/{total['either'][1]} |")
-    return lines + _rerun_lines(results)
+
+    def paired(rule: Callable[[float, float], bool]) -> Callable[[list[Ratios]], list[bool]]:
+        def kept(ratios: list[Ratios]) -> list[bool]:
+            raced = [max(ratio) >= THRESHOLD for ratio in ratios]
+            return [a and rule(*b) for a, b in zip(raced[::2], ratios[1::2])]
+        return kept
+
+    return (lines + _kept_rows(results, {name: paired(rule) for name, rule in CONFIRMATIONS.items()})
+            + _rerun_lines(results))
 
 
-def replay_search(ratios: list[tuple[float, float]], retries: int) -> list[bool]:
+def replay_search(ratios: list[Ratios], retries: int) -> list[bool]:
     """The search's decisions replayed on consecutive races: a race decides (the larger of its ratios >=
     THRESHOLD), and a race that shows int8 faster is confirmed by the next ones as ``placement.confirmation`` takes
     them (one, or with ``retries`` an inconclusive one run again); each decision starts at the next unused race, and
@@ -333,18 +324,26 @@ def _rerun_lines(results: dict) -> list[str]:
              "again, by the race after it; the next decision starts at the next unused race. Columns as above, per "
              "decision.", "",
              "| condition | rule | misses | false picks | either: int8 kept |", "|---|---|---|---|---|"]
+    return lines + _kept_rows(results, {name: (lambda ratios, retries=retries: replay_search(ratios, retries))
+                                        for name, retries in rules.items()})
+
+
+def _kept_rows(results: dict, rules: dict[str, Callable[[list[Ratios]], list[bool]]]) -> list[str]:
+    """One table row per condition and rule: each rule maps a candidate's recorded (median, minimum) ratios to its
+    decisions (int8 kept or not), counted against the candidate's expectation and totalled over the conditions."""
     totals: dict[tuple[str, str], dict[str, list[int]]] = {}
     for per_candidate in results.values():
         for row in per_candidate.values():
             for condition, record in row.items():
                 ratios = list(zip(record["statistics"]["median"]["ratios"],
                                   record["statistics"]["minimum"]["ratios"]))
-                for name, retries in rules.items():
-                    kept = replay_search(ratios, retries)
+                for name, decide in rules.items():
+                    kept = decide(ratios)
                     for key in ((condition, name), ("all", name)):
                         total = totals.setdefault(key, {"faster": [0, 0], "not faster": [0, 0], "either": [0, 0]})
                         total[record["expect"]][0] += sum(kept)
                         total[record["expect"]][1] += len(kept)
+    lines = []
     for (condition, name), total in sorted(totals.items(), key=lambda item: item[0][0] == "all"):
         kept_fast, fast = total["faster"]
         lines.append(f"| {condition} | {name} | {fast - kept_fast}/{fast} | {total['not faster'][0]}/"
