@@ -16,7 +16,7 @@ import io
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -706,7 +706,7 @@ class QuantizePass(OnnxoptPass):
                 confirmations[-1]["inconclusive"] = skipped
             if not passed:
                 trial.reject(cand, f"not confirmed: {_speeds(ratio, best_run)} when timed again"
-                             + _run_again(confirmations[-1]))
+                             + _run_again(skipped))
                 return False
             slower = self._slower_elsewhere(fp32, cand, shapes, threads, confirmations[-1])
             if slower is not None:
@@ -801,8 +801,9 @@ class QuantizePass(OnnxoptPass):
             gains = [c.gain for c in candidates if c.rejected is None and c.speedup is not None]
             if confirmations:
                 why = (f"no int8 candidate stayed faster than FP32 when timed again ("
-                       + ", ".join(f"{c['label']} {_speeds(c['speedup'], c.get('best_run_speedup'))}" + _run_again(c)
-                                   + _elsewhere(c) for c in confirmations) + ")")
+                       + ", ".join(f"{c['label']} {_speeds(c['speedup'], c.get('best_run_speedup'))}"
+                                   + _run_again(c.get("inconclusive", [])) + _elsewhere(c) for c in confirmations)
+                       + ")")
             elif gains:
                 why = f"int8 is slower than FP32 on this CPU (best candidate {max(gains):.2f}x)"
             else:
@@ -819,7 +820,7 @@ class QuantizePass(OnnxoptPass):
         last = mine[-1] if mine else {"speedup": chosen.speedup, "best_run_speedup": chosen.best_run_speedup}
         self.note(f"verdict: kept {chosen.label} ({_speeds(chosen.speedup, chosen.best_run_speedup)} FP32, "
                   f"{_speeds(last['speedup'], last['best_run_speedup'])} when timed again"
-                  + (_run_again(last) + _elsewhere(last) if mine else "") + ")"
+                  + (_run_again(last.get("inconclusive", [])) + _elsewhere(last) if mine else "") + ")"
                   + (f"; {worst_setting['why']}" if worst_setting.get("why") else ""))
         self.details["placement"]["verdict"] = f"kept {chosen.label}"
         assert chosen.model is not None
@@ -1186,10 +1187,9 @@ def _speeds(by_median: float | None, by_best_run: float | None) -> str:
     return text + (f" (fastest run {by_best_run:.2f}x)" if by_best_run is not None else "")
 
 
-def _run_again(confirmation: dict[str, Any]) -> str:
-    """" [inconclusive race run again: 1.10x (fastest run 0.93x)]" for a confirmation at the main setting that was
-    timed again ("" when none was)."""
-    return "".join(f" [inconclusive race run again: {_speeds(*race)}]" for race in confirmation.get("inconclusive", []))
+def _run_again(races: Sequence[tuple[float, float]]) -> str:
+    """" [inconclusive race run again: 1.10x (fastest run 0.93x)]" for each inconclusive race that was run again."""
+    return "".join(f" [inconclusive race run again: {_speeds(*race)}]" for race in races)
 
 
 def _elsewhere(confirmation: dict[str, Any]) -> str:
@@ -1198,7 +1198,7 @@ def _elsewhere(confirmation: dict[str, Any]) -> str:
     fastest = confirmation.get("elsewhere_fastest_run", {})
     again = confirmation.get("elsewhere_inconclusive", {})
     return "".join(f", {_speeds(ratio, fastest.get(label))} at {label}"
-                   + "".join(f" [inconclusive race run again: {_speeds(*race)}]" for race in again.get(label, []))
+                   + _run_again(again.get(label, []))
                    for label, ratio in confirmation.get("elsewhere", {}).items())
 
 
