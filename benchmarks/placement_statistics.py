@@ -42,6 +42,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from elsewhere_rules import replay  # noqa: E402 - beside this script
+from profiled_split import digits_calib  # noqa: E402 - beside this script
 from report_files import write_report  # noqa: E402 - beside this script
 
 CANDIDATES = {"int8 QDQ": {"placement": "all"}, "int8 QOperator": {"placement": "all", "format": "qoperator"}}
@@ -115,9 +117,7 @@ def build(folder: Path) -> list[tuple[str, dict[str, Path]]]:
     import onnxopt
     from onnxopt import examples, zoo
 
-    calib = folder / "calib.npz"
-    data = np.load(examples.default_calib_path())
-    np.savez(calib, **{key: data[key][:200] for key in data.files})
+    calib = digits_calib(str(folder))
     sources = [("example", examples.default_model_path())]
     sources += [(name, zoo.model_path(name)) for name in ZOO if name in zoo.names()]
     cases = []
@@ -126,7 +126,7 @@ def build(folder: Path) -> list[tuple[str, dict[str, Path]]]:
         onnxopt.optimize(str(source), ["normalize"], measure_latency=False, output=paths["FP32"])
         for label, params in CANDIDATES.items():
             paths[label] = folder / f"{case}_{label.replace(' ', '_')}.onnx"
-            onnxopt.optimize(str(source), ["normalize", {"name": "quantize", **params}], calib=str(calib),
+            onnxopt.optimize(str(source), ["normalize", {"name": "quantize", **params}], calib=calib,
                              measure_latency=False, output=paths[label])
         cases.append((case, paths))
     return cases
@@ -286,32 +286,20 @@ def _confirmation_lines(results: dict) -> list[str]:
             + _rerun_lines(results))
 
 
-def replay_search(ratios: list[Ratios], retries: int) -> list[bool]:
-    """The search's decisions replayed on consecutive races: a race decides (the larger of its ratios >=
-    THRESHOLD), and a race that shows int8 faster is confirmed by the next ones as ``placement.confirmation`` takes
-    them (one, or with ``retries`` an inconclusive one run again); each decision starts at the next unused race, and
-    one that would need more races than were recorded is dropped."""
+def search_rule(retries: int) -> Callable[[Callable[[], Ratios]], bool]:
+    """The search's decision as it consumes races: a race decides (the larger of its ratios >= THRESHOLD), and one
+    that shows int8 faster is confirmed by the next ones as ``placement.confirmation`` takes them (one, or with
+    ``retries`` an inconclusive one run again). Replayed by ``elsewhere_rules.replay``."""
     from onnxopt.passes.quantize import placement as pl
 
-    kept, at = [], 0
-    while at < len(ratios):
-        if max(ratios[at]) < THRESHOLD:
-            kept.append(False)
-            at += 1
-            continue
-        queue = iter(ratios[at + 1:])
-        try:
-            verdict, _, skipped = pl.confirmation(lambda: next(queue), retries)
-        except StopIteration:
-            break
-        kept.append(verdict)
-        at += 2 + len(skipped)
-    return kept
+    def decide(next_race: Callable[[], Ratios]) -> bool:
+        return max(next_race()) >= THRESHOLD and pl.confirmation(next_race, retries)[0]
+    return decide
 
 
 def _rerun_lines(results: dict) -> list[str]:
     """placement.confirmation with and without its inconclusive confirmation run again, replayed as the search
-    consumes races (:func:`replay_search`)."""
+    consumes races (:func:`search_rule`)."""
     from onnxopt.passes.quantize import placement as pl
 
     rules = {"placement.confirmed, no race run again": 0,
@@ -324,7 +312,7 @@ def _rerun_lines(results: dict) -> list[str]:
              "again, by the race after it; the next decision starts at the next unused race. Columns as above, per "
              "decision.", "",
              "| condition | rule | misses | false picks | either: int8 kept |", "|---|---|---|---|---|"]
-    return lines + _kept_rows(results, {name: (lambda ratios, retries=retries: replay_search(ratios, retries))
+    return lines + _kept_rows(results, {name: (lambda ratios, rule=search_rule(retries): replay(rule, ratios)[0])
                                         for name, retries in rules.items()})
 
 
