@@ -39,7 +39,8 @@ def _private_pass_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture
 def fake_time_models(monkeypatch: pytest.MonkeyPatch):
     """Installs a fake of ``placement.time_models`` written as (models, threads, shapes) -> {label: ms or Timing}:
-    a plain ms becomes the model's median and its fastest run alike (no real timing in tests). ``profile``, a fake
+    a plain ms becomes the model's median and its fastest run alike (no real timing in tests); it stands for
+    ``placement.time_deployed`` too. ``profile``, a fake
     of one model's ``node_profile.profile_kernels`` ((model, shapes, threads) -> {ORT node name: microseconds}; it
     stands for each model of ``profile_together``), defaults to an empty profile: no profile-guided candidate."""
     from onnxopt.passes.quantize import node_profile, placement
@@ -50,6 +51,7 @@ def fake_time_models(monkeypatch: pytest.MonkeyPatch):
                     for label, ms in fake(models, threads, shapes).items()}
 
         monkeypatch.setattr(placement, "time_models", timed)
+        monkeypatch.setattr(placement, "time_deployed", timed)  # the fake machine times alike either way
         one = profile or (lambda model, shapes, threads: {})
         monkeypatch.setattr(node_profile, "profile_together",
                             lambda models, shapes, threads: [one(model, shapes, threads) for model in models])

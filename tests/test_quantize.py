@@ -51,11 +51,12 @@ def _accuracy(model: onnx.ModelProto, arrays: tuple[np.ndarray, np.ndarray]) -> 
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
-def _quantize(model, calib=None, **params) -> tuple[onnx.ModelProto, QuantizePass]:
+def _quantize(model, calib=None, threads=None, **params) -> tuple[onnx.ModelProto, QuantizePass]:
     """The pass alone on a copy of ``model`` (ModelProto in, ModelProto out), calibrated on the example's data."""
     params.setdefault("placement", "all")  # deterministic: no timing on a noisy machine
     step = QuantizePass(**params)
-    step.bind(PassContext(calib=open_data(calib if calib is not None else str(examples.default_calib_path()))))
+    step.bind(PassContext(calib=open_data(calib if calib is not None else str(examples.default_calib_path())),
+                          threads=threads))
     return step.apply(to_proto(model)), step
 
 
@@ -633,3 +634,47 @@ def test_placement_rejects_a_winner_that_is_slower_on_one_thread(normalized, fak
     model, step = _quantize(normalized, placement="auto", calib_samples=32, max_candidates=2)
     info = step.details["placement"]
     assert info["chosen"] == "fp32" and "at 1 thread" in info["verdict"]
+
+
+def test_placement_rejects_a_winner_that_is_slower_as_deployed(normalized, fake_time_models, monkeypatch):
+    """Faster in every race of sessions that do not spin, slower timed as deployed (one spinning session at a time,
+    MnasNet at 2 threads on the VNNI host): FP32 is kept, and the verdict names the check."""
+    def fake(models, threads, input_shapes):
+        return {label: 2.0 if label == placement.FP32 else 1.0 for label in models}
+
+    deployed: list[tuple[list[str], int | None]] = []
+
+    def fake_deployed(models, threads, input_shapes):
+        deployed.append((list(models), threads))
+        return {label: placement.Timing(2.0, 1.9) if label == placement.FP32 else placement.Timing(2.2, 2.1)
+                for label in models}
+
+    fake_time_models(fake)
+    monkeypatch.setattr(placement, "time_deployed", fake_deployed)
+    model, step = _quantize(normalized, placement="auto", calib_samples=32, max_candidates=2, threads=2)
+    info = step.details["placement"]
+    assert info["chosen"] == "fp32" and f"0.91x (fastest run 0.90x) at {placement.DEPLOYED}" in info["verdict"]
+    assert deployed and all(threads == 2 and labels[0] == placement.FP32 for labels, threads in deployed)
+    assert info["confirmations"][0]["elsewhere"][placement.DEPLOYED] == pytest.approx(2.0 / 2.2)
+
+
+def test_no_deployed_check_on_one_thread(normalized, fake_time_models, monkeypatch):
+    """Threads that do not exist cannot spin: on one thread the races already time the model as deployed."""
+    fake_time_models(lambda models, threads, input_shapes: {
+        label: 2.0 if label == placement.FP32 else 1.0 for label in models})
+    monkeypatch.setattr(placement, "time_deployed", lambda *args: pytest.fail("timed as deployed on one thread"))
+    model, step = _quantize(normalized, placement="auto", calib_samples=32, max_candidates=2, threads=1)
+    assert step.details["placement"]["chosen"] != "fp32"
+    assert placement.deployed_check(2) and not placement.deployed_check(1)
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert not placement.deployed_check(None)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert placement.deployed_check(None)
+
+
+def test_time_deployed_times_each_model_in_blocks(normalized):
+    """The real timer on a small model: a median and a fastest block for each label, from spinning sessions."""
+    proto = to_proto(normalized)
+    timings = placement.time_deployed({placement.FP32: proto, "same": proto}, 1, {})
+    assert set(timings) == {placement.FP32, "same"}
+    assert all(0 < t.min_ms <= t.median_ms for t in timings.values())

@@ -951,8 +951,9 @@ class QuantizePass(OnnxoptPass):
     @staticmethod
     def _slower_elsewhere(fp32: onnx.ModelProto, chosen: pl.Candidate, shapes: dict[str, tuple[int, ...]],
                           threads: int | None, record: dict[str, Any]) -> str | None:
-        """Time the winner against FP32 at the other settings (``placement.not_slower_elsewhere``: two races each,
-        one inconclusive race run again); the first setting where it is slower by its median or by its fastest run,
+        """Time the winner against FP32 at the other settings and, on several threads, as deployed
+        (``placement.time_deployed``) (``placement.not_slower_elsewhere``: two races each, one inconclusive race run
+        again); the first setting where it is slower by its median or by its fastest run,
         as the latency target is judged ("batch 8: 1.03x (fastest run 0.93x)"), or None. The lower ratios of the
         races that counted go to ``record['elsewhere']`` (medians) and ``record['elsewhere_fastest_run']``, the races
         run again to ``record['elsewhere_inconclusive']``."""
@@ -960,10 +961,14 @@ class QuantizePass(OnnxoptPass):
 
         assert chosen.model is not None
         record["elsewhere"], record["elsewhere_fastest_run"], record["elsewhere_inconclusive"] = {}, {}, {}
-        for label, other_shapes, other_threads in pl.other_settings(fp32, shapes, threads):
-            def next_race(other_shapes: dict[str, tuple[int, ...]] = other_shapes,
-                          other_threads: int | None = other_threads) -> tuple[float, float]:
-                _, timings = pl.ratio_to_fp32(fp32, chosen.label, chosen.model, other_threads, other_shapes)
+        settings = [(label, other_shapes, other_threads, pl.time_models)
+                    for label, other_shapes, other_threads in pl.other_settings(fp32, shapes, threads)]
+        if pl.deployed_check(threads):  # last: the dearest check, for the winners the others passed
+            settings.append((pl.DEPLOYED, dict(shapes), threads, pl.time_deployed))
+        for label, other_shapes, other_threads, timer in settings:
+            def next_race(other_shapes: dict[str, tuple[int, ...]] = other_shapes, other_threads: int | None =
+                          other_threads, timer: Callable[..., dict[str, pl.Timing]] = timer) -> tuple[float, float]:
+                timings = timer({pl.FP32: fp32, chosen.label: chosen.model}, other_threads, other_shapes)
                 return pl.ratios(timings.get(pl.FP32), timings.get(chosen.label))
 
             passed, lowest, skipped = pl.not_slower_elsewhere(next_race)
