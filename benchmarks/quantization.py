@@ -20,6 +20,8 @@ checked), size, and latency ratios vs FP32 at batch 1 and 8 with 1 and 2 threads
 interleaved round-robin in one `onnxopt.bench` run. The issue's targets are evaluated by `targets()`.
 
 Usage: nice -n 5 python benchmarks/quantization.py [--quick] [--models example,resnet,paddle] [--out FILE.md]
+  --data mnist        the zoo's four architectures trained on real MNIST instead (benchmarks/mnist_nets.py; 2000
+                      held-out images where the digits have 700): reports/quantization_mnist.md
   --onc-python PATH   python of the onnx-neural-compressor venv (default $ONNXOPT_ONC_PYTHON or /work/venvs/onc)
   --render JSON       rewrite the Markdown from a previous run's JSON (targets recomputed), measuring nothing
 The report is rewritten after every model, so a run cut short keeps the models it finished.
