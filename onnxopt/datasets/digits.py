@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxopt.datasets.grey_splits import CHANNELS, Split, normalized_splits  # noqa: F401 - CHANNELS re-exported
+
 SEED = 0
 CALIB_SIZE = 300
 EVAL_SIZE = 400
 SOURCE_SIZE = 8
 IMAGE_SIZE = 32
-CHANNELS = 3
 PIXEL_MAX = 16.0  # load_digits pixels are integers 0..16
-
-Split = tuple[np.ndarray, np.ndarray]
 
 
 def bilinear_matrix(src: int = SOURCE_SIZE, dst: int = IMAGE_SIZE) -> np.ndarray:
@@ -69,15 +68,7 @@ def build_splits(seed: int = SEED) -> tuple[dict[str, Split], dict[str, float]]:
     digits = load_digits()
     labels = digits.target.astype(np.int64)
     images = upsample(digits.images) / PIXEL_MAX  # [0, 1], float64
-    indices = split_indices(labels, seed)
-    train = images[indices["train"]]
-    norm = {"mean": round(float(train.mean()), 4), "std": round(float(train.std()), 4)}
-    splits = {}
-    for name, idx in indices.items():
-        x = ((images[idx] - norm["mean"]) / norm["std"]).astype(np.float32)
-        x = np.ascontiguousarray(np.repeat(x[:, None], CHANNELS, axis=1))
-        splits[name] = (x, labels[idx])
-    return splits, norm
+    return normalized_splits(images, labels, split_indices(labels, seed))
 
 
 def digits_splits(seed: int = SEED) -> dict[str, Split]:

