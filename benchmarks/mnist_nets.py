@@ -35,6 +35,7 @@ SEED = 0
 
 def build_one(name: str, out_dir: Path, seed: int, epochs: int) -> dict[str, Any]:
     """Train and export ``name``; returns its record (the ONNX file is written atomically to ``out_dir``)."""
+    from onnxopt.datasets.grey_splits import blank_value
     from onnxopt.datasets.mnist import CHANNELS, IMAGE_SIZE, build_splits
     from onnxopt.modelio import atomic_write_bytes
     from onnxopt.zoo import nets
@@ -44,7 +45,7 @@ def build_one(name: str, out_dir: Path, seed: int, epochs: int) -> dict[str, Any
     splits, norm = build_splits(seed)
     (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
     net = nets.build(name, seed=seed)
-    train(net, x_train, y_train, seed=seed, epochs=epochs, fill=(0.0 - norm["mean"]) / norm["std"], log=False)
+    train(net, x_train, y_train, seed=seed, epochs=epochs, fill=blank_value(norm), log=False)
     model_bytes = nets.export_onnx(net, opset=13, example_shape=(1, CHANNELS, IMAGE_SIZE, IMAGE_SIZE))
     atomic_write_bytes(out_dir / f"{name}.onnx", model_bytes)
     accuracy = float(np.mean(onnx_logits(model_bytes, x_test).argmax(1) == y_test))

@@ -12,9 +12,9 @@ times each int8 model against FP32 at batch 1 with 1 and 2 threads, ``--runs`` t
   timed run);
 - **13-session round-robin**: `onnxopt.bench` with the three models and ten more sessions of them, as the quantization
   benchmark times its 12-13 rows together;
-- **alone, spinning**: one session at a time with ONNX Runtime's defaults (intra-op threads spin between runs, as in
-  deployment), 200 warm-up and 600 timed inferences per block, the models' blocks alternated 3 times; the ratio of
-  the medians of the block medians.
+- **as deployed**: the quantize pass's own check (`placement.time_deployed`): one session per model with ONNX
+  Runtime's defaults (intra-op threads spin between runs, as in deployment), blocks of 10 ms alternated between the
+  three models so that one session runs at a time; the ratio of the medians of the block medians.
 
 Ratio = FP32 median / model median (> 1: int8 faster). One run of the script; nothing here is a unit test.
 
@@ -39,10 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mnist_nets  # noqa: E402 - beside this script
 from report_files import command_line, write_report  # noqa: E402 - beside this script
 
-REGIMES = ("search race", "pair round-robin", "13-session round-robin", "alone, spinning")
+REGIMES = ("search race", "pair round-robin", "13-session round-robin", "as deployed")
 INT8 = ("int8 QDQ", "int8 QOperator")
 THREADS = (1, 2)
-ALONE_WARMUP, ALONE_RUNS, ALONE_BLOCKS = 200, 600, 3
 ROUND_ROBIN_SESSIONS = 13
 
 
@@ -76,27 +75,14 @@ def round_robin(models: dict, labels: list[str], threads: int) -> dict[str, floa
     return {label: fp32 / report.result(label, 1, threads).median_ms for label in INT8 if label in labels}
 
 
-def alone_spinning(models: dict, threads: int, feeds: dict) -> dict[str, float]:
-    from onnxopt.runtime import make_session
+def as_deployed(models: dict, threads: int) -> dict[str, float]:
+    from onnxopt.passes.quantize import placement
 
-    medians: dict[str, list[float]] = {label: [] for label in models}
-    for _ in range(ALONE_BLOCKS):
-        for label, model in models.items():
-            session = make_session(model, threads=threads)  # ORT's defaults: spinning, as deployed
-            for _ in range(ALONE_WARMUP):
-                session.run(None, feeds)
-            times = []
-            for _ in range(ALONE_RUNS):
-                began = time.perf_counter()
-                session.run(None, feeds)
-                times.append(time.perf_counter() - began)
-            medians[label].append(float(np.median(times)))
-            del session
-    fp32 = float(np.median(medians["FP32"]))
-    return {label: fp32 / float(np.median(medians[label])) for label in INT8}
+    timings = placement.time_deployed(models, threads, {})
+    return {label: timings["FP32"].median_ms / timings[label].median_ms for label in INT8}
 
 
-def measure(name: str, models: dict, runs: int, feeds: dict) -> dict:
+def measure(name: str, models: dict, runs: int) -> dict:
     """``{regime: {setting: {model: [ratio per run]}}}``."""
     padded = list(models) + [f"copy {i}" for i in range(ROUND_ROBIN_SESSIONS - len(models))]
     copies = {**models, **{f"copy {i}": models[list(models)[i % len(models)]]
@@ -105,7 +91,7 @@ def measure(name: str, models: dict, runs: int, feeds: dict) -> dict:
         "search race": lambda t: {label: search_race(models, label, t) for label in INT8},
         "pair round-robin": lambda t: {label: round_robin(models, ["FP32", label], t)[label] for label in INT8},
         "13-session round-robin": lambda t: round_robin(copies, padded, t),
-        "alone, spinning": lambda t: alone_spinning(models, t, feeds),
+        "as deployed": lambda t: as_deployed(models, t),
     }
     out: dict = {regime: {f"b1_t{t}": {label: [] for label in INT8} for t in THREADS} for regime in REGIMES}
     for run in range(runs):
@@ -153,13 +139,12 @@ def main() -> None:
     splits, _ = build_splits()
     x_train = splits["train"][0]
     pick = np.sort(np.random.default_rng(0).choice(len(x_train), 200, replace=False))
-    feeds = {"input": splits["test"][0][:1]}
     results = {}
     with tempfile.TemporaryDirectory(prefix="onnxopt-regimes-") as tmp:
         calib = Path(tmp) / "calib.npz"
         np.savez(calib, input=x_train[pick])
         for name in args.models.split(","):
-            results[name] = measure(name, build_models(name, calib), args.runs, feeds)
+            results[name] = measure(name, build_models(name, calib), args.runs)
     payload = {"command": command_line("timing_regimes.py", parser, args, ("models", "runs")),
                "host": host_info().describe(), "runs": args.runs, "seconds": time.perf_counter() - started,
                "results": results}

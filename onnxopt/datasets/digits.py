@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxopt.datasets.grey_splits import CHANNELS, Split, normalized_splits  # noqa: F401 - CHANNELS re-exported
+from onnxopt.datasets.grey_splits import (  # noqa: F401 - CHANNELS and blank_value re-exported
+    CHANNELS, Split, blank_value, normalized_splits)
 
 SEED = 0
 CALIB_SIZE = 300
@@ -74,8 +75,3 @@ def build_splits(seed: int = SEED) -> tuple[dict[str, Split], dict[str, float]]:
 def digits_splits(seed: int = SEED) -> dict[str, Split]:
     """``{"train"|"calib"|"eval": (x, y)}``: :func:`build_splits` without the normalization constants."""
     return build_splits(seed)[0]
-
-
-def blank_value(norm: dict[str, float]) -> float:
-    """A blank (zero-ink) pixel after normalization: the fill of shifted-in borders during training."""
-    return (0.0 - norm["mean"]) / norm["std"]

@@ -21,3 +21,8 @@ def normalized_splits(images: np.ndarray, labels: np.ndarray, indices: dict[str,
         x = ((images[idx] - norm["mean"]) / norm["std"]).astype(np.float32)
         splits[name] = (np.ascontiguousarray(np.repeat(x[:, None], CHANNELS, axis=1)), labels[idx])
     return splits, norm
+
+
+def blank_value(norm: dict[str, float]) -> float:
+    """A blank (zero-ink) pixel after normalization: the fill of shifted-in borders during training."""
+    return (0.0 - norm["mean"]) / norm["std"]
