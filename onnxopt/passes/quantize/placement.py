@@ -91,15 +91,17 @@ ELSEWHERE_RACES = 2
 #: 60); reports/elsewhere_rules.md (timed runs of MIN_RUN_MS), 0 of 177 missed (3 of 180), 2 of 98 passed (1 of 60).
 ELSEWHERE_RETRIES = 1
 #: The races above time sessions that do not spin, interleaved. Deployed, a model runs in one session whose intra-op
-#: threads spin between runs (ONNX Runtime's default), and with two threads that narrows int8's lead: on the VNNI host
-#: MnasNet's whole int8 model read 1.07x FP32 in the search's race and 0.94x (0.68x-1.05x) timed one spinning
-#: session at a time, ResNet's 1.52x and 1.18x (reports/timing_regimes.md); the quantization benchmark read the split
-#: it kept at 0.91x (reports/quantization_mnist.md). So a winner timed on several threads must also not be slower
-#: than FP32 timed as deployed (:func:`time_deployed`, the rules of the other settings): blocks of inferences
-#: alternated between the two models, one spinning session running at a time. Spinning threads share the 2 cores
-#: with the neighbours' load, so the ratio moves from one spell to the next: five blocks of 20 ms per model read
-#: ResNet's int8 at 0.91x-1.30x and 48 blocks of 10 ms at 1.12x-1.33x (fastest block 1.63x-1.89x), MnasNet's at
-#: 0.93x-0.96x but once 1.27x (fastest block 0.95x-0.98x), eight races each (ad hoc): many short blocks then.
+#: threads spin between runs (ONNX Runtime's default), and on two threads of the shared VNNI host that changed
+#: int8's lead in some spells: one recording of benchmarks/timing_regimes.py read MnasNet's whole int8 model at 1.07x
+#: FP32 in the search's race and 0.94x (0.68x-1.05x) one spinning session at a time, ResNet's 1.52x and 1.18x; a
+#: later one read them level (MnasNet 1.10x and 1.10x, reports/timing_regimes.md; the first in git history); the
+#: quantization benchmark read a MnasNet split the races had kept at 0.91x (reports/quantization_mnist.md as first
+#: committed). So a winner timed on several threads must also not be slower than FP32 timed as deployed, in the
+#: spell of its search (:func:`time_deployed`, the rules of the other settings): blocks of inferences alternated
+#: between the models, one spinning session running at a time. Spinning threads share the 2 cores with the
+#: neighbours' load, so the ratio moves from block to block: five blocks of 20 ms per model read ResNet's int8 at
+#: 0.91x-1.30x and 48 blocks of 10 ms at 1.12x-1.33x (fastest block 1.63x-1.89x), MnasNet's at 0.93x-0.96x but once
+#: 1.27x (fastest block 0.95x-0.98x), eight races each (ad hoc): many short blocks then.
 DEPLOYED_BLOCK_MS = 10.0
 DEPLOYED_MODEL_MS = 500.0  # timed per model and race: ~48 blocks of a fast model, the fewest for a slow one
 DEPLOYED_BLOCKS = (6, 48)
