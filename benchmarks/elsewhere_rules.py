@@ -191,8 +191,8 @@ def render(payload: dict) -> str:
                        f"{t['false']}/{t['decisions_reject']} |")
     summary += ["", "By setting:", "", "| setting | rule | misses | false passes |", "|---|---|---|---|"]
     for setting, counts in by_setting.items():
-        summary += [f"| {setting} | {name} | {t['misses']}/{t['decisions_pass']} | {t['false']}/{t['decisions_reject']} |"
-                    for name, t in counts.items()]
+        summary += [f"| {setting} | {name} | {t['misses']}/{t['decisions_pass']} | "
+                    f"{t['false']}/{t['decisions_reject']} |" for name, t in counts.items()]
     splits = [f"{net['name']}: {len(net['split_fp32'])} of {net['heavy']} heavy nodes FP32" for net in payload["nets"]]
     return "\n".join(lines + summary + ["", "Profile-guided split: " + "; ".join(splits) + ".", "",
                                         "## Every candidate and setting", ""] + rows) + "\n"
