@@ -375,13 +375,7 @@ def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
 
     Every model gets the same seeded random inputs (shapes from ``input_shapes``, else the static dims, batch 1).
     """
-    sessions = {label: _session(model, threads) for label, model in models.items()}
-    runners: dict[str, Callable[[], object]] = {}
-    rng = np.random.default_rng(0)
-    shared: dict[tuple[str, tuple[int, ...], str], np.ndarray] = {}
-    for label, session in sessions.items():
-        feeds = timing_feeds(session, input_shapes, rng, shared)
-        runners[label] = (lambda s=session, f=feeds: s.run(None, f))
+    runners = _runners({label: _session(model, threads) for label, model in models.items()}, input_shapes)
     loops = loops_per_run(runners)  # also the warm-up runs of models of MIN_RUN_MS or more
     if loops > 1:  # sub-millisecond models warm up longer too: WARMUP timed runs' worth, untimed
         runners = {label: _repeated(run, loops) for label, run in runners.items()}
@@ -401,12 +395,8 @@ def time_deployed(models: Mapping[str, onnx.ModelProto], threads: int | None,
     from onnxopt.runtime import make_session
 
     source = _pool.deployed_source if _pool is not None else (lambda model: model)
-    sessions = {label: make_session(source(model), threads=threads, what="a placement candidate")
-                for label, model in models.items()}
-    rng = np.random.default_rng(0)
-    shared: dict[tuple[str, tuple[int, ...], str], np.ndarray] = {}
-    runners = {label: (lambda s=session, f=timing_feeds(session, input_shapes, rng, shared): s.run(None, f))
-               for label, session in sessions.items()}
+    runners = _runners({label: make_session(source(model), threads=threads, what="a placement candidate")
+                        for label, model in models.items()}, input_shapes)
     one_run_ms = {label: max(_one_run_ms(run), 1e-3) for label, run in runners.items()}
     runs = {label: max(DEPLOYED_BLOCK_RUNS, math.ceil(DEPLOYED_BLOCK_MS / ms)) for label, ms in one_run_ms.items()}
     slowest_block_ms = max(runs[label] * ms for label, ms in one_run_ms.items())
@@ -424,6 +414,15 @@ def time_deployed(models: Mapping[str, onnx.ModelProto], threads: int | None,
                 times.append((time.perf_counter_ns() - began) / 1e6)
             blocks[label].append(statistics.median(times))
     return {label: Timing(statistics.median(ms), min(ms)) for label, ms in blocks.items()}
+
+
+def _runners(sessions: Mapping[str, ort.InferenceSession],
+             input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Callable[[], object]]:
+    """One inference of each session, all on the same seeded random inputs (:func:`timing_feeds`)."""
+    rng = np.random.default_rng(0)
+    shared: dict[tuple[str, tuple[int, ...], str], np.ndarray] = {}
+    return {label: (lambda s=session, f=timing_feeds(session, input_shapes, rng, shared): s.run(None, f))
+            for label, session in sessions.items()}
 
 
 def _one_run_ms(run: Callable[[], object]) -> float:
