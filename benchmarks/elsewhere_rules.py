@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profiled_split import digits_calib, input_shapes, net_path, quantize_all  # noqa: E402 - beside this script
 from report_files import command_line, write_report  # noqa: E402 - beside this script
 
+from onnxopt.passes.quantize.placement import ELSEWHERE_AT_ONCE  # noqa: E402 - after the path set-up
+
 REPO = Path(__file__).resolve().parents[1]
 NOT_SLOWER = 0.98  # placement.MIN_RATIO_OTHER
 CLEARLY_NOT_SLOWER = 1.02  # placement.MIN_SPEEDUP
@@ -62,12 +64,20 @@ def _placement_rule(next_race: Callable[[], Race]) -> bool:
     return pl.not_slower_elsewhere(next_race)[0]
 
 
+def _without_at_once(next_race: Callable[[], Race]) -> bool:
+    from onnxopt.passes.quantize import placement as pl
+
+    return pl.not_slower_elsewhere(next_race, at_once=None)[0]
+
+
 #: name -> rule: takes races one at a time (``next_race()`` -> (median ratio, fastest-run ratio)) until it decides
 RULES: dict[str, Callable[[Callable[[], Race]], bool]] = {
     "1 race, median and fastest run >= 0.98": _fixed(1, _each),
     "2 races, each median and fastest run >= 0.98 (the search's rule before ELSEWHERE_RETRIES)": _fixed(2, _each),
     "2 races, each median and fastest run >= 0.98, one inconclusive race run again "
-    "(placement.not_slower_elsewhere)": _placement_rule,
+    "(placement.not_slower_elsewhere before ELSEWHERE_AT_ONCE)": _without_at_once,
+    f"the same, but one race >= {ELSEWHERE_AT_ONCE:.2f} by both passes at once (placement.not_slower_elsewhere)":
+    _placement_rule,
     "2 races, their mean median and mean fastest-run ratios >= 0.98": _fixed(2, _means),
     "3 races, each median and fastest run >= 0.98": _fixed(3, _each),
     "3 races, their mean median and mean fastest-run ratios >= 0.98": _fixed(3, _means),

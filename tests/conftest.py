@@ -40,18 +40,20 @@ def _private_pass_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 def fake_time_models(monkeypatch: pytest.MonkeyPatch):
     """Installs a fake of ``placement.time_models`` written as (models, threads, shapes) -> {label: ms or Timing}:
     a plain ms becomes the model's median and its fastest run alike (no real timing in tests); it stands for
-    ``placement.time_deployed`` too. ``profile``, a fake
+    ``placement.time_deployed`` too unless ``deployed``, a fake of that one, is given. ``profile``, a fake
     of one model's ``node_profile.profile_kernels`` ((model, shapes, threads) -> {ORT node name: microseconds}; it
     stands for each model of ``profile_together``), defaults to an empty profile: no profile-guided candidate."""
     from onnxopt.passes.quantize import node_profile, placement
 
-    def install(fake, profile=None):
-        def timed(models, threads, shapes):
-            return {label: ms if isinstance(ms, placement.Timing) else placement.Timing(ms, ms)
-                    for label, ms in fake(models, threads, shapes).items()}
+    def install(fake, profile=None, deployed=None):
+        def timings(fake):
+            return lambda models, threads, shapes: {
+                label: ms if isinstance(ms, placement.Timing) else placement.Timing(ms, ms)
+                for label, ms in fake(models, threads, shapes).items()}
 
-        monkeypatch.setattr(placement, "time_models", timed)
-        monkeypatch.setattr(placement, "time_deployed", timed)  # the fake machine times alike either way
+        monkeypatch.setattr(placement, "time_models", timings(fake))
+        # the fake machine times alike either way unless told otherwise
+        monkeypatch.setattr(placement, "time_deployed", timings(deployed or fake))
         one = profile or (lambda model, shapes, threads: {})
         monkeypatch.setattr(node_profile, "profile_together",
                             lambda models, shapes, threads: [one(model, shapes, threads) for model in models])

@@ -114,12 +114,13 @@ def _conv_names(model: onnx.ModelProto) -> list[str]:
     return [node.name for node in model.graph.node if node.op_type in placement.HEAVY_OPS]
 
 
-def _search_with(fake_time_models, timing, slow_first_conv: bool = True, sees_race: bool = False, **params
-                 ) -> tuple[dict, onnx.ModelProto, list[str]]:
+def _search_with(fake_time_models, timing, slow_first_conv: bool = True, sees_race: bool = False,
+                 deployed=None, **params) -> tuple[dict, onnx.ModelProto, list[str]]:
     """The default search on the normalized example with ``timing(label, batch8, threads)`` -> ms (FP32 2.0; with
     ``sees_race``, ``timing(label, batch8, threads, raced)`` also gets the labels timed in the same race) and a
     profile in which int8 is 2x faster on every conv but, with ``slow_first_conv``, the first (so the split keeps
-    it FP32); the placement details, the output model and the conv names."""
+    it FP32); ``deployed``, a fake of ``placement.time_deployed`` (default: the same timings); the placement details,
+    the output model and the conv names."""
     model = load_model(examples.default_model_path())
     NormalizePass().apply(model)
     proto = to_proto(model)
@@ -137,7 +138,7 @@ def _search_with(fake_time_models, timing, slow_first_conv: bool = True, sees_ra
         return {name: (40.0 if int8 and slow_first_conv and name == convs[0] else 5.0 if int8 else 10.0)
                 for name in convs}
 
-    fake_time_models(fake, profile)
+    fake_time_models(fake, profile, deployed)
     step = QuantizePass(placement="auto", calib_samples=32, **params).bind(
         PassContext(calib=open_data(str(examples.default_calib_path()))))
     out = step.apply(proto)
@@ -190,6 +191,51 @@ def test_the_whole_model_is_kept_when_the_split_is_not_clearly_faster_everywhere
         "_fp32_profiled") else (1.0 if not big else 1.1))
     assert info["chosen"] == "all_fp32_profiled" and info["worst_setting"]["winner"] == "all_fp32_profiled"
     assert info["worst_setting"]["other"] in ("all", "qoperator")
+
+
+def _split_wins_at_batch_8(label: str, big: bool, threads) -> float:
+    """The whole model wins the batch-1 race, the split is the faster one on its slowest setting (batch 8)."""
+    return (1.0 if big else 1.5) if label.endswith("_fp32_profiled") else (1.9 if big else 1.0)
+
+
+@pytest.mark.parametrize("split_as_deployed, kept", [(1.6, "all_fp32_profiled"), (2.5, "all")])
+def test_the_other_candidate_is_timed_as_deployed_only_once_it_would_be_kept(fake_time_models, monkeypatch,
+                                                                             split_as_deployed, kept):
+    """The winner passes the check as deployed in its confirmation; the other of {split, whole model} meets it only
+    when the races of every setting keep it, and a failure there leaves the winner, with the reason said."""
+    monkeypatch.setattr(placement, "deployed_check", lambda threads: True)
+    timed: list[str] = []
+
+    def deployed(models, threads, shapes):
+        timed.extend(label for label in models if label != placement.FP32)
+        return {label: 2.0 if label == placement.FP32 else split_as_deployed if label.endswith("_fp32_profiled")
+                else 1.6 for label in models}  # 1.25x: below ELSEWHERE_AT_ONCE, two races each
+
+    info, _, _ = _search_with(fake_time_models, _split_wins_at_batch_8, deployed=deployed)
+    record = info["worst_setting"]
+    assert record["winner"] == "all" and record["other"] == "all_fp32_profiled"
+    assert info["chosen"] == kept and record["kept"] == kept
+    assert timed[:2] == ["all", "all"] and set(timed[2:]) == {"all_fp32_profiled"}  # two races each
+    split = next(c for c in info["confirmations"] if c["label"] == "all_fp32_profiled")
+    assert split["elsewhere"][placement.DEPLOYED] == pytest.approx(2.0 / split_as_deployed)
+    if kept == "all":
+        assert f"all_fp32_profiled slower than FP32 at {placement.DEPLOYED}" in record["why"]
+        assert record["why"].endswith("kept all")
+
+
+def test_a_losing_other_candidate_is_not_timed_as_deployed(fake_time_models, monkeypatch):
+    monkeypatch.setattr(placement, "deployed_check", lambda threads: True)
+    timed: list[str] = []
+
+    def deployed(models, threads, shapes):
+        timed.extend(label for label in models if label != placement.FP32)
+        return {label: 2.0 if label == placement.FP32 else 1.6 for label in models}
+
+    info, _, _ = _search_with(fake_time_models, lambda label, big, threads: 0.9 if label.endswith(
+        "_fp32_profiled") else (1.0 if not big else 1.1), deployed=deployed)
+    record = info["worst_setting"]
+    assert info["chosen"] == record["winner"] == "all_fp32_profiled" and record["other"] in ("all", "qoperator")
+    assert timed == ["all_fp32_profiled", "all_fp32_profiled"]
 
 
 def test_split_and_whole_model_are_compared_in_races_of_their_own(fake_time_models):

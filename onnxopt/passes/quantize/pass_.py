@@ -687,9 +687,10 @@ class QuantizePass(OnnxoptPass):
         head_to_head: list[dict[str, Any]] = []
         worst_setting: dict[str, Any] = {}
 
-        def confirm(cand: pl.Candidate) -> bool:
+        def confirm(cand: pl.Candidate, deployed: bool = True) -> bool:
             """A second, two-model run against FP32 (one burst of load on a shared machine cannot pick a winner),
-            then the other settings; False, with ``cand`` rejected, when it fails either."""
+            then the other settings (as deployed too unless ``deployed`` is False: :func:`confirm_deployed` does
+            that one later); False, with ``cand`` rejected, when it fails either."""
             timed: dict[str, pl.Timing | None] = {}
 
             def next_race() -> pl.Ratios:
@@ -708,7 +709,15 @@ class QuantizePass(OnnxoptPass):
                 trial.reject(cand, f"not confirmed: {_speeds(ratio, best_run)} when timed again"
                              + _run_again(skipped))
                 return False
-            slower = self._slower_elsewhere(fp32, cand, shapes, threads, confirmations[-1])
+            slower = self._slower_elsewhere(fp32, cand, shapes, threads, confirmations[-1], deployed=deployed)
+            if slower is not None:
+                trial.reject(cand, f"slower than FP32 at {slower}")
+            return slower is None
+
+        def confirm_deployed(cand: pl.Candidate) -> bool:
+            """The check as deployed of a candidate :func:`confirm` ran without it (added to its record)."""
+            record = next(c for c in reversed(confirmations) if c["label"] == cand.label)
+            slower = self._slower_elsewhere(fp32, cand, shapes, threads, record, pairs=False)
             if slower is not None:
                 trial.reject(cand, f"slower than FP32 at {slower}")
             return slower is None
@@ -755,8 +764,8 @@ class QuantizePass(OnnxoptPass):
             return worst
 
         if chosen is not None:
-            chosen = self._faster_everywhere(chosen, candidates, partial, trial, confirm, confirmations, worst_setting,
-                                             slowest_settings)
+            chosen = self._faster_everywhere(chosen, candidates, partial, trial, confirm, confirm_deployed,
+                                             confirmations, worst_setting, slowest_settings)
 
         profiled_text = ("; the profile-guided split was tried" if any(c.label.endswith(_PROFILED) for c in candidates)
                          else "")
@@ -912,8 +921,8 @@ class QuantizePass(OnnxoptPass):
 
     @staticmethod
     def _faster_everywhere(chosen: pl.Candidate, candidates: list[pl.Candidate], partial: set[str], trial: pl.Trial,
-                           confirm: Callable[[pl.Candidate], bool], confirmations: list[dict[str, Any]],
-                           record: dict[str, Any],
+                           confirm: Callable[..., bool], confirm_deployed: Callable[[pl.Candidate], bool],
+                           confirmations: list[dict[str, Any]], record: dict[str, Any],
                            slowest_settings: Callable[[list[pl.Candidate]], dict[str, float]]) -> pl.Candidate:
         """The winner, or the other of {the profile-guided split, the fastest whole int8 model that passes its
         checks} when that one is confirmed too and, being the split, at least ``MIN_SPEEDUP`` faster than the whole
@@ -923,7 +932,9 @@ class QuantizePass(OnnxoptPass):
         fastest run at its slowest setting, the split 1.10x and 0.99x); the latency target is every setting. The two
         slowest settings come from ``slowest_settings`` (both timed with FP32 in one race per setting): read from
         their confirmations, separate races, the example's split (1.30x FP32 at its slowest setting in the
-        benchmark, the whole models 1.11x-1.17x) lost to a whole model in three searches of three."""
+        benchmark, the whole models 1.11x-1.17x) lost to a whole model in three searches of three. The other one
+        is timed as deployed (``confirm_deployed``, the dearest check: two races of about a second on the example)
+        only once it would be kept: the winner passed that check already, and a loser need not."""
         from onnxopt.passes.quantize import placement as pl
 
         if chosen.label.endswith(_PROFILED):
@@ -935,7 +946,7 @@ class QuantizePass(OnnxoptPass):
             return chosen
         confirmed_worst = {chosen.label: _worst_setting(confirmations[-1])}
         record.update(winner=chosen.label, other=other.label)
-        if not confirm(other):
+        if not confirm(other, deployed=False):
             record.update(kept=chosen.label, confirmed_worst=confirmed_worst)
             return chosen
         confirmed_worst[other.label] = _worst_setting(confirmations[-1])
@@ -943,27 +954,33 @@ class QuantizePass(OnnxoptPass):
         record["confirmed_worst"] = confirmed_worst
         split, whole = (chosen, other) if chosen.label.endswith(_PROFILED) else (other, chosen)
         kept = split if worst[split.label] >= pl.MIN_SPEEDUP * worst[whole.label] else whole
-        record.update(kept=kept.label, worst=worst,
-                      why=f"slowest setting {worst[split.label]:.2f}x for {split.label}, {worst[whole.label]:.2f}x "
-                          f"for {whole.label}, timed together: kept {kept.label}")
+        why = (f"slowest setting {worst[split.label]:.2f}x for {split.label}, {worst[whole.label]:.2f}x for "
+               f"{whole.label}, timed together: kept {kept.label}")
+        if kept is other and not confirm_deployed(other):
+            why = why.replace(f"kept {kept.label}", f"then {other.label} {other.rejected}: kept {chosen.label}")
+            kept = chosen
+        record.update(kept=kept.label, worst=worst, why=why)
         return kept
 
     @staticmethod
     def _slower_elsewhere(fp32: onnx.ModelProto, chosen: pl.Candidate, shapes: dict[str, tuple[int, ...]],
-                          threads: int | None, record: dict[str, Any]) -> str | None:
+                          threads: int | None, record: dict[str, Any], pairs: bool = True,
+                          deployed: bool = True) -> str | None:
         """Time the winner against FP32 at the other settings and, on several threads, as deployed
         (``placement.time_deployed``) (``placement.not_slower_elsewhere``: two races each, one inconclusive race run
         again); the first setting where it is slower by its median or by its fastest run,
         as the latency target is judged ("batch 8: 1.03x (fastest run 0.93x)"), or None. The lower ratios of the
         races that counted go to ``record['elsewhere']`` (medians) and ``record['elsewhere_fastest_run']``, the races
-        run again to ``record['elsewhere_inconclusive']``."""
+        run again to ``record['elsewhere_inconclusive']``. ``pairs`` / ``deployed`` False: skip the pair races at the
+        other settings / the check as deployed."""
         from onnxopt.passes.quantize import placement as pl
 
         assert chosen.model is not None
-        record["elsewhere"], record["elsewhere_fastest_run"], record["elsewhere_inconclusive"] = {}, {}, {}
+        for key in ("elsewhere", "elsewhere_fastest_run", "elsewhere_inconclusive"):
+            record.setdefault(key, {})
         settings = [(label, other_shapes, other_threads, pl.time_models)
-                    for label, other_shapes, other_threads in pl.other_settings(fp32, shapes, threads)]
-        if pl.deployed_check(threads):  # last: the dearest check, for the winners the others passed
+                    for label, other_shapes, other_threads in pl.other_settings(fp32, shapes, threads) if pairs]
+        if deployed and pl.deployed_check(threads):  # last: the dearest check, for the winners the others passed
             settings.append((pl.DEPLOYED, dict(shapes), threads, pl.time_deployed))
         for label, other_shapes, other_threads, timer in settings:
             def next_race(other_shapes: dict[str, tuple[int, ...]] = other_shapes, other_threads: int | None =
