@@ -395,14 +395,16 @@ def time_models(models: Mapping[str, onnx.ModelProto], threads: int | None,
 
 
 def time_deployed(models: Mapping[str, onnx.ModelProto], threads: int | None,
-                  input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Timing]:
+                  input_shapes: Mapping[str, tuple[int, ...]],
+                  blocks: dict[str, list[float]] | None = None) -> dict[str, Timing]:
     """Each model in a session of ONNX Runtime's defaults (intra-op threads spin between runs, as deployed), timed in
     blocks (``DEPLOYED_BLOCK_MS``, ``DEPLOYED_BLOCK_RUNS`` at least) that alternate between the models, so only one
     session runs at a time and a slow spell of the machine hits each model's blocks alike, as many blocks as
     ``DEPLOYED_MODEL_MS`` holds within ``DEPLOYED_BLOCKS``: the median of the blocks' medians and the fastest block's
     median (ms per inference). Interleaving spinning sessions run by run slows them unevenly
     (reports/spinning.md), hence blocks; each block's first quarter, untimed, lets the other session's threads stop
-    spinning. Tests monkeypatch this like :func:`time_models`."""
+    spinning. ``blocks``, when given, receives each model's block medians in the order they ran
+    (benchmarks/deployed_length.py replays shorter races on them). Tests monkeypatch this like :func:`time_models`."""
     from onnxopt.runtime import make_session
 
     source = _pool.deployed_source if _pool is not None else (lambda model: model)
@@ -412,7 +414,9 @@ def time_deployed(models: Mapping[str, onnx.ModelProto], threads: int | None,
     runs = {label: max(DEPLOYED_BLOCK_RUNS, math.ceil(DEPLOYED_BLOCK_MS / ms)) for label, ms in one_run_ms.items()}
     slowest_block_ms = max(runs[label] * ms for label, ms in one_run_ms.items())
     count = min(max(math.ceil(DEPLOYED_MODEL_MS / slowest_block_ms), DEPLOYED_BLOCKS[0]), DEPLOYED_BLOCKS[1])
-    blocks: dict[str, list[float]] = {label: [] for label in runners}
+    if blocks is None:
+        blocks = {}
+    blocks.update({label: [] for label in runners})
     for _ in range(count):
         for label, run in runners.items():
             timed = runs[label]
@@ -424,7 +428,7 @@ def time_deployed(models: Mapping[str, onnx.ModelProto], threads: int | None,
                 run()
                 times.append((time.perf_counter_ns() - began) / 1e6)
             blocks[label].append(statistics.median(times))
-    return {label: Timing(statistics.median(ms), min(ms)) for label, ms in blocks.items()}
+    return {label: Timing(statistics.median(blocks[label]), min(blocks[label])) for label in runners}
 
 
 def _runners(sessions: Mapping[str, ort.InferenceSession],
