@@ -209,13 +209,14 @@ def test_the_other_candidate_is_timed_as_deployed_only_once_it_would_be_kept(fak
     def deployed(models, threads, shapes):
         timed.extend(label for label in models if label != placement.FP32)
         return {label: 2.0 if label == placement.FP32 else split_as_deployed if label.endswith("_fp32_profiled")
-                else 1.6 for label in models}  # 1.25x: below ELSEWHERE_AT_ONCE, two races each
+                else 1.6 for label in models}  # 1.25x: below ELSEWHERE_AT_ONCE, DEPLOYED_RACES each
 
     info, _, _ = _search_with(fake_time_models, _split_wins_at_batch_8, deployed=deployed)
     record = info["worst_setting"]
     assert record["winner"] == "all" and record["other"] == "all_fp32_profiled"
     assert info["chosen"] == kept and record["kept"] == kept
-    assert timed[:2] == ["all", "all"] and set(timed[2:]) == {"all_fp32_profiled"}  # two races each
+    races = placement.DEPLOYED_RACES
+    assert timed[:races] == ["all"] * races and set(timed[races:]) == {"all_fp32_profiled"}
     split = next(c for c in info["confirmations"] if c["label"] == "all_fp32_profiled")
     assert split["elsewhere"][placement.DEPLOYED] == pytest.approx(2.0 / split_as_deployed)
     if kept == "all":
@@ -235,7 +236,7 @@ def test_a_losing_other_candidate_is_not_timed_as_deployed(fake_time_models, mon
         "_fp32_profiled") else (1.0 if not big else 1.1), deployed=deployed)
     record = info["worst_setting"]
     assert info["chosen"] == record["winner"] == "all_fp32_profiled" and record["other"] in ("all", "qoperator")
-    assert timed == ["all_fp32_profiled", "all_fp32_profiled"]
+    assert timed == ["all_fp32_profiled"] * placement.DEPLOYED_RACES
 
 
 def test_split_and_whole_model_are_compared_in_races_of_their_own(fake_time_models):

@@ -967,8 +967,8 @@ class QuantizePass(OnnxoptPass):
                           threads: int | None, record: dict[str, Any], pairs: bool = True,
                           deployed: bool = True) -> str | None:
         """Time the winner against FP32 at the other settings and, on several threads, as deployed
-        (``placement.time_deployed``) (``placement.not_slower_elsewhere``: two races each, one inconclusive race run
-        again); the first setting where it is slower by its median or by its fastest run,
+        (``placement.time_deployed``) (``placement.not_slower_elsewhere``: two races each, three as deployed, one
+        inconclusive race run again); the first setting where it is slower by its median or by its fastest run,
         as the latency target is judged ("batch 8: 1.03x (fastest run 0.93x)"), or None. The lower ratios of the
         races that counted go to ``record['elsewhere']`` (medians) and ``record['elsewhere_fastest_run']``, the races
         run again to ``record['elsewhere_inconclusive']``. ``pairs`` / ``deployed`` False: skip the pair races at the
@@ -978,17 +978,17 @@ class QuantizePass(OnnxoptPass):
         assert chosen.model is not None
         for key in ("elsewhere", "elsewhere_fastest_run", "elsewhere_inconclusive"):
             record.setdefault(key, {})
-        settings = [(label, other_shapes, other_threads, pl.time_models)
+        settings = [(label, other_shapes, other_threads, pl.time_models, pl.ELSEWHERE_RACES)
                     for label, other_shapes, other_threads in pl.other_settings(fp32, shapes, threads) if pairs]
         if deployed and pl.deployed_check(threads):  # last: the dearest check, for the winners the others passed
-            settings.append((pl.DEPLOYED, dict(shapes), threads, pl.time_deployed))
-        for label, other_shapes, other_threads, timer in settings:
+            settings.append((pl.DEPLOYED, dict(shapes), threads, pl.time_deployed, pl.DEPLOYED_RACES))
+        for label, other_shapes, other_threads, timer, races in settings:
             def next_race(other_shapes: dict[str, tuple[int, ...]] = other_shapes, other_threads: int | None =
                           other_threads, timer: Callable[..., dict[str, pl.Timing]] = timer) -> tuple[float, float]:
                 timings = timer({pl.FP32: fp32, chosen.label: chosen.model}, other_threads, other_shapes)
                 return pl.ratios(timings.get(pl.FP32), timings.get(chosen.label))
 
-            passed, lowest, skipped = pl.not_slower_elsewhere(next_race)
+            passed, lowest, skipped = pl.not_slower_elsewhere(next_race, races=races)
             record["elsewhere"][label], record["elsewhere_fastest_run"][label] = lowest
             if skipped:
                 record["elsewhere_inconclusive"][label] = skipped
