@@ -115,7 +115,9 @@ ELSEWHERE_AT_ONCE = 1.30
 #: A third recording kept every block (benchmarks/deployed_length.py, reports/deployed_length.md): races cut to half
 #: their blocks read the same verdicts as whole ones (0 of 95 and 0 of 90 misses, 13 of 49 and 12 of 51 false passes:
 #: in that spell MnasNet's int8, 0.94x-0.97x as deployed, passed two races in one decision of four), and three races
-#: of half the length passed 6 of 42 of those at 57% of the time (0 of 79 misses). Hence half-length races, three.
+#: of half the length passed 6 of 42 of those at 57% of the time (0 of 79 misses). Hence half-length races, three;
+#: a recording made after that choice read 3 of 49 false passes and 0 of 79 misses for them, 7 of 56 and 0 of 93 for
+#: two whole races, at 59% of their time (reports/deployed_length_second.md).
 DEPLOYED_BLOCK_MS = 10.0
 DEPLOYED_MODEL_MS = 250.0  # timed per model and race: ~24 blocks of a fast model, the fewest for a slow one
 DEPLOYED_BLOCKS = (6, 24)
