@@ -17,7 +17,10 @@ it, while ru_maxrss would include the parent's size at fork) are its own. Quanti
 (the accuracy budget and ONC's autotune score on its labels); the evaluation set is used only for the final scores.
 Accuracy and top-1 agreement with FP32 on held-out labelled data (calibration and evaluation sets disjoint:
 checked), size, and latency ratios vs FP32 at batch 1 and 8 with 1 and 2 threads, all variants of a model
-interleaved round-robin in one `onnxopt.bench` run. The issue's targets are evaluated by `targets()`.
+interleaved round-robin in one `onnxopt.bench` run. The issue's targets are evaluated by `targets()`. The
+defaults row runs (and searches) three times for the wall-time target; the last run's model is the row evaluated,
+and each earlier run's model whose graph differs from it and from FP32's is timed and evaluated in a row of its own
+("[search N's model]"), so the latency target covers whatever any of the searches returned.
 
 Usage: nice -n 5 python benchmarks/quantization.py [--quick] [--models example,resnet,paddle] [--out FILE.md]
   --data mnist        the zoo's four architectures trained on real MNIST instead (benchmarks/mnist_nets.py; 2000
@@ -489,6 +492,7 @@ def run_case(case: dict, workdir: Path, args: argparse.Namespace) -> dict:
         print(f"  baseline failed: {floor['error']}", file=sys.stderr)
     reduce_range = suggest_reduce_range(host_info())
     rows: dict[str, dict] = {FP32: {"family": "FP32", "path": fp32, **norm}}  # time/peak: onnxopt normalize
+    earlier_searches: list[Path] = []  # the default row's models from its searches before the last
     for index, item in enumerate(variants(case, fp32, args.quick, args.onc_python, reduce_range)):
         out = Path(f"{stem}_v{index}.onnx")
         log = Path(f"{stem}_v{index}.log")
@@ -501,7 +505,9 @@ def run_case(case: dict, workdir: Path, args: argparse.Namespace) -> dict:
             # (ours and ORT's alike) several times and keep the fastest run.
             runs = [result.get("seconds")]
             decisions = [result.pop("placement")] if "placement" in result else []
-            for _ in range(args.time_repeats - 1 if item["label"] in WALL_TIME_COMPARED else 0):
+            for repeat in range(args.time_repeats - 1 if item["label"] in WALL_TIME_COMPARED else 0):
+                if item["label"] == OURS and out.exists():  # kept: each search's model is timed (targets)
+                    earlier_searches.append(out.rename(f"{stem}_v{index}_search{repeat + 1}.onnx"))
                 again = run_worker({**item["spec"], "out": str(out)}, log)
                 runs.append(again.get("seconds"))
                 if "placement" in again:
@@ -519,6 +525,10 @@ def run_case(case: dict, workdir: Path, args: argparse.Namespace) -> dict:
         rows[item["label"]] = row
         print(f"  {case['key']}: {item['label']}: {json.dumps({k: v for k, v in row.items() if k != 'path'})}",
               file=sys.stderr, flush=True)
+    ours_path = rows.get(OURS, {}).get("path")
+    if earlier_searches and ours_path is not None and not ours_path.exists():  # a later search failed
+        earlier_searches.pop().rename(ours_path)  # the one before is the model evaluated
+    rows.update(_earlier_search_rows(earlier_searches, [rows[FP32].get("path"), ours_path]))
     _, _, reference, _ = evaluate(fp32, case, None)
     for label, row in rows.items():
         if "path" not in row:
@@ -528,7 +538,7 @@ def run_case(case: dict, workdir: Path, args: argparse.Namespace) -> dict:
             row["size"] = model_bytes(row["path"])
             row["int8_weights"], row["heavy_nodes"], counts = weight_coverage(row["path"])
             row["qdq_nodes"] = counts["QuantizeLinear"] + counts["DequantizeLinear"]
-            row["graph_sha256"] = hashlib.sha256(onnx.load(str(row["path"])).graph.SerializeToString()).hexdigest()
+            row["graph_sha256"] = _graph_digest(row["path"])
         except Exception as exc:  # noqa: BLE001 - a peer's unloadable model is a result
             row["error"] = f"does not run: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             del row["path"]
@@ -566,6 +576,25 @@ def run_case(case: dict, workdir: Path, args: argparse.Namespace) -> dict:
             "baseline_peak_mb": floor.get("peak_mb"), "rows": rows}
 
 
+def _earlier_search_rows(paths: list[Path], known: list[Path | None]) -> dict[str, dict]:
+    """A row (family 'ours-search', not a peer) for each model of the default row's earlier searches whose graph
+    differs from FP32's, the evaluated (last) search's and each other's: the search's decision can change from run
+    to run on a near-tie, and the latency target holds for whatever a run returns, so each distinct model is timed
+    and evaluated beside the others."""
+    seen = {_graph_digest(path) for path in known if path is not None and path.exists()}
+    extra: dict[str, dict] = {}
+    for number, path in enumerate(paths, start=1):
+        digest = _graph_digest(path)
+        if digest not in seen:
+            seen.add(digest)
+            extra[f"{OURS} [search {number}'s model]"] = {"family": "ours-search", "path": path}
+    return extra
+
+
+def _graph_digest(path: Path) -> str:
+    return hashlib.sha256(onnx.load(str(path)).graph.SerializeToString()).hexdigest()
+
+
 # ---------------------------------------------------------------- targets and report
 def targets(result: dict) -> list[dict]:
     """The issue's four targets for our default row, each with its figures and pass/fail."""
@@ -582,11 +611,13 @@ def targets(result: dict) -> list[dict]:
     drop = (fp32["accuracy"] - ours["accuracy"]) * 100
     add("accuracy drop <= 0.5 pt", drop <= 0.5 + 1e-9, f"{drop:+.2f} pt ({ours['accuracy']:.2%} vs FP32 "
         f"{fp32['accuracy']:.2%})")
-    peers = {label: row for label, row in rows.items() if row["family"] not in ("ours", "FP32") and "accuracy" in row}
+    peers = {label: row for label, row in rows.items()
+             if row["family"] not in ("ours", "ours-search", "FP32") and "accuracy" in row}
     if peers:
         best_label, best = max(peers.items(), key=lambda kv: kv[1]["accuracy"])
         add("accuracy >= every peer", ours["accuracy"] >= best["accuracy"] - 1e-9,
             f"ours {ours['accuracy']:.2%}, best peer {best['accuracy']:.2%} ({best_label}){_paired(ours, best)}")
+    searches = {label: row for label, row in rows.items() if row["family"] == "ours-search"}
     for key, what in (("speed", "median-based"), ("speed_min", "min-based")):
         speeds = ours.get(key, {})
         if speeds and ours.get("graph_sha256") and ours.get("graph_sha256") == fp32.get("graph_sha256"):
@@ -608,6 +639,9 @@ def targets(result: dict) -> list[dict]:
                     ratios[worst] >= 0.98, f"min {ratios[worst]:.2f}x at {worst} ("
                     + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + "): the median of every timing run "
                     "of that same model file, whichever quantizer's row it was timed in")
+    for key, what in (("speed", "median-based"), ("speed_min", "min-based")):
+        if len(ours.get("placements") or []) > 1 and ours.get(key):
+            _every_search(add, what, ours, fp32, searches, key)
     full = rows.get(OURS_ALL, {})
     for label, row in ((OURS, ours), (OURS_ALL, full)):
         if "size" not in row:
@@ -646,6 +680,26 @@ def targets(result: dict) -> list[dict]:
                 add(f"MinMax wall time vs ORT quantize_static MinMax{suffix}", None,
                     f"more work than quantize_static, reported: {figures}", info=True)
     return checks
+
+
+def _every_search(add: Callable[[str, bool | None, str], None], what: str, ours: dict, fp32: dict,
+                  searches: dict[str, dict], key: str) -> None:
+    """The latency target on the model of every timed search of the default row, not only the last one's (the
+    evaluated one): a search can keep int8 on a near-tie in one run and FP32 in the next. Each distinct model is
+    its own row (:func:`_earlier_search_rows`); a search that returned FP32's graph or the evaluated one's is
+    judged by that one."""
+    count = len(ours["placements"])
+    kept_fp32 = ours.get("graph_sha256") == fp32.get("graph_sha256")
+    worst = {"the evaluated (last) search's model": 1.0 if kept_fp32 else min(ours.get(key, {}).values(),
+                                                                             default=0.0)}
+    for label, row in searches.items():
+        worst[label.removeprefix(f"{OURS} ").strip("[]")] = min(row.get(key, {}).values(), default=0.0)
+    name = f"latency ratio >= 0.98 (every setting, {what}, the model of each of the {count} searches)"
+    detail = "; ".join(f"{label}: " + ("FP32's graph" if label.startswith("the evaluated") and kept_fp32 else
+                                       f"min {ratio:.2f}x") for label, ratio in worst.items())
+    if not searches:
+        detail += f"; the other {count - 1} searches returned FP32's graph or the evaluated one"
+    add(name, min(worst.values()) >= 0.98, detail)
 
 
 def _pooled_by_graph(rows: dict[str, dict], ours: dict, field: str) -> tuple[dict[str, float], int] | None:
