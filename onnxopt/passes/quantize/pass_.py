@@ -933,8 +933,8 @@ class QuantizePass(OnnxoptPass):
         slowest settings come from ``slowest_settings`` (both timed with FP32 in one race per setting): read from
         their confirmations, separate races, the example's split (1.30x FP32 at its slowest setting in the
         benchmark, the whole models 1.11x-1.17x) lost to a whole model in three searches of three. The other one
-        is timed as deployed (``confirm_deployed``, the dearest check: two races of about a second on the example)
-        only once it would be kept: the winner passed that check already, and a loser need not."""
+        is timed as deployed (``confirm_deployed``, the dearest check) only once it would be kept: the winner passed
+        that check already, and a loser need not."""
         from onnxopt.passes.quantize import placement as pl
 
         if chosen.label.endswith(_PROFILED):
@@ -954,12 +954,12 @@ class QuantizePass(OnnxoptPass):
         record["confirmed_worst"] = confirmed_worst
         split, whole = (chosen, other) if chosen.label.endswith(_PROFILED) else (other, chosen)
         kept = split if worst[split.label] >= pl.MIN_SPEEDUP * worst[whole.label] else whole
-        why = (f"slowest setting {worst[split.label]:.2f}x for {split.label}, {worst[whole.label]:.2f}x for "
-               f"{whole.label}, timed together: kept {kept.label}")
+        outcome = f"kept {kept.label}"
         if kept is other and not confirm_deployed(other):
-            why = why.replace(f"kept {kept.label}", f"then {other.label} {other.rejected}: kept {chosen.label}")
-            kept = chosen
-        record.update(kept=kept.label, worst=worst, why=why)
+            kept, outcome = chosen, f"then {other.label} {other.rejected}: kept {chosen.label}"
+        record.update(kept=kept.label, worst=worst,
+                      why=f"slowest setting {worst[split.label]:.2f}x for {split.label}, {worst[whole.label]:.2f}x "
+                          f"for {whole.label}, timed together: {outcome}")
         return kept
 
     @staticmethod
