@@ -35,8 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from elsewhere_rules import build, replay  # noqa: E402 - beside this script
-from profiled_split import digits_calib, input_shapes  # noqa: E402 - beside this script
+from elsewhere_rules import record_nets, replay  # noqa: E402 - beside this script
+from profiled_split import input_shapes  # noqa: E402 - beside this script
 from report_files import command_line, write_report  # noqa: E402 - beside this script
 
 from onnxopt.passes.quantize import placement as pl  # noqa: E402 - after the path set-up
@@ -180,21 +180,12 @@ def main() -> None:
     if args.rescore:
         write_report(args.out, rescored(json.loads(args.rescore.read_text()), args.rescore), render)
         return
-    import tempfile
-
     from onnxopt.hostinfo import host_info
 
     started = time.perf_counter()
-    nets = []
-    with tempfile.TemporaryDirectory() as tmp:
-        calib = digits_calib(tmp)
-        for name in args.nets.split(","):
-            print(f"{name}: building", flush=True)
-            fp32, models, keep, heavy = build(name, calib)
-            print(f"{name}: {args.races} races as deployed of {len(models)} candidates", flush=True)
-            recorded = record(fp32, models, args.races, args.model_ms, args.max_blocks)
-            nets.append({"name": name, "split_fp32": keep, "heavy": heavy, "recorded": recorded,
-                         "scores": {label: score(races) for label, races in recorded.items()}})
+    nets = record_nets(args.nets, lambda fp32, models: record(fp32, models, args.races, args.model_ms,
+                                                              args.max_blocks),
+                       lambda recorded: {label: score(races) for label, races in recorded.items()})
     payload = {"command": command_line("deployed_length.py", parser, args,
                                        ("races", "nets", "model_ms", "max_blocks")),
                "minutes": (time.perf_counter() - started) / 60, "host": host_info().describe(),

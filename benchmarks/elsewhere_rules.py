@@ -233,26 +233,35 @@ def main() -> None:
     if args.rescore:
         write_report(args.out, rescored(json.loads(args.rescore.read_text()), args.rescore), render)
         return
-    import tempfile
-
+    started = time.perf_counter()
+    nets = record_nets(args.nets, lambda fp32, models: record(fp32, models, args.races, args.deployed),
+                       lambda recorded: {setting: {label: score(races) for label, races in by_label.items()}
+                                         for setting, by_label in recorded.items()})
     from onnxopt.hostinfo import host_info
 
-    started = time.perf_counter()
-    nets = []
-    with tempfile.TemporaryDirectory() as tmp:
-        calib = digits_calib(tmp)
-        for name in args.nets.split(","):
-            print(f"{name}: building", flush=True)
-            fp32, models, keep, heavy = build(name, calib)
-            print(f"{name}: {args.races} races of {len(models)} candidates at 2 settings", flush=True)
-            recorded = record(fp32, models, args.races, args.deployed)
-            nets.append({"name": name, "split_fp32": keep, "heavy": heavy, "recorded": recorded,
-                         "scores": {setting: {label: score(races) for label, races in by_label.items()}
-                                    for setting, by_label in recorded.items()}})
     payload = {"command": command_line("elsewhere_rules.py", parser, args, ("races", "nets", "deployed")),
                "minutes": (time.perf_counter() - started) / 60, "host": host_info().describe(),
                "races": args.races, "nets": nets}
     write_report(args.out, payload, render)
+
+
+def record_nets(names: str, record_races: Callable[[Any, dict[str, Any]], dict],
+                score_all: Callable[[dict], dict]) -> list[dict[str, Any]]:
+    """For each net of ``names`` (comma list): its candidates (:func:`build`), the races ``record_races(fp32,
+    models)`` records of them, and ``score_all`` of those; shared with benchmarks/deployed_length.py."""
+    import tempfile
+
+    nets = []
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = digits_calib(tmp)
+        for name in names.split(","):
+            print(f"{name}: building", flush=True)
+            fp32, models, keep, heavy = build(name, calib)
+            print(f"{name}: recording the races of {len(models)} candidates", flush=True)
+            recorded = record_races(fp32, models)
+            nets.append({"name": name, "split_fp32": keep, "heavy": heavy, "recorded": recorded,
+                         "scores": score_all(recorded)})
+    return nets
 
 
 if __name__ == "__main__":
