@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from elsewhere_rules import record_nets, replay  # noqa: E402 - beside this script
+from elsewhere_rules import decided, expectation, record_nets, replay  # noqa: E402 - beside this script
 from profiled_split import input_shapes  # noqa: E402 - beside this script
 from report_files import command_line, write_report  # noqa: E402 - beside this script
 
@@ -75,7 +75,6 @@ def _race(fp32: Any, label: str, model: Any, shapes: dict[str, tuple[int, ...]])
     return {"seconds": time.perf_counter() - began, "blocks": {"fp32": blocks[pl.FP32], "candidate": blocks[label]}}
 
 
-
 def cut(race: dict[str, Any], fraction: float) -> tuple[float, float]:
     """The (median, fastest) ratios FP32 / candidate of the race's first ``fraction`` of blocks."""
     fp32, cand = race["blocks"]["fp32"], race["blocks"]["candidate"]
@@ -84,20 +83,15 @@ def cut(race: dict[str, Any], fraction: float) -> tuple[float, float]:
 
 
 def score(races: list[dict[str, Any]]) -> dict[str, Any]:
-    full = [cut(race, 1.0) for race in races]
-    reference = (statistics.median(r[0] for r in full), statistics.median(r[1] for r in full))
-    expect = ("pass" if min(reference) >= pl.MIN_SPEEDUP else "reject" if min(reference) < pl.MIN_RATIO_OTHER
-              else "either")
+    reference, expect = expectation([cut(race, 1.0) for race in races])
     cuts: dict[str, dict[str, Any]] = {}
     for fraction in CUTS:
         ratios = [cut(race, fraction) for race in races]
         cuts[str(fraction)] = {"range": (min(min(r) for r in ratios), max(min(r) for r in ratios)), "rules": {}}
         for count in RACES:
             verdicts, used = replay(lambda next_race: pl.not_slower_elsewhere(next_race, races=count)[0], ratios)
-            passes = sum(verdicts)
             cuts[str(fraction)]["rules"][str(count)] = {
-                "passes": passes, "decisions": len(verdicts), "races_used": used,
-                "errors": len(verdicts) - passes if expect == "pass" else passes if expect == "reject" else None,
+                **decided(verdicts, used, expect),
                 "seconds": fraction * statistics.fmean(race["seconds"] for race in races[:used] or races)}
     return {"reference": reference, "expect": expect, "blocks": statistics.median(
         len(race["blocks"]["fp32"]) for race in races), "cuts": cuts}

@@ -138,16 +138,25 @@ def replay(rule: Callable[[Callable[[], Race]], bool], recorded: Sequence[Race])
             return verdicts, start
 
 
-def score(recorded: list[Race]) -> dict[str, Any]:
+def expectation(recorded: Sequence[Race]) -> tuple[Race, str]:
+    """The reference of a candidate's recorded races (the median ratio by median run, by fastest run) and what a rule
+    should do with it: "pass" (both >= ``CLEARLY_NOT_SLOWER``), "reject" (either < ``NOT_SLOWER``) or "either"."""
     reference = (statistics.median(r[0] for r in recorded), statistics.median(r[1] for r in recorded))
-    expect = ("pass" if min(reference) >= CLEARLY_NOT_SLOWER else "reject" if min(reference) < NOT_SLOWER
-              else "either")
-    rules = {}
-    for name, rule in RULES.items():
-        verdicts, used = replay(rule, recorded)
-        passes = sum(verdicts)
-        errors = (len(verdicts) - passes if expect == "pass" else passes if expect == "reject" else None)
-        rules[name] = {"passes": passes, "decisions": len(verdicts), "errors": errors, "races_used": used}
+    return reference, ("pass" if min(reference) >= CLEARLY_NOT_SLOWER else "reject" if min(reference) < NOT_SLOWER
+                       else "either")
+
+
+def decided(verdicts: Sequence[bool], used: int, expect: str) -> dict[str, Any]:
+    """A rule's decisions on one candidate: passes, decisions, errors (misses where it should pass, false passes
+    where it should reject, None on a near-tie) and the races they used."""
+    passes = sum(verdicts)
+    return {"passes": passes, "decisions": len(verdicts), "races_used": used,
+            "errors": len(verdicts) - passes if expect == "pass" else passes if expect == "reject" else None}
+
+
+def score(recorded: list[Race]) -> dict[str, Any]:
+    reference, expect = expectation(recorded)
+    rules = {name: decided(*replay(rule, recorded), expect) for name, rule in RULES.items()}
     return {"reference": reference, "expect": expect, "range": (min(min(r) for r in recorded),
                                                                  max(min(r) for r in recorded)), "rules": rules}
 
