@@ -119,7 +119,9 @@ ELSEWHERE_AT_ONCE = 1.30
 #: a recording made after that choice read 3 of 49 false passes and 0 of 79 misses for them, 7 of 56 and 0 of 93 for
 #: two whole races, at 59% of their time (reports/deployed_length_second.md). Both recordings read a fourth
 #: half-length race at 5% more time per decision (most candidates pass or fail before it) for 4 of 40 and 1 of 47
-#: false passes (6 of 42, 3 of 49 with three) and still no miss (0 of 71, 0 of 70): four races.
+#: false passes (6 of 42, 3 of 49 with three) and still no miss (0 of 71, 0 of 70): four races. A third recording,
+#: after that choice, read 2 of 60 false passes with three races and with four, 0 of 63 misses with four, at 1.58 s
+#: per decision (reports/deployed_length_third.md).
 DEPLOYED_BLOCK_MS = 10.0
 DEPLOYED_MODEL_MS = 250.0  # timed per model and race: ~24 blocks of a fast model, the fewest for a slow one
 DEPLOYED_BLOCKS = (6, 24)
