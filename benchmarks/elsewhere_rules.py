@@ -70,6 +70,14 @@ def _without_at_once(next_race: Callable[[], Race]) -> bool:
     return pl.not_slower_elsewhere(next_race, at_once=None)[0]
 
 
+def _then_one_more(next_race: Callable[[], Race]) -> bool:
+    """The search's rule, then one more race that must not find the winner slower (``placement.race_verdict``):
+    the race of FP32 and both finalists at every setting that picks between the split and the whole model."""
+    from onnxopt.passes.quantize import placement as pl
+
+    return pl.not_slower_elsewhere(next_race)[0] and pl.race_verdict(*next_race()) != "slower"
+
+
 #: name -> rule: takes races one at a time (``next_race()`` -> (median ratio, fastest-run ratio)) until it decides
 RULES: dict[str, Callable[[Callable[[], Race]], bool]] = {
     "1 race, median and fastest run >= 0.98": _fixed(1, _each),
@@ -78,6 +86,8 @@ RULES: dict[str, Callable[[Callable[[], Race]], bool]] = {
     "(placement.not_slower_elsewhere before ELSEWHERE_AT_ONCE)": _without_at_once,
     f"the same, but one race >= {ELSEWHERE_AT_ONCE:.2f} by both passes at once (placement.not_slower_elsewhere)":
     _placement_rule,
+    "the same, then one more race not slower (both ratios < 0.98, or one and the other < 1.02, reject)":
+    _then_one_more,
     "2 races, their mean median and mean fastest-run ratios >= 0.98": _fixed(2, _means),
     "3 races, each median and fastest run >= 0.98": _fixed(3, _each),
     "3 races, their mean median and mean fastest-run ratios >= 0.98": _fixed(3, _means),

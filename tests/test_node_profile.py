@@ -259,6 +259,46 @@ def test_split_and_whole_model_are_compared_in_races_of_their_own(fake_time_mode
     assert info["chosen"] == split_label and "timed together" in record["why"]
 
 
+def _finalists_at_batch_8(split_together: float, whole_together: placement.Timing):
+    """The whole models win the batch-1 race (2x FP32), the split 1.33x; both pass their own races at batch 8
+    (1.25x), and the race of both finalists times them at batch 8 as given (FP32 2.0 ms)."""
+    def timing(label, big, threads, raced):
+        split = label.endswith("_fp32_profiled")
+        together = any(r.endswith("_fp32_profiled") for r in raced) and any(r in ("all", "qoperator") for r in raced)
+        if big:
+            return (split_together if split else whole_together) if together else 1.6
+        return 1.5 if split else 1.0
+
+    return timing
+
+
+def test_finalists_the_race_of_both_finds_slower_than_fp32_are_not_kept(fake_time_models):
+    """Both finalists passed their own races at batch 8; the race of both reads them slower than FP32 there (0.91x
+    and 0.87x by median and fastest run): neither is kept, the model stays FP32 and the verdict says why."""
+    info, out, _ = _search_with(fake_time_models, _finalists_at_batch_8(2.2, placement.Timing(2.3, 2.3)),
+                                sees_race=True)
+    record = info["worst_setting"]
+    assert info["chosen"] == placement.FP32 and record["kept"] == placement.FP32
+    assert set(record["slower"]) == {record["winner"], record["other"]}
+    assert all(text.startswith("batch 8: ") for text in record["slower"].values())
+    assert record["why"].endswith("kept FP32") and "in the race of both" in record["why"]
+    assert info["verdict"].startswith("no int8 finalist stayed not slower than FP32 at every setting")
+    assert not any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in out.graph.node)
+
+
+def test_the_other_finalist_is_kept_when_the_preferred_one_reads_slower_together(fake_time_models):
+    """The race of both reads the split, the one its slowest setting prefers, slower than FP32 at batch 8 (0.94x by
+    both ratios) and the whole model inconclusive there (1.05x by median, 0.91x by fastest run): the whole model,
+    which passed its own races, is kept."""
+    info, _, _ = _search_with(fake_time_models, _finalists_at_batch_8(2.12, placement.Timing(1.9, 2.2)),
+                              sees_race=True)
+    record = info["worst_setting"]
+    split = next(label for label in record["worst"] if label.endswith("_fp32_profiled"))
+    assert record["worst"][split] > record["worst"][record["winner"]]  # the split is the preferred one
+    assert list(record["slower"]) == [split] and info["chosen"] == record["kept"] == record["winner"] != split
+    assert f"then {split} slower than FP32 at batch 8: 0.94x" in record["why"]
+
+
 def test_profile_split_false_builds_no_split(fake_time_models):
     info, _, _ = _search_with(fake_time_models, _whole_slower_at_batch_8, profile_split=False)
     assert info["chosen"] == "fp32" and "profiled" not in info
