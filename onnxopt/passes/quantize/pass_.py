@@ -758,8 +758,7 @@ class QuantizePass(OnnxoptPass):
             (``placement.race_verdict``), as "batch 8: 0.93x (fastest run 0.95x)"."""
             worst = {c.label: float("inf") for c in cands}
             slower: dict[str, str] = {}
-            settings = [("the searched setting", dict(shapes), threads)] + pl.other_settings(fp32, shapes, threads)
-            for label, setting_shapes, setting_threads in settings:
+            for label, setting_shapes, setting_threads in pl.labelled_settings(fp32, shapes, threads):
                 models = {pl.FP32: fp32, **{c.label: c.model for c in cands if c.model is not None}}
                 timings = pl.time_models(models, setting_threads, setting_shapes)
                 for cand in cands:

@@ -547,10 +547,17 @@ def other_settings(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]
     return settings
 
 
+def labelled_settings(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]],
+                      threads: int | None) -> list[tuple[str, dict[str, tuple[int, ...]], int | None]]:
+    """(label, input shapes, threads) of every setting the search checks: the searched one, then
+    :func:`other_settings`."""
+    return [("the searched setting", dict(shapes), threads)] + other_settings(model, shapes, threads)
+
+
 def search_settings(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]],
                     threads: int | None) -> list[tuple[dict[str, tuple[int, ...]], int | None]]:
-    """(input shapes, threads) of every setting the search checks: the searched one, then :func:`other_settings`."""
-    return [(dict(shapes), threads)] + [(s, t) for _, s, t in other_settings(model, shapes, threads)]
+    """(input shapes, threads) of every setting the search checks (:func:`labelled_settings` without the labels)."""
+    return [(s, t) for _, s, t in labelled_settings(model, shapes, threads)]
 
 
 def _random_input(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -860,6 +867,6 @@ def choose(candidates: list[Candidate]) -> Candidate | None:
 
 __all__ = ["FP32", "HEAVY_OPS", "Candidate", "SessionPool", "Timing", "Trial", "at_batch", "choose",
            "first_outputs", "other_settings", "race", "ratio_between", "ratios", "regions",
-           "search_settings", "class_axis", "deployed_check", "time_deployed", "output_sqnr_db", "sharing_sessions",
-           "time_models", "timing_feeds",
+           "search_settings", "labelled_settings", "class_axis", "deployed_check", "time_deployed", "output_sqnr_db",
+           "sharing_sessions", "time_models", "timing_feeds",
            "top1_agreement"]
