@@ -132,6 +132,82 @@ def test_npz_members_are_memory_mapped_and_compressed_ones_loaded(tmp_path: Path
     np.testing.assert_array_equal(stacked(collect(open_data(tmp_path / "small.npz"), IMAGE, 4)), x)
 
 
+def _npz(path: Path, members: dict[str, tuple[np.ndarray, bool]]) -> Path:
+    """An .npz whose members are each compressed (True) or stored, as ``np.savez`` writes one or the other."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, (array, compressed) in members.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, array, allow_pickle=False)
+            archive.writestr(f"{key}.npy", buffer.getvalue(),
+                             compress_type=zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED)
+    return path
+
+
+def test_compressed_npz_is_read_a_block_at_a_time_with_the_same_batches(tmp_path: Path, monkeypatch):
+    x, labels = samples(23), np.arange(23) % 5
+    np.savez(tmp_path / "plain.npz", x=x, y=labels)
+    np.savez_compressed(tmp_path / "small.npz", x=x, y=labels)
+    whole_reads: list[tuple[str, str]] = []
+    original = NpzArchive.array
+    monkeypatch.setattr(NpzArchive, "array",
+                        lambda self, key: whole_reads.append((self.path.name, key)) or original(self, key))
+    for batch_size in (1, 4, 7, 32):
+        source = NpzSource(tmp_path / "small.npz")
+        source.block_bytes = 5 * x[0].nbytes  # blocks of 5 samples (or a batch, when larger)
+        assert_same_batches(collect(source, IMAGE, batch_size), collect(open_data(tmp_path / "plain.npz"), IMAGE,
+                                                                         batch_size))
+    assert {key for _, key in whole_reads} == {"y"}  # labels only, from either file: no input member mapped
+    fixed = [InputSpec("x", (4, 3, 8, 8), F32)]
+    assert [b.size for b in collect(NpzSource(tmp_path / "small.npz"), fixed)] == [4] * 5  # short tail dropped
+
+
+def test_compressed_npz_counts_samples_from_its_headers(tmp_path: Path, monkeypatch):
+    np.savez_compressed(tmp_path / "small.npz", x=samples(9), y=np.zeros(9, np.int64))
+    monkeypatch.setattr(NpzArchive, "array", lambda self, key: pytest.fail(f"read '{key}' whole"))
+    assert NpzSource(tmp_path / "small.npz").num_samples() == 9
+    assert "9 samples, labelled" in NpzSource(tmp_path / "small.npz").description
+
+
+def test_npz_with_compressed_and_stored_members_streams_both_in_step(tmp_path: Path):
+    a, b = samples(11, seed=1), samples(11, (4,), seed=2)
+    specs = [InputSpec("a", ("N", 3, 8, 8), F32), InputSpec("b", ("N", 4), F32)]
+    mixed = NpzSource(_npz(tmp_path / "mixed.npz", {"a": (a, True), "b": (b, False), "y": (np.arange(11), True)}))
+    mixed.block_bytes = 3 * a[0].nbytes
+    batches = collect(mixed, specs, 4)
+    np.testing.assert_array_equal(stacked(batches, "a"), a)
+    np.testing.assert_array_equal(stacked(batches, "b"), b)
+    np.testing.assert_array_equal(all_labels(batches), np.arange(11))
+
+
+def test_compressed_npz_that_cannot_stream_is_read_whole_with_the_same_messages(tmp_path: Path):
+    np.savez_compressed(tmp_path / "one.npz", x=samples(1)[0])  # one sample, one rank short of the input
+    assert stacked(collect(open_data(tmp_path / "one.npz"), IMAGE)).shape == (1, 3, 8, 8)
+    fortran = np.asfortranarray(samples(5))
+    np.savez_compressed(tmp_path / "fortran.npz", x=fortran)
+    np.testing.assert_array_equal(stacked(collect(open_data(tmp_path / "fortran.npz"), IMAGE, 2)), fortran)
+    np.savez_compressed(tmp_path / "counts.npz", x=samples(5), y=np.arange(4))
+    with pytest.raises(DataError, match="4 labels for 5 samples"):
+        collect(open_data(tmp_path / "counts.npz"), IMAGE)
+    np.savez_compressed(tmp_path / "shape.npz", x=samples(40, (3, 9, 9)))
+    source = NpzSource(tmp_path / "shape.npz")
+    source.block_bytes = 1
+    with pytest.raises(DataError, match=r"data has shape \(40, 3, 9, 9\), model expects \(N, 3, 8, 8\)"):
+        collect(source, IMAGE)
+
+
+def test_truncated_compressed_npz_member_is_a_data_error(tmp_path: Path):
+    path = _npz(tmp_path / "cut.npz", {"x": (samples(50), True)})
+    data = bytearray(path.read_bytes())
+    start = data.index(b"x.npy") + 200  # inside the deflated bytes of the member
+    data[start:start + 400] = bytes(400)
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="cannot read array 'x'"):
+        collect(open_data(path), IMAGE, 8)
+
+
 def test_npz_single_array_feeds_a_single_input_model_whatever_its_name(tmp_path: Path):
     x = samples(3)
     np.savez(tmp_path / "data.npz", x)  # stored as 'arr_0'

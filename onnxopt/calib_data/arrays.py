@@ -97,10 +97,15 @@ class ArraySource(ChunkedSource):
 class NpzSource(ArraySource):
     """A ``.npz`` file: arrays keyed by input name, or one array for a single-input model; optional labels ``y``.
 
-    Members written by ``np.savez`` are memory-mapped, so only the samples of the current batch are read; members of
-    ``np.savez_compressed`` files are read whole, one array at a time. When the model has an input named ``y``,
-    the ``y`` array feeds it and there are no labels (``has_labels()`` cannot know the model and says True).
+    Members are read a block of samples at a time, stored (``np.savez``) or compressed (``np.savez_compressed``), so
+    a pass over a file of any size holds one block and one batch; the sample count comes from the headers.
+    Fortran-order members, and data that is not along a sample axis, are memory-mapped (stored) or read whole
+    (compressed). When the model has an input named ``y``, the ``y`` array feeds it and there are no labels
+    (``has_labels()`` cannot know the model and says True).
     """
+
+    #: Bytes of samples read at once from the largest member (at least one batch).
+    block_bytes = 4 << 20
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -116,16 +121,23 @@ class NpzSource(ArraySource):
 
     def _load(self) -> tuple[dict[str, np.ndarray] | list[np.ndarray], np.ndarray | None]:
         arrays = {k: self._archive.array(k) for k in self._input_keys}
-        labels = None
-        if LABEL_KEY in self._archive:
-            if self._labels_cache is None:
-                self._labels_cache = np.asarray(self._archive.array(LABEL_KEY))
-            labels = self._labels_cache
+        labels = self._labels()
         if len(arrays) == 1:
             return list(arrays.values()), labels  # one array feeds a single-input model whatever its name
         return arrays, labels
 
+    def _estimate_samples(self) -> int | None:
+        if LABEL_KEY in self._archive:
+            labels = self._archive.header(LABEL_KEY).shape
+            if len(labels) == 1:
+                return labels[0]
+        counts = {shape[0] if shape else 1 for shape in (self._archive.header(k).shape for k in self._input_keys)}
+        return counts.pop() if len(counts) == 1 else None
+
     def _chunks(self, specs: Sequence[InputSpec], chunk_size: int) -> Iterator[Chunk]:
+        plan = self._stream_plan(specs)
+        if plan is not None:
+            return self._streamed_chunks(plan, specs, chunk_size)
         arrays, labels = self._load()
         if labels is not None and any(spec.name == LABEL_KEY for spec in specs):
             arrays = {**(arrays if isinstance(arrays, dict) else dict(zip(self._input_keys, arrays))),
@@ -134,6 +146,62 @@ class NpzSource(ArraySource):
         if isinstance(arrays, list) and len(specs) > 1:
             arrays = dict(zip(self._input_keys, arrays))  # let the name check list both sides
         return self._slices(arrays, labels, specs, chunk_size)
+
+    def _stream_plan(self, specs: Sequence[InputSpec]) -> dict[str, InputSpec] | None:
+        """Each member's input where the members can be read a block of samples at a time, else None.
+
+        That needs samples along the first axis of every array (none is one sample, one rank short of its input),
+        one count for all, and 1-D labels (or none). Anything else is read whole, where the checks that explain bad
+        data see it as the user gave it."""
+        if any(spec.name == LABEL_KEY for spec in specs):
+            return None
+        if not all(self._archive.can_stream(k) for k in self._input_keys):
+            return None
+        by_key = (dict(zip(self._input_keys, specs)) if len(self._input_keys) == 1 == len(specs)
+                  else {spec.name: spec for spec in specs})
+        if set(by_key) != set(self._input_keys):
+            return None  # names that do not match: the whole-array path says which
+        shapes = {k: self._archive.header(k).shape for k in self._input_keys}
+        if any(not shape or (by_key[k].shape and len(shape) < len(by_key[k].shape)) for k, shape in shapes.items()):
+            return None
+        counts = {shape[0] for shape in shapes.values()}
+        if LABEL_KEY in self._archive:
+            labels = self._archive.header(LABEL_KEY).shape
+            if len(labels) != 1:
+                return None
+            counts.add(labels[0])
+        return by_key if len(counts) == 1 else None
+
+    def _streamed_chunks(self, by_key: dict[str, InputSpec], specs: Sequence[InputSpec],
+                         chunk_size: int) -> Iterator[Chunk]:
+        headers = {k: self._archive.header(k) for k in self._input_keys}
+        for key, header in headers.items():  # the whole array's shape in the message, not a block's
+            if len(header.shape) == len(by_key[key].shape):
+                check_shape(by_key[key].name, header.shape, by_key[key], self.where, self.shape_hint)
+        total = next(iter(headers.values())).shape[0]
+        row_bytes = max(h.dtype.itemsize * int(np.prod(h.shape[1:], dtype=np.int64)) for h in headers.values())
+        rows = max(chunk_size, self.block_bytes // max(row_bytes, 1))
+        readers = {k: self._archive.row_blocks(k, rows) for k in self._input_keys}
+        labels = self._labels()
+        try:
+            for start in range(0, total, rows):
+                stop = min(start + rows, total)
+                block = {k: next(readers[k]) for k in self._input_keys}
+                arrays: dict[str, np.ndarray] | list[np.ndarray] = (list(block.values()) if len(block) == 1
+                                                                    else block)
+                del block
+                yield from self._slices(arrays, None if labels is None else labels[start:stop], specs, chunk_size)
+                del arrays  # not held while the next block is read
+        finally:
+            for reader in readers.values():
+                reader.close()
+
+    def _labels(self) -> np.ndarray | None:
+        if LABEL_KEY not in self._archive:
+            return None
+        if self._labels_cache is None:
+            self._labels_cache = np.asarray(self._archive.array(LABEL_KEY))
+        return self._labels_cache
 
     def has_labels(self) -> bool:
         return LABEL_KEY in self._archive

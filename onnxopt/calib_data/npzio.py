@@ -1,9 +1,10 @@
 """Reading ``.npz`` members without loading them, and writing ``.npz`` files one array at a time.
 
-``np.load`` ignores ``mmap_mode`` for ``.npz`` archives and reads a whole member on access. Members written by
-``np.savez`` are stored uncompressed, so their bytes sit at a fixed offset in the file and can be memory-mapped: a
-source then reads only the samples of the batch it is building. Compressed members (``np.savez_compressed``) and
-object arrays cannot be mapped and are read whole, one array at a time.
+``np.load`` ignores ``mmap_mode`` for ``.npz`` archives and reads a whole member on access. Here a C-order member,
+stored (``np.savez``) or compressed (``np.savez_compressed``), is read a block of rows at a time
+(:meth:`NpzArchive.row_blocks`), so a pass over it holds one block; shapes come from the members' headers, without
+reading their data. :meth:`NpzArchive.array` memory-maps a stored member (its bytes sit at a fixed offset in the
+file) for readers that need the whole array; compressed and object arrays are then read whole.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import os
 import struct
 import zipfile
+import zlib
+from collections.abc import Generator
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -19,6 +23,41 @@ from onnxopt.errors import DataError
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_MAGIC = b"PK\x03\x04"
+
+
+class Header(NamedTuple):
+    """What a member's ``.npy`` header says; ``offset`` is where its data start within the member."""
+
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+    offset: int
+
+
+def _read_header(handle: BinaryIO) -> Header | None:
+    """The ``.npy`` header at the handle's position (None for a format version this reader does not know)."""
+    start = handle.tell()
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+    else:
+        return None
+    return Header(tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype), handle.tell() - start)
+
+
+def _read_into(handle: BinaryIO, target: memoryview, piece: int = 1 << 20) -> bool:
+    """Fill ``target`` from ``handle`` a megabyte at a time (one ``read`` of the whole would hold the block twice);
+    False when the stream ends first."""
+    filled = 0
+    while filled < len(target):
+        data = handle.read(min(piece, len(target) - filled))
+        if not data:
+            return False
+        target[filled:filled + len(data)] = data
+        filled += len(data)
+    return True
 
 
 class NpzArchive:
@@ -39,6 +78,41 @@ class NpzArchive:
     def __contains__(self, key: str) -> bool:
         return key in self._members
 
+    def header(self, key: str) -> Header:
+        """The shape and dtype of ``key``, read from its header alone (a compressed member is not decompressed)."""
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open(self._members[key]) as handle:
+                header = _read_header(handle)
+        except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+            raise DataError(f"'{self.path}': cannot read array '{key}' ({exc})") from None
+        if header is None:
+            raise DataError(f"'{self.path}': array '{key}' has an .npy format version numpy cannot read")
+        return header
+
+    def can_stream(self, key: str) -> bool:
+        """Whether :meth:`row_blocks` can read ``key`` a block of rows at a time (C order, plain dtype, rank >= 1)."""
+        header = self.header(key)
+        return bool(header.shape) and not header.fortran and not header.dtype.hasobject
+
+    def row_blocks(self, key: str, rows: int) -> Generator[np.ndarray, None, None]:
+        """``key`` as consecutive blocks of ``rows`` rows along its first axis, read (and decompressed) in turn: one
+        block in memory at a time, whatever the member's size (see :meth:`can_stream`). Plain reads rather than a
+        memory map: a pass over a mapped file leaves every page it touched in the process's resident set."""
+        header = self.header(key)
+        row_bytes = header.dtype.itemsize * int(np.prod(header.shape[1:], dtype=np.int64))
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open(self._members[key]) as handle:
+                handle.read(header.offset)
+                for start in range(0, header.shape[0], rows):
+                    count = min(rows, header.shape[0] - start)
+                    block = np.empty((count, *header.shape[1:]), header.dtype)
+                    if not _read_into(handle, memoryview(block.reshape(-1).view(np.uint8))):
+                        raise DataError(f"'{self.path}': array '{key}' ends before row {start + count} of "
+                                        f"{header.shape[0]} (the file is truncated)")
+                    yield block
+        except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+            raise DataError(f"'{self.path}': cannot read array '{key}' ({exc})") from None
+
     def array(self, key: str) -> np.ndarray:
         """The array stored under ``key``: a read-only memory map for stored members, else loaded."""
         info = self._members[key]
@@ -48,7 +122,7 @@ class NpzArchive:
                 return mapped
             with zipfile.ZipFile(self.path) as archive, archive.open(info) as handle:
                 return np.lib.format.read_array(handle, allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
             raise DataError(f"'{self.path}': cannot read array '{key}' ({exc})") from None
 
     def _map(self, info: zipfile.ZipInfo) -> np.ndarray | None:
@@ -63,13 +137,10 @@ class NpzArchive:
             if fields[0] != _LOCAL_MAGIC:
                 return None
             handle.seek(info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10])
-            version = np.lib.format.read_magic(handle)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
-            else:
+            header = _read_header(handle)
+            if header is None:
                 return None
+            shape, fortran, dtype = header.shape, header.fortran, header.dtype
             offset = handle.tell()
         if dtype.hasobject or int(np.prod(shape)) == 0 or not shape:
             return None
@@ -98,4 +169,4 @@ class NpzWriter:
         self.close()
 
 
-__all__ = ["NpzArchive", "NpzWriter"]
+__all__ = ["Header", "NpzArchive", "NpzWriter"]
