@@ -9,6 +9,7 @@ file) for readers that need the whole array; compressed and object arrays are th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import zipfile
@@ -48,15 +49,14 @@ def _read_header(handle: BinaryIO) -> Header | None:
 
 
 def _read_into(handle: BinaryIO, target: memoryview, piece: int = 1 << 20) -> bool:
-    """Fill ``target`` from ``handle`` a megabyte at a time (one ``read`` of the whole would hold the block twice);
-    False when the stream ends first."""
+    """Fill ``target`` from ``handle`` a megabyte at a time (a zip member's ``read`` of the whole would hold the
+    block twice; a plain file reads straight into it); False when the stream ends first."""
     filled = 0
     while filled < len(target):
-        data = handle.read(min(piece, len(target) - filled))
-        if not data:
+        count = handle.readinto(target[filled:filled + piece])  # type: ignore[attr-defined]
+        if not count:
             return False
-        target[filled:filled + len(data)] = data
-        filled += len(data)
+        filled += count
     return True
 
 
@@ -97,12 +97,19 @@ class NpzArchive:
     def row_blocks(self, key: str, rows: int) -> Generator[np.ndarray, None, None]:
         """``key`` as consecutive blocks of ``rows`` rows along its first axis, read (and decompressed) in turn: one
         block in memory at a time, whatever the member's size (see :meth:`can_stream`). Plain reads rather than a
-        memory map: a pass over a mapped file leaves every page it touched in the process's resident set."""
+        memory map: a pass over a mapped file leaves every page it touched in the process's resident set. A stored
+        member is read from the file at its offset (no CRC pass over it, no copy)."""
         header = self.header(key)
-        row_bytes = header.dtype.itemsize * int(np.prod(header.shape[1:], dtype=np.int64))
         try:
-            with zipfile.ZipFile(self.path) as archive, archive.open(self._members[key]) as handle:
-                handle.read(header.offset)
+            stored = self._stored(self._members[key])
+            with contextlib.ExitStack() as stack:
+                if stored is not None:
+                    handle: BinaryIO = stack.enter_context(open(self.path, "rb"))
+                    handle.seek(stored[1])
+                else:
+                    archive = stack.enter_context(zipfile.ZipFile(self.path))
+                    handle = stack.enter_context(archive.open(self._members[key]))
+                    handle.read(header.offset)
                 for start in range(0, header.shape[0], rows):
                     count = min(rows, header.shape[0] - start)
                     block = np.empty((count, *header.shape[1:]), header.dtype)
@@ -126,26 +133,30 @@ class NpzArchive:
             raise DataError(f"'{self.path}': cannot read array '{key}' ({exc})") from None
 
     def _map(self, info: zipfile.ZipInfo) -> np.ndarray | None:
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        stored = self._stored(info)
+        if stored is None:
             return None
-        with open(self.path, "rb") as handle:
-            handle.seek(info.header_offset)
-            header = handle.read(_LOCAL_HEADER.size)
-            if len(header) != _LOCAL_HEADER.size:
-                return None
-            fields = _LOCAL_HEADER.unpack(header)
-            if fields[0] != _LOCAL_MAGIC:
-                return None
-            handle.seek(info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10])
-            header = _read_header(handle)
-            if header is None:
-                return None
-            shape, fortran, dtype = header.shape, header.fortran, header.dtype
-            offset = handle.tell()
+        (shape, fortran, dtype, _), offset = stored
         if dtype.hasobject or int(np.prod(shape)) == 0 or not shape:
             return None
         return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape,
                          order="F" if fortran else "C")
+
+    def _stored(self, info: zipfile.ZipInfo) -> tuple[Header, int] | None:
+        """The header and the data's offset in the file of a stored (uncompressed, unencrypted) member, else None."""
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            return None
+        with open(self.path, "rb") as handle:
+            handle.seek(info.header_offset)
+            local = handle.read(_LOCAL_HEADER.size)
+            if len(local) != _LOCAL_HEADER.size:
+                return None
+            fields = _LOCAL_HEADER.unpack(local)
+            if fields[0] != _LOCAL_MAGIC:
+                return None
+            handle.seek(info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10])
+            header = _read_header(handle)
+            return None if header is None else (header, handle.tell())
 
 
 class NpzWriter:
