@@ -7,16 +7,17 @@ at a time (``NpzSource.block_bytes``) and counted from their headers.
 
 The data: ``--samples`` image-like samples of 3x128x128 float32 (seeded smooth fields in steps of 1/255, like
 decoded images; 2000 samples = 393 MB raw), saved compressed and uncompressed; the model: a seeded 3-conv net with a
-Gemm head on that input (built here). Each row is its own subprocess (``nice -n 5``), timed from start to exit, its
+Gemm head on that input (built here). Each run is its own subprocess (``nice -n 5``), timed from start to exit, its
 peak memory its own high-water mark (``VmHWM``), per code version: this commit, and with ``--before REF`` the code
-of git ref ``REF`` (a temporary worktree first on PYTHONPATH; the two take turns going first). Rows, per file:
+of git ref ``REF`` (a temporary worktree first on PYTHONPATH); each row runs ``--repeats`` times per version, the
+versions taking turns going first. Rows, per file:
 
 * ``read``: ``open_data(file).num_samples()``, then every batch of 32 (what a calibration pass over all of it does);
 * ``onnxopt quantize --placement all`` and ``onnxopt quantize`` (defaults: the placement search), ``--no-latency``:
   calibration reads at most 256 samples (``--calib-samples``); with no ``--eval`` data the pipeline's fidelity
   checks run the model on up to 2000 calibration samples before and after each pass.
 
-Usage: nice -n 5 python benchmarks/compressed_calib.py [--before REF] [--samples 2000]
+Usage: nice -n 5 python benchmarks/compressed_calib.py [--before REF] [--samples 2000] [--repeats 3]
        [--out reports/compressed_calib.md]
 """
 
@@ -104,54 +105,73 @@ def read_worker(path: str, out: str) -> None:
                                      "checksum": round(checksum, 3)}))
 
 
-def rows_for(data: Path, model: Path, versions: list[tuple[str, Path | None]], tag: str) -> list[dict]:
+def rows_for(data: Path, model: Path, versions: list[tuple[str, Path | None]], tag: str,
+             repeats: int) -> list[dict]:
+    """Each row ``repeats`` times per version, the versions alternating within each repeat (who goes first
+    alternating too): the shared host's noise spreads over both."""
     said = model.parent / "read.json"
     runs = [("read: count, then every batch of 32", [sys.executable, str(Path(__file__).resolve()),
                                                      "--read-worker", str(data), str(said)]),
             ("onnxopt quantize --placement all", ["quantize", "--placement", "all"]),
             ("onnxopt quantize (defaults)", ["quantize"])]
     rows: list[dict] = []
-    for index, (label, args) in enumerate(runs):
-        for version, tree in versions if index % 2 == 0 else versions[::-1]:
-            env = {**os.environ}
-            if tree is not None:
-                env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
-            out = model.parent / f"out_{tag}_{len(rows)}.onnx"
-            if args[0] == sys.executable:
-                command = args
-            else:
-                command = [sys.executable, "-m", "onnxopt", args[0], str(model), "-o", str(out), "--calib", str(data),
-                           *args[1:], "--no-latency", "--no-plot", "-q"]
-            result = run(command, env=env, cwd=tree or REPO)
-            if args[0] == sys.executable and result["exit"] == 0:
-                result.update(json.loads(said.read_text()))
-            elif result["exit"] == 0 and out.exists():
-                result.update(check_output(out))
-                out.unlink()
-            rows.append({"data": tag, "row": label, "code": version, **result})
-            print(f"  {tag}: {label} [{version}]: {json.dumps(result)}", file=sys.stderr, flush=True)
-    order = [version for version, _ in versions]
-    labels = [label for label, _ in runs]
-    return sorted(rows, key=lambda r: (labels.index(r["row"]), order.index(r["code"])))
+    for label, args in runs:
+        for version, tree in versions:
+            rows.append({"data": tag, "row": label, "code": version, "runs": []})
+        for repeat in range(repeats):
+            turn = list(zip(versions, rows[-len(versions):]))
+            for (version, tree), row in turn if repeat % 2 == 0 else turn[::-1]:
+                row["runs"].append(_one_run(data, model, args, tree, said))
+                print(f"  {tag}: {label} [{version}]: {json.dumps(row['runs'][-1])}", file=sys.stderr, flush=True)
+    for row in rows:
+        runs_ok = [r for r in row["runs"] if r["exit"] == 0]
+        row["exit"] = max((r["exit"] for r in row["runs"]), key=abs)
+        row["seconds"] = float(np.median([r["seconds"] for r in runs_ok])) if runs_ok else float("nan")
+        row["seconds_range"] = [min(r["seconds"] for r in runs_ok), max(r["seconds"] for r in runs_ok)] if runs_ok \
+            else []
+        row["peak_mb"] = max(r["peak_mb"] for r in row["runs"])
+        row.update({k: v for k, v in row["runs"][-1].items() if k not in ("exit", "seconds", "peak_mb")})
+    return rows
+
+
+def _one_run(data: Path, model: Path, args: list[str], tree: Path | None, said: Path) -> dict:
+    env = {**os.environ}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
+    out = model.parent / "out.onnx"
+    if args[0] == sys.executable:
+        command = args
+    else:
+        command = [sys.executable, "-m", "onnxopt", args[0], str(model), "-o", str(out), "--calib", str(data),
+                   *args[1:], "--no-latency", "--no-plot", "-q"]
+    result = run(command, env=env, cwd=tree or REPO)
+    if args[0] == sys.executable and result["exit"] == 0:
+        result.update(json.loads(said.read_text()))
+    elif result["exit"] == 0 and out.exists():
+        result.update(check_output(out))
+        out.unlink()
+    return result
 
 
 def render(payload: dict) -> str:
-    lines = ["# Calibration data in a compressed .npz: memory and time of reading it", "",
+    lines = ["# Calibration data in an .npz, compressed or not: memory and time of reading it", "",
              f"Generated by `{payload['command']}` in {payload['minutes']:.1f} min ({payload['date']}). "
              "Do not edit by hand.", "", f"Host: {payload['host']}; load average before {payload['load_before']}, "
              f"after {payload['load_after']}.", "",
              f"Data: {payload['samples']} samples of 3x128x128 float32 ({payload['raw_mb']} MB raw): compressed "
              f"file {payload['compressed_mb']} MB, uncompressed {payload['plain_mb']} MB. Each row is its own "
-             "process (imports included); peak = its VmHWM (resident pages of a memory-mapped file count). 'read' = "
-             "`num_samples()`, then every batch of 32; the quantize rows calibrate on at most 256 samples and, with "
-             "no `--eval` data, check fidelity on up to 2000 calibration samples before and after each pass "
-             "(`--no-latency`).",
+             f"process (imports included), run {payload['repeats']} times per code version (the versions taking "
+             "turns going first): time = the median (the range in brackets), peak = the highest VmHWM (the resident "
+             "pages of a memory-mapped file count). 'read' = `num_samples()`, then every batch of 32; the quantize "
+             "rows calibrate on at most 256 samples and, with no `--eval` data, check fidelity on up to 2000 "
+             "calibration samples before and after each pass (`--no-latency`).",
              "", "| data | row | code | exit | time | peak | notes |", "|---|---|---|---|---|---|---|"]
     for row in payload["rows"]:
         notes = row.get("error") or ", ".join(
             f"{key} {row[key]}" for key in ("counted", "read", "checksum", "valid", "dequantize_nodes") if key in row)
-        lines.append(f"| {row['data']} | {row['row']} | {row['code']} | {row['exit']} | {row['seconds']:.2f} s | "
-                     f"{row['peak_mb']} MB | {notes} |")
+        spread = "-".join(f"{v:.2f}" for v in row.get("seconds_range", []))
+        lines.append(f"| {row['data']} | {row['row']} | {row['code']} | {row['exit']} | {row['seconds']:.2f} s "
+                     f"({spread}) | {row['peak_mb']} MB | {notes} |")
     return "\n".join(lines) + "\n"
 
 
@@ -159,6 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "reports" / "compressed_calib.md"))
     parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each row per code version")
     parser.add_argument("--before", metavar="REF", help="also run the rows with the code of this git ref")
     parser.add_argument("--read-worker", nargs=2, metavar=("NPZ", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,19 +198,20 @@ def main() -> None:
         before = worktree(args.before, workdir / "before") if args.before else None
         try:
             versions = [("this commit", None)] + ([(f"before ({args.before})", before)] if before else [])
-            rows = rows_for(compressed, model, versions, "compressed") + rows_for(plain, model, versions,
-                                                                                  "uncompressed")
+            rows = [row for path, tag in ((compressed, "compressed"), (plain, "uncompressed"))
+                    for row in rows_for(path, model, versions, tag, args.repeats)]
         finally:
             if before is not None:
                 subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=REPO, capture_output=True)
         sizes = {"compressed_mb": round(compressed.stat().st_size / 1e6, 1),
                  "plain_mb": round(plain.stat().st_size / 1e6, 1)}
-    payload = {"command": command_line("compressed_calib.py", parser, args, ("before", "samples")),
+    payload = {"command": command_line("compressed_calib.py", parser, args, ("before", "samples", "repeats")),
                "minutes": (time.perf_counter() - started) / 60, "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                         time.gmtime()),
                "host": host_info().describe(), "load_before": load_before,
                "load_after": ", ".join(f"{v:.1f}" for v in os.getloadavg()), "samples": args.samples,
-               "raw_mb": round(args.samples * int(np.prod(SHAPE)) * 4 / 1e6, 1), **sizes, "rows": rows}
+               "repeats": args.repeats, "raw_mb": round(args.samples * int(np.prod(SHAPE)) * 4 / 1e6, 1), **sizes,
+               "rows": rows}
     write_report(Path(args.out), payload, render)
 
 
