@@ -164,6 +164,18 @@ def test_compressed_npz_is_read_a_block_at_a_time_with_the_same_batches(tmp_path
     assert [b.size for b in collect(NpzSource(tmp_path / "small.npz"), fixed)] == [4] * 5  # short tail dropped
 
 
+def test_batches_never_alias_the_users_arrays_or_a_memory_map(tmp_path: Path):
+    x = samples(8)
+    for batch in collect(ArraySource({"x": x}), IMAGE, 4):
+        assert not np.shares_memory(batch.inputs["x"], x)
+    fortran = np.asfortranarray(samples(8))  # memory-mapped: not read by blocks
+    np.savez(tmp_path / "fortran.npz", x=fortran)
+    mapped = NpzArchive(tmp_path / "fortran.npz").array("x")
+    for batch in collect(open_data(tmp_path / "fortran.npz"), IMAGE, 4):
+        assert not isinstance(batch.inputs["x"], np.memmap) and not np.shares_memory(batch.inputs["x"], mapped)
+        assert batch.inputs["x"].flags["C_CONTIGUOUS"] and batch.inputs["x"].flags["WRITEABLE"]
+
+
 def test_compressed_npz_counts_samples_from_its_headers(tmp_path: Path, monkeypatch):
     np.savez_compressed(tmp_path / "small.npz", x=samples(9), y=np.zeros(9, np.int64))
     monkeypatch.setattr(NpzArchive, "array", lambda self, key: pytest.fail(f"read '{key}' whole"))

@@ -190,7 +190,10 @@ class NpzSource(ArraySource):
                 arrays: dict[str, np.ndarray] | list[np.ndarray] = (list(block.values()) if len(block) == 1
                                                                     else block)
                 del block
-                yield from self._slices(arrays, None if labels is None else labels[start:stop], specs, chunk_size)
+                for chunk in self._slices(arrays, None if labels is None else labels[start:stop], specs,
+                                          chunk_size):
+                    chunk.owned = True  # read into fresh memory: a batch may be a view of it, not a copy
+                    yield chunk
                 del arrays  # not held while the next block is read
         finally:
             for reader in readers.values():

@@ -39,6 +39,9 @@ class Chunk:
     inputs: Mapping[str, Any] | Sequence[Any]
     labels: Any = None
     origin: str | None = None
+    #: The arrays are the source's own (read from a file into fresh memory): a batch may be a view of them, where
+    #: a user's arrays or a memory map are copied.
+    owned: bool = False
 
 
 class ChunkedSource(DataSource):
@@ -97,6 +100,7 @@ class ChunkedSource(DataSource):
         by_name = {spec.name: spec for spec in specs}
         pending: list[tuple[dict[str, np.ndarray], np.ndarray | None]] = []
         pending_count = 0
+        pending_owned = True
         labelled: bool | None = None
         seen = 0
         yielded = 0
@@ -133,26 +137,27 @@ class ChunkedSource(DataSource):
                         f"earlier samples {format_shape(pending[0][0][name].shape[1:])}; a model with a fixed batch "
                         f"size of {fixed} needs samples of one shape per batch"
                     )
-                yield _join(pending)
+                yield _join(pending, pending_owned)
                 yielded += 1
-                pending, pending_count = [], 0
+                pending, pending_count, pending_owned = [], 0, True
             start = 0
             while start < count:
                 take = min(size - pending_count, count - start)
                 pending.append(({n: a[start:start + take] for n, a in arrays.items()},
                                 None if labels is None else labels[start:start + take]))
                 pending_count += take
+                pending_owned = pending_owned and chunk.owned
                 start += take
                 if pending_count == size:
-                    yield _join(pending)
+                    yield _join(pending, pending_owned)
                     yielded += 1
-                    pending, pending_count = [], 0
+                    pending, pending_count, pending_owned = [], 0, True
             seen += count
         self._counted = seen
         if seen == 0:
             raise DataError(f"{self.where} is empty: it holds no samples")
         if pending and not fixed:
-            yield _join(pending)
+            yield _join(pending, pending_owned)
         elif fixed and yielded == 0 and not stacked:
             raise DataError(f"{self.where} holds {seen} sample{'s' if seen != 1 else ''}, fewer than the model's "
                             f"fixed batch size of {fixed}")
@@ -179,11 +184,13 @@ def _sample_shapes(arrays: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     return {name: tuple(array.shape[1:]) for name, array in arrays.items()}
 
 
-def _join(pieces: list[tuple[dict[str, np.ndarray], np.ndarray | None]]) -> Batch:
-    """One batch of plain C-contiguous arrays (memory-mapped slices are copied into memory here)."""
+def _join(pieces: list[tuple[dict[str, np.ndarray], np.ndarray | None]], owned: bool = False) -> Batch:
+    """One batch of plain C-contiguous arrays: memory-mapped slices and views of a user's arrays are copied into
+    memory here; a piece of the source's own block (``owned``) is used as it is when it is contiguous."""
     names = list(pieces[0][0])
     if len(pieces) == 1:
-        inputs = {n: np.array(pieces[0][0][n], order="C", copy=True) for n in names}
+        inputs = {n: np.ascontiguousarray(pieces[0][0][n]) if owned else np.array(pieces[0][0][n], order="C",
+                                                                                 copy=True) for n in names}
     else:
         inputs = {n: np.concatenate([p[0][n] for p in pieces], axis=0) for n in names}
     labels = None
