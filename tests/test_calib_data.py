@@ -257,6 +257,28 @@ def test_npy_file(tmp_path: Path):
     np.testing.assert_array_equal(stacked(collect(source, IMAGE, 2)), x)
 
 
+def test_npy_file_is_read_a_block_at_a_time_and_counted_from_its_header(tmp_path: Path, monkeypatch):
+    x = samples(13)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "one.npy", x[0])  # one sample, one rank short of the input
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(x))
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("loaded whole"))
+    source = open_data(tmp_path / "x.npy")
+    source.block_bytes = 3 * x[0].nbytes
+    assert source.num_samples() == 13 and "13 samples, unlabelled" in source.description
+    np.testing.assert_array_equal(stacked(collect(source, IMAGE, 2)), x)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(stacked(collect(open_data(tmp_path / "one.npy"), IMAGE)), x[:1])
+    np.testing.assert_array_equal(stacked(collect(open_data(tmp_path / "fortran.npy"), IMAGE, 4)), x)
+    data = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[:len(data) - 100])
+    with pytest.raises(DataError, match=r"cut.npy' ends before row 13 of 13 \(the file is truncated\)"):
+        collect(open_data(tmp_path / "cut.npy"), IMAGE, 4)
+    (tmp_path / "bad.npy").write_bytes(b"not an array")
+    with pytest.raises(DataError, match="is not a readable .npy file"):
+        open_data(tmp_path / "bad.npy")
+
+
 # -- npy folders ---------------------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxopt.calib_data.npzio import NpzArchive
+from onnxopt.calib_data.npzio import NpyFile, NpzArchive
 from onnxopt.calib_data.stream import Chunk, ChunkedSource
 from onnxopt.calib_data.validate import LABEL_KEY, add_batch_axis, bind_inputs, check_shape, stacked_feeds, to_numpy
 from onnxopt.errors import DataError
@@ -112,7 +112,7 @@ class NpzSource(ArraySource):
         self.where = f"npz '{self.path}'"
         if not self.path.is_file():
             raise DataError(f"data file '{self.path}' does not exist")
-        self._archive = NpzArchive(self.path)
+        self._archive: NpzArchive | NpyFile = NpzArchive(self.path)
         keys = self._archive.keys()
         self._input_keys = [k for k in keys if k != LABEL_KEY]
         if not self._input_keys:
@@ -210,19 +210,21 @@ class NpzSource(ArraySource):
         return LABEL_KEY in self._archive
 
 
-class NpyFileSource(ArraySource):
-    """One ``.npy`` file: the samples of a single-input model, memory-mapped."""
+class NpyFileSource(NpzSource):
+    """One ``.npy`` file: the samples of a single-input model, read a block of samples at a time like an ``.npz``
+    member (memory-mapped where they are not along a sample axis)."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self.where = f"npy '{self.path}'"
         if not self.path.is_file():
             raise DataError(f"data file '{self.path}' does not exist")
-        try:
-            array = np.load(self.path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"'{self.path}' is not a readable .npy file ({exc})") from None
-        self._arrays, self._labels = [array], None
+        self._archive = NpyFile(self.path)
+        self._input_keys = self._archive.keys()
+        self._labels_cache = None
+
+    def has_labels(self) -> bool:
+        return False
 
 
 __all__ = ["ArraySource", "NpyFileSource", "NpzSource"]

@@ -60,6 +60,20 @@ def _read_into(handle: BinaryIO, target: memoryview, piece: int = 1 << 20) -> bo
     return True
 
 
+def _blocks(handle: BinaryIO, header: Header, rows: int, what: str) -> Generator[np.ndarray, None, None]:
+    """The array whose data start at the handle's position, ``rows`` rows at a time, each block in fresh memory."""
+    for start in range(0, header.shape[0], rows):
+        count = min(rows, header.shape[0] - start)
+        block = np.empty((count, *header.shape[1:]), header.dtype)
+        if not _read_into(handle, memoryview(block.reshape(-1).view(np.uint8))):
+            raise DataError(f"{what} ends before row {start + count} of {header.shape[0]} (the file is truncated)")
+        yield block
+
+
+def _streamable(header: Header) -> bool:
+    return bool(header.shape) and not header.fortran and not header.dtype.hasobject
+
+
 class NpzArchive:
     """The arrays of one ``.npz`` file by key (member name without ``.npy``), memory-mapped where possible."""
 
@@ -91,8 +105,7 @@ class NpzArchive:
 
     def can_stream(self, key: str) -> bool:
         """Whether :meth:`row_blocks` can read ``key`` a block of rows at a time (C order, plain dtype, rank >= 1)."""
-        header = self.header(key)
-        return bool(header.shape) and not header.fortran and not header.dtype.hasobject
+        return _streamable(self.header(key))
 
     def row_blocks(self, key: str, rows: int) -> Generator[np.ndarray, None, None]:
         """``key`` as consecutive blocks of ``rows`` rows along its first axis, read (and decompressed) in turn: one
@@ -110,13 +123,7 @@ class NpzArchive:
                     archive = stack.enter_context(zipfile.ZipFile(self.path))
                     handle = stack.enter_context(archive.open(self._members[key]))
                     handle.read(header.offset)
-                for start in range(0, header.shape[0], rows):
-                    count = min(rows, header.shape[0] - start)
-                    block = np.empty((count, *header.shape[1:]), header.dtype)
-                    if not _read_into(handle, memoryview(block.reshape(-1).view(np.uint8))):
-                        raise DataError(f"'{self.path}': array '{key}' ends before row {start + count} of "
-                                        f"{header.shape[0]} (the file is truncated)")
-                    yield block
+                yield from _blocks(handle, header, rows, f"'{self.path}': array '{key}'")
         except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
             raise DataError(f"'{self.path}': cannot read array '{key}' ({exc})") from None
 
@@ -159,6 +166,50 @@ class NpzArchive:
             return None if header is None else (header, handle.tell())
 
 
+class NpyFile:
+    """One ``.npy`` file behind :class:`NpzArchive`'s interface: one array, under the key ``np.savez`` gives an
+    unnamed one, read a block of rows at a time or memory-mapped."""
+
+    KEY = "arr_0"
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as handle:
+                header = _read_header(handle)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"'{self.path}' is not a readable .npy file ({exc})") from None
+        if header is None:
+            raise DataError(f"'{self.path}' is not a readable .npy file (unknown format version)")
+        self._header = header
+
+    def keys(self) -> list[str]:
+        return [self.KEY]
+
+    def __contains__(self, key: str) -> bool:
+        return key == self.KEY
+
+    def header(self, key: str) -> Header:
+        return self._header
+
+    def can_stream(self, key: str) -> bool:
+        return _streamable(self._header)
+
+    def row_blocks(self, key: str, rows: int) -> Generator[np.ndarray, None, None]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._header.offset)
+                yield from _blocks(handle, self._header, rows, f"'{self.path}'")
+        except (OSError, ValueError) as exc:
+            raise DataError(f"'{self.path}': cannot read the array ({exc})") from None
+
+    def array(self, key: str) -> np.ndarray:
+        try:
+            return np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"'{self.path}' is not a readable .npy file ({exc})") from None
+
+
 class NpzWriter:
     """Append arrays to an uncompressed ``.npz`` one by one (``np.savez`` needs them all in memory at once)."""
 
@@ -180,4 +231,4 @@ class NpzWriter:
         self.close()
 
 
-__all__ = ["Header", "NpzArchive", "NpzWriter"]
+__all__ = ["Header", "NpyFile", "NpzArchive", "NpzWriter"]
