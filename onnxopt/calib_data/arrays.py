@@ -180,7 +180,8 @@ class NpzSource(ArraySource):
                 check_shape(by_key[key].name, header.shape, by_key[key], self.where, self.shape_hint)
         total = next(iter(headers.values())).shape[0]
         row_bytes = max(h.dtype.itemsize * int(np.prod(h.shape[1:], dtype=np.int64)) for h in headers.values())
-        rows = max(chunk_size, self.block_bytes // max(row_bytes, 1))
+        # A whole number of batches per block: each batch is then a view of one block, never joined from two.
+        rows = max(1, self.block_bytes // max(row_bytes, 1) // chunk_size) * chunk_size
         readers = {k: self._archive.row_blocks(k, rows) for k in self._input_keys}
         labels = self._labels()
         try:
