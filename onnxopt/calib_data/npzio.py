@@ -85,6 +85,7 @@ class NpzArchive:
                                  if info.filename.endswith(".npy")}
         except (zipfile.BadZipFile, OSError) as exc:
             raise DataError(f"'{self.path}' is not a readable .npz file ({exc})") from None
+        self._headers: dict[str, Header] = {}
 
     def keys(self) -> list[str]:
         return list(self._members)
@@ -93,7 +94,10 @@ class NpzArchive:
         return key in self._members
 
     def header(self, key: str) -> Header:
-        """The shape and dtype of ``key``, read from its header alone (a compressed member is not decompressed)."""
+        """The shape and dtype of ``key``, read from its header alone (a compressed member is not decompressed), once:
+        counting, planning and reading each ask for it."""
+        if key in self._headers:
+            return self._headers[key]
         try:
             with zipfile.ZipFile(self.path) as archive, archive.open(self._members[key]) as handle:
                 header = _read_header(handle)
@@ -101,6 +105,7 @@ class NpzArchive:
             raise DataError(f"'{self.path}': cannot read array '{key}' ({exc})") from None
         if header is None:
             raise DataError(f"'{self.path}': array '{key}' has an .npy format version numpy cannot read")
+        self._headers[key] = header
         return header
 
     def can_stream(self, key: str) -> bool:
