@@ -107,17 +107,23 @@ class NpzSource(ArraySource):
     #: Bytes of samples read at once from the largest member (at least one batch).
     block_bytes = 4 << 20
 
+    #: The file kind, as messages name it.
+    kind = "npz"
+
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self.where = f"npz '{self.path}'"
+        self.where = f"{self.kind} '{self.path}'"
         if not self.path.is_file():
             raise DataError(f"data file '{self.path}' does not exist")
-        self._archive: NpzArchive | NpyFile = NpzArchive(self.path)
+        self._archive = self._open()
         keys = self._archive.keys()
         self._input_keys = [k for k in keys if k != LABEL_KEY]
         if not self._input_keys:
             raise DataError(f"{self.where} holds no input arrays" + (" (only labels 'y')" if keys else ""))
         self._labels_cache: np.ndarray | None = None
+
+    def _open(self) -> NpzArchive | NpyFile:
+        return NpzArchive(self.path)
 
     def _load(self) -> tuple[dict[str, np.ndarray] | list[np.ndarray], np.ndarray | None]:
         arrays = {k: self._archive.array(k) for k in self._input_keys}
@@ -213,19 +219,12 @@ class NpzSource(ArraySource):
 
 class NpyFileSource(NpzSource):
     """One ``.npy`` file: the samples of a single-input model, read a block of samples at a time like an ``.npz``
-    member (memory-mapped where they are not along a sample axis)."""
+    member (memory-mapped where they are not along a sample axis); no labels."""
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self.where = f"npy '{self.path}'"
-        if not self.path.is_file():
-            raise DataError(f"data file '{self.path}' does not exist")
-        self._archive = NpyFile(self.path)
-        self._input_keys = self._archive.keys()
-        self._labels_cache = None
+    kind = "npy"
 
-    def has_labels(self) -> bool:
-        return False
+    def _open(self) -> NpzArchive | NpyFile:
+        return NpyFile(self.path)
 
 
 __all__ = ["ArraySource", "NpyFileSource", "NpzSource"]
