@@ -194,14 +194,11 @@ class NpzSource(ArraySource):
             for start in range(0, total, rows):
                 stop = min(start + rows, total)
                 block = {k: next(readers[k]) for k in self._input_keys}
-                arrays: dict[str, np.ndarray] | list[np.ndarray] = (list(block.values()) if len(block) == 1
-                                                                    else block)
-                del block
+                arrays = list(block.values()) if len(block) == 1 else block  # one array: whatever its name
                 for chunk in self._slices(arrays, None if labels is None else labels[start:stop], specs,
                                           chunk_size):
                     chunk.owned = True  # read into fresh memory: a batch may be a view of it, not a copy
                     yield chunk
-                del arrays  # not held while the next block is read
         finally:
             for reader in readers.values():
                 reader.close()
