@@ -3,23 +3,16 @@ the host allows CPUID faulting and a private mount namespace)."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_modules import load_benchmark
 
 
 def _wrapper():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("on_avx2_path", ROOT / "benchmarks" / "on_avx2_path.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["on_avx2_path"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("on_avx2_path.py", "on_avx2_path")
 
 
 CPUINFO = """processor\t: 0

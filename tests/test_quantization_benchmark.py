@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
+from benchmark_modules import load_benchmark
 from onnx import TensorProto, helper, numpy_helper
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("quant_bench", ROOT / "benchmarks" / "quantization.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quant_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quantization.py", "quant_bench")
 
 
 SAME_WORK = "MinMax wall time <= ORT quantize_static MinMax (the same work: per-pass API, placement=all)"
