@@ -4,7 +4,6 @@ the host allows CPUID faulting and a private mount namespace)."""
 from __future__ import annotations
 
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,7 @@ def test_the_filtered_cpuinfo_keeps_avx2_and_drops_what_cpuid_hides() -> None:
         [line for line in CPUINFO.splitlines() if not line.startswith("flags")]
 
 
-def test_the_path_makes_mlas_saturate_and_hides_vnni_from_every_reader() -> None:
+def test_the_path_makes_mlas_saturate_and_hides_vnni_from_every_reader(tmp_path: Path) -> None:
     wrapper = _wrapper()
     try:
         wrapper._require_host()
@@ -42,9 +41,8 @@ def test_the_path_makes_mlas_saturate_and_hides_vnni_from_every_reader() -> None
         pytest.skip(f"no AVX2 path on this host: {why}")
     if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
         pytest.skip("no private mount namespace here")
-    with tempfile.TemporaryDirectory() as workdir:
-        library, cpuinfo = wrapper._build(Path(workdir))
-        seen = wrapper.check(cpuinfo, wrapper.environment(library))
+    library, cpuinfo = wrapper._build(tmp_path)
+    seen = wrapper.check(cpuinfo, wrapper.environment(library))
     assert seen["saturates"] and seen["avx2"]
     assert not (seen["vnni"] or seen["avx512"] or seen["numpy_avx512f"])
     assert "avx512" not in seen["host"]
